@@ -1,0 +1,166 @@
+"""σ-op benchmark: forward + backward at the Qwen2-0.5B adapted shapes, naive vs exact vs fast.
+
+    make bench                                  # or: python benchmarks/sigma_op.py [--device cuda] [--repeats 5]
+
+For each shape (d_out × d_in) and path it reports the median wall time of one forward + backward
+(gradients for t, a and ρ) and the peak extra memory above the inputs (t, the upstream gradient and
+the parameters), as a multiple of the matrix itself. Every (shape, path) runs in a fresh subprocess so
+peaks do not leak between cases: on CPU the peak is the process's peak RSS minus its RSS before the
+call; on CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the call.
+The naive broadcast builds a d_out × d_in × K tensor (and autograd keeps several): where that would not
+fit in the memory available it is skipped, and the results file says so.
+
+Writes benchmarks/results/sigma_op[_cuda].json (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lrlora import TransferFunction, sigma, sigma_naive  # noqa: E402
+
+SHAPES = {  # Qwen2-0.5B: hidden 896, 2 KV heads × 64, MLP 4864
+    "q_proj/o_proj": (896, 896),
+    "k_proj/v_proj": (128, 896),
+    "gate_proj/up_proj": (4864, 896),
+    "down_proj": (896, 4864),
+}
+PATHS = ("naive", "exact", "fast")
+K = 50
+# Bytes the naive form needs per element of t, per basis function: autograd keeps w(t − x_k), its sinc
+# and the product with a (fp32) alive for backward, and backward makes as many again.
+NAIVE_BYTES_PER_ELEMENT_K = 4 * 6
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _inputs(shape, device):
+    torch.manual_seed(0)
+    tf = TransferFunction("sinc", K=K, L=3.0, amplitude_init="random", amplitude_init_std=0.1).to(device)
+    # A trained BA is small; this spread also reaches past [−L, L] in the tails.
+    t = (torch.randn(shape, device=device) * 0.8).requires_grad_()
+    g = torch.randn(shape, device=device)
+    return tf, t, g
+
+
+def _step(path, tf, t, g):
+    t.grad = None
+    tf.zero_grad(set_to_none=True)
+    if path == "naive":
+        y = sigma_naive(t, tf)
+    else:
+        y = sigma(t, tf, mode="table" if path == "fast" else "exact")
+    y.backward(g)
+    return y
+
+
+def worker(shape, path, device, repeats) -> dict:
+    tf, t, g = _inputs(shape, device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    t0 = time.perf_counter()
+    _step(path, tf, t, g)
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _step(path, tf, t, g)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    matrix = t.numel() * t.element_size()
+    return {"median_s": statistics.median(times), "first_call_s": first, "times_s": times,
+            "peak_extra_bytes": int(peak), "peak_extra_x_matrix": peak / matrix, "matrix_bytes": matrix}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", nargs=3, metavar=("ROWS", "COLS", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        rows, cols, path = args.worker
+        print(json.dumps(worker((int(rows), int(cols)), path, args.device, args.repeats)))
+        return
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"sigma_op{'' if args.device == 'cpu' else '_' + args.device.split(':')[0]}.json")
+    results = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu": platform.processor() or platform.machine(), "K": K, "repeats": args.repeats, "cases": []}
+    if args.device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name(0)
+    print(f"{'module':<18} {'shape':>10} {'path':>6} {'median ms':>10} {'extra mem ×matrix':>18} {'speed-up vs naive':>18}")
+    for module, shape in SHAPES.items():
+        naive_s = None
+        for path in PATHS:
+            case = {"module": module, "shape": list(shape), "path": path}
+            need = shape[0] * shape[1] * K * NAIVE_BYTES_PER_ELEMENT_K
+            budget = (torch.cuda.mem_get_info()[0] if args.device.startswith("cuda") else _available_bytes()) * 0.8
+            if path == "naive" and need > budget:
+                case["skipped"] = f"needs ~{need / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB available"
+                print(f"{module:<18} {str(shape):>10} {path:>6}   skipped: {case['skipped']}")
+                results["cases"].append(case)
+                continue
+            proc = subprocess.run(
+                [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--worker", str(shape[0]), str(shape[1]), path],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                case["skipped"] = f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+                print(f"{module:<18} {str(shape):>10} {path:>6}   {case['skipped']}")
+                results["cases"].append(case)
+                continue
+            case.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if path == "naive":
+                naive_s = case["median_s"]
+            else:
+                case["speedup_vs_naive"] = naive_s / case["median_s"] if naive_s else None
+            sp = f"{case['speedup_vs_naive']:.1f}×" if case.get("speedup_vs_naive") else "-"
+            print(f"{module:<18} {str(shape):>10} {path:>6} {case['median_s'] * 1e3:>10.1f} {case['peak_extra_x_matrix']:>18.2f} {sp:>18}")
+            results["cases"].append(case)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""LRLoRALinear: a frozen nn.Linear plus ΔW = post_scale · σ(pre_scale · B A) (paper Eq. 4).
+
+Forward (METHOD.md, App. C):
+  * dropout p = 0, or eval:   y = x (W0 + ΔW)ᵀ + b                 one merged matmul
+  * p > 0 in training:        y = x W0ᵀ + b + dropout(x) ΔWᵀ       two matmuls; dropout stays input-side
+σ is always computed in fp32 (A, B and the transfer parameters are fp32 whatever the base dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrlora.transfer import TransferFunction
+
+
+class LRLoRALinear(nn.Module):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        transfer: TransferFunction,
+        dropout: float = 0.0,
+        center: bool = False,
+        pre_scale: float = 1.0,
+        post_scale: float = 1.0,
+        fast: bool = True,
+        table_size: int = 8192,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LRLoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        d_out, d_in = base_layer.weight.shape
+        f32 = dict(device=base_layer.weight.device, dtype=torch.float32)
+        # As LoRA in PEFT: A Kaiming-uniform(a = √5), B = 0 (App. E.1).
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, **f32))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, **f32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.transfer = transfer
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.center, self.pre_scale, self.post_scale = r, center, pre_scale, post_scale
+        self.fast, self.table_size = fast, table_size
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def lowrank_product(self) -> torch.Tensor:
+        """B A (fp32), the argument of σ before pre-scaling."""
+        return self.lora_B @ self.lora_A
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW (fp32, d_out × d_in), differentiable in A, B and the transfer parameters."""
+        t = self.lowrank_product()
+        if self.pre_scale != 1.0:
+            t = t * self.pre_scale
+        dw = self.transfer(t, fast=self.fast, table_size=self.table_size)
+        if self.center:
+            dw = dw - self.transfer.evaluate(t.new_zeros(()))
+        if self.post_scale != 1.0:
+            dw = dw * self.post_scale
+        return dw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.merged:
+            return base(x)
+        dw = self.delta_weight()
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return base(x) + F.linear(self.dropout(x), dw.to(x.dtype))
+        return F.linear(x, base.weight + dw.to(base.weight.dtype), base.bias)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 ← W0 + ΔW: afterwards the layer costs exactly the base matmul."""
+        if self.merged:
+            raise RuntimeError("already merged: call unmerge() first")
+        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 ← W0 − ΔW (exact to fp32 rounding; to bf16/fp16 rounding for half-precision bases)."""
+        if not self.merged:
+            raise RuntimeError("not merged: nothing to unmerge")
+        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, merged={self.merged}"
