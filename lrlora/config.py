@@ -45,6 +45,13 @@ class LRLoRAConfig:
     """Input-side dropout on the adapter path (Table 10: 0.05 LLMs, 0.10 GLUE, 0.0 vision). With p > 0 in
     training the layer runs two matmuls (METHOD.md 'Dropout and the merged forward')."""
 
+    init_B: str = "kaiming"
+    """**open**, and a deviation from METHOD.md's reconstruction (B = 0, as in LoRA): B Kaiming-uniform like A.
+    ΔW = σ(BA) is still 0 at init, because a = 0 makes σ ≡ 0. With B = 0 instead, BA ≡ 0 and the grid is
+    symmetric about 0, so every pair a_k, a_{-k} gets the same gradient, σ stays even, σ'(0) = 0 and B never
+    receives a gradient: ΔW stays the rank-one σ(0)·11ᵀ (measured in the README: chance accuracy on the demo).
+    "zero" reproduces that reconstruction."""
+
     amplitude_init: str = "zero"
     """a_k init: "zero" (Table 10, gives ΔW = 0 at init) or "random" (Table 3's ablation)."""
 
@@ -82,7 +89,7 @@ class LRLoRAConfig:
     fast: bool = True
     """σ through the tabulated fast path (default) or the exact chunked path (lrlora.ops)."""
 
-    table_size: int = 8192
+    table_size: int = 1024
     """Minimum table points of the fast path (more are used automatically when σ oscillates faster)."""
 
     def __post_init__(self):
@@ -96,6 +103,15 @@ class LRLoRAConfig:
             raise ValueError(f"unknown share_by {self.share_by!r}; choose one of {', '.join(SHARE_BY)}")
         if self.share == "grid" and not self.learn_grid:
             raise ValueError("share='grid' ties learnable grids; set learn_grid=True (fixed grids are identical already)")
+        if self.init_B not in ("kaiming", "zero"):
+            raise ValueError(f"init_B must be 'kaiming' or 'zero', got {self.init_B!r}")
+        if self.center and self.amplitude_init == "zero" and self.init_B == "zero":
+            # σ(BA) − σ(0) with a = 0 and B = 0: ∂ΔW/∂a_k = φ_k(0) − φ_k(0) = 0 and σ' ≡ 0, so no
+            # parameter ever receives a gradient and ΔW stays 0 for good.
+            raise ValueError(
+                "center=True with amplitude_init='zero' and init_B='zero' never trains (every gradient is zero "
+                "at init); use init_B='kaiming' or amplitude_init='random'"
+            )
         if int(self.K) < 2:
             raise ValueError(f"K must be >= 2 (at least two basis functions), got {self.K}")
         if int(self.r) < 1:

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +27,27 @@ from lrlora.model import _matches, apply_lrlora, lrlora_modules
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 FORMAT = "lrlora-adapter/1"
+
+
+@contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``directory``; when the block succeeds it takes ``directory``'s
+    place whole, when it fails it vanishes and ``directory`` is left as it was."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -44,26 +67,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     if not layers:
         raise ValueError("save_adapter: the model has no LR-LoRA layers (apply_lrlora first)")
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
         "config": model.lrlora_config.to_dict(),
         "modules": {n: list(m.base_layer.weight.shape) for n, m in layers.items()},
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, tmp / WEIGHTS, metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

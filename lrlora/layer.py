@@ -28,7 +28,8 @@ class LRLoRALinear(nn.Module):
         pre_scale: float = 1.0,
         post_scale: float = 1.0,
         fast: bool = True,
-        table_size: int = 8192,
+        table_size: int = 1024,
+        init_B: str = "kaiming",
     ):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -36,10 +37,13 @@ class LRLoRALinear(nn.Module):
         self.base_layer = base_layer
         d_out, d_in = base_layer.weight.shape
         f32 = dict(device=base_layer.weight.device, dtype=torch.float32)
-        # As LoRA in PEFT: A Kaiming-uniform(a = √5), B = 0 (App. E.1).
+        # A Kaiming-uniform(a = √5) as in PEFT's LoRA; B the same ("kaiming") or 0 ("zero"), see
+        # LRLoRAConfig.init_B: with a = 0, ΔW = σ(BA) = 0 at init either way.
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **f32))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, **f32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_B == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         self.transfer = transfer
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.center, self.pre_scale, self.post_scale = r, center, pre_scale, post_scale
@@ -65,7 +69,8 @@ class LRLoRALinear(nn.Module):
             t = t * self.pre_scale
         dw = self.transfer(t, fast=self.fast, table_size=self.table_size)
         if self.center:
-            dw = dw - self.transfer.evaluate(t.new_zeros(()))
+            # Through the same op as σ(BA), so that σ(BA) − σ(0) is exactly 0 where BA = 0.
+            dw = dw - self.transfer(t.new_zeros(1), fast=self.fast, table_size=self.table_size)
         if self.post_scale != 1.0:
             dw = dw * self.post_scale
         return dw

@@ -137,6 +137,7 @@ def apply_lrlora(model: nn.Module, config: LRLoRAConfig) -> nn.Module:
             post_scale=config.post_scale,
             fast=config.fast,
             table_size=config.table_size,
+            init_B=config.init_B,
         )
         _set_submodule(model, name, layer)
     for name in config.modules_to_save:

@@ -4,8 +4,8 @@ in O(t.numel()) memory (never an elements × K tensor).
 Two paths, one interface (``sigma(t, transfer, mode=...)``; "auto" picks the cheaper):
 
 * **fast** (default): σ is one scalar function per module, so each call tabulates σ and σ' on a
-  uniform grid over [min t, max t] in float64 (M ≥ ``table_size`` points, more when σ oscillates
-  faster than the grid resolves) and interpolates linearly per element. The parameter gradients go
+  uniform grid over [min t, max t] in float64 (2048 points per unit of range × σ's frequency scale,
+  at least ``table_size``) and interpolates linearly per element. The parameter gradients go
   through a weighted histogram of t: h_m = Σ_ij G_ij λ_m(t_ij) (λ the interpolation hat weights),
   then ∂L/∂θ = Σ_m h_m ∂σ(s_m)/∂θ, by autograd on the small table. This is the exact gradient of
   the interpolated σ, and works unchanged for every basis.
@@ -189,7 +189,7 @@ def _terms_chunk(spec, leaves, k0, chunk):
     return _terms(spec, t.unsqueeze(-1), torch.nn.functional.softplus(rho[sl]), grid[sl], k0) @ a[sl]
 
 
-def sigma(t: torch.Tensor, transfer: TransferFunction, mode: str = "auto", table_size: int = 8192) -> torch.Tensor:
+def sigma(t: torch.Tensor, transfer: TransferFunction, mode: str = "auto", table_size: int = 1024) -> torch.Tensor:
     """σ(t) for a transfer function.
 
     mode: "table" (fast path), "exact" (reference), or "auto": the table when t has more elements

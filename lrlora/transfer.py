@@ -144,7 +144,7 @@ class TransferFunction(nn.Module):
         """Exact σ(x) (the reference; use for plots and small inputs)."""
         return evaluate(self.spec, x, self.a, self.rho, self.grid)
 
-    def forward(self, t: torch.Tensor, fast: bool = True, table_size: int = 8192) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, fast: bool = True, table_size: int = 1024) -> torch.Tensor:
         """σ(t) through the memory-safe op (lrlora.ops): fast = the cheaper of table and exact, else exact."""
         from lrlora.ops import sigma
 

@@ -161,7 +161,7 @@ def test_only_adapters_are_trainable_and_modules_to_save_stay_trainable():
 
 
 def test_first_step_moves_amplitudes_only_then_everything():
-    """App. E.1: at BA = 0 only a_k gets a gradient; after one step σ(0) ≠ 0 and B, A move too."""
+    """App. E.1: at a = 0 only a_k gets a gradient (σ' ≡ 0); after one step σ' ≠ 0 and B, A move too."""
     model = tiny_qwen2()
     apply_lrlora(model, LRLoRAConfig(r=4, target_modules=["q_proj"]))
     layer = next(iter(lrlora_modules(model).values()))
@@ -173,7 +173,25 @@ def test_first_step_moves_amplitudes_only_then_everything():
     opt.step()
     opt.zero_grad()
     model(ids, labels=ids).loss.backward()
-    assert layer.lora_B.grad.abs().sum() > 0
+    assert layer.lora_B.grad.abs().sum() > 0 and layer.lora_A.grad.abs().sum() > 0
+
+
+def test_zero_B_init_keeps_sigma_even_and_B_frozen():
+    """The finding behind init_B: with B = 0 (METHOD.md's reconstruction) σ stays an even function,
+    σ'(0) = 0, and B never receives a gradient however long it trains; ΔW stays rank one."""
+    model = tiny_qwen2()
+    apply_lrlora(model, LRLoRAConfig(r=4, target_modules=["q_proj"], init_B="zero"))
+    layer = next(iter(lrlora_modules(model).values()))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 97, (4, 12))
+    for _ in range(5):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    a = layer.transfer.a.detach()
+    assert a.abs().max() > 0 and torch.allclose(a, a.flip(0), atol=1e-6)  # a_k = a_{-k}: σ even
+    assert layer.lora_B.abs().max() < 1e-9
+    assert stable_rank(layer.delta_weight()) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_merged_forward_equals_unmerged_and_unmerge_restores_w0():
@@ -244,10 +262,10 @@ def test_half_precision_base_weights_keep_sigma_in_fp32():
 
 def test_center_removes_the_constant_offset():
     model = nn.Sequential(nn.Linear(16, 16))
-    apply_lrlora(model, LRLoRAConfig(r=2, target_modules=["0"], center=True, amplitude_init="random", amplitude_init_std=0.5))
+    apply_lrlora(model, LRLoRAConfig(r=2, target_modules=["0"], center=True, init_B="zero", amplitude_init="random", amplitude_init_std=0.5))
     # B = 0 at init, so BA = 0 and σ(0) − σ(0) = 0 even though a ≠ 0.
     assert torch.count_nonzero(model[0].delta_weight()) == 0
-    uncentered = apply_lrlora(nn.Sequential(nn.Linear(16, 16)), LRLoRAConfig(r=2, target_modules=["0"], amplitude_init="random", amplitude_init_std=0.5))
+    uncentered = apply_lrlora(nn.Sequential(nn.Linear(16, 16)), LRLoRAConfig(r=2, target_modules=["0"], init_B="zero", amplitude_init="random", amplitude_init_std=0.5))
     assert torch.count_nonzero(uncentered[0].delta_weight()) > 0
 
 
@@ -375,7 +393,7 @@ def test_non_linear_target_is_refused():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"K": 1}, "K must be >= 2"), ({"basis": "wavelet"}, "unknown basis"), ({"share": "layers"}, "unknown sharing scope"),
+    [({"K": 1}, "K must be >= 2"), ({"center": True, "init_B": "zero"}, "never trains"), ({"init_B": "normal"}, "init_B"), ({"basis": "wavelet"}, "unknown basis"), ({"share": "layers"}, "unknown sharing scope"),
      ({"layers_to_transform": "middle"}, "layers_to_transform"), ({"dropout": 1.5}, "dropout")],
 )
 def test_bad_config_values(kwargs, match):

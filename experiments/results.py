@@ -1,0 +1,99 @@
+"""The results file: one JSON per run, written atomically; tables and figures are built from these only.
+
+    path = write_results(results, results_dir)   # -> {results_dir}/{run_name}.json
+    ranks = rank_stats(handle.delta_weights(), target_modules)
+
+Fields: run_name, backbone/adapter/regime/r/seed, config (resolved), metrics (val best, test, train),
+params (trainable, total, % of backbone), stable_ranks (per layer and by module type), timing
+(wall_s, train_s, tokens_per_s, samples_per_s), memory (peak), git commit, package versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "hydra-core", "omegaconf", "wandb", "datasets",
+            "numpy", "lrlora")
+
+
+def module_type(name: str, target_modules) -> str:
+    """The longest target key the module name ends with ('attention.output.dense' beats 'output.dense')."""
+    keys = [t for t in (target_modules or []) if name == t or name.endswith("." + t)]
+    return max(keys, key=len) if keys else name.rsplit(".", 1)[-1]
+
+
+def rank_stats(delta_weights: dict, target_modules) -> dict:
+    """Per-layer stable rank of every ΔW, plus mean ± std over all modules and by module type."""
+    from lrlora import layer_index, stable_rank
+
+    per_layer = {}
+    for name, dw in delta_weights.items():
+        per_layer[name] = {"stable_rank": stable_rank(dw), "type": module_type(name, target_modules),
+                           "layer": layer_index(name), "shape": list(dw.shape)}
+    def summary(values):
+        v = np.array(values, dtype=float)
+        return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
+                "n": len(v)} if len(v) else {"n": 0}
+    by_type = {}
+    for row in per_layer.values():
+        by_type.setdefault(row["type"], []).append(row["stable_rank"])
+    return {"per_layer": per_layer, "all": summary([r["stable_rank"] for r in per_layer.values()]),
+            "by_type": {t: summary(v) for t, v in by_type.items()}}
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def git_info() -> dict:
+    """Commit and dirty flag of the checkout (read-only git calls); None outside a repository."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": sha, "dirty": dirty if sha else None}
+
+
+def peak_memory() -> dict:
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # process-wide
+    if torch.cuda.is_available():
+        out["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def write_results(results: dict, results_dir: str | os.PathLike) -> Path:
+    """{results_dir}/{run_name}.json, via a temp file and rename: readers never see half a file."""
+    directory = Path(results_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{results['run_name']}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return str(x)

@@ -1,0 +1,114 @@
+"""Metrics out of a run: always a local metrics.jsonl; W&B too unless logger=none.
+
+    tracker = Tracker(cfg, out_dir, config_dict)  ...  tracker.log({"train_loss": 0.3}, step=10)
+    tracker.summary({...}); tracker.log_figure("transfer_functions", fig); tracker.finish()
+
+Without a W&B key (WANDB_API_KEY or ~/.netrc) W&B runs in offline mode and the run ends by printing
+the `wandb sync` command. Never prompts for a key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def wandb_mode(cfg_mode: str | None) -> str:
+    """Config mode, else WANDB_MODE, else online with a key and offline without."""
+    return cfg_mode or os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+
+
+class Tracker:
+    def __init__(self, cfg, out_dir: Path, config: dict, enabled: bool = True):
+        self.enabled = enabled  # False on non-main processes
+        self.jsonl = (out_dir / "metrics.jsonl").open("a") if enabled else None
+        self.run = None
+        if enabled and cfg.logger.name == "wandb":
+            import wandb
+
+            self.mode = wandb_mode(cfg.logger.get("mode"))
+            # The id follows the run name, so a resumed run continues the same W&B run.
+            run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.run_name)[:120]
+            self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), name=cfg.run_name,
+                                  id=run_id, resume="allow", group=cfg.logger.get("group"), config=config,
+                                  tags=list(cfg.get("tags") or []), dir=str(out_dir), mode=self.mode,
+                                  settings=wandb.Settings(silent=True))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        self.jsonl.write(json.dumps({"step": step, **{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                                      for k, v in clean.items()}}) + "\n")
+        self.jsonl.flush()
+        if self.run is not None:
+            self.run.log(clean, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def log_table(self, key: str, columns: list, rows: list) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_figure(self, key: str, path: Path) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))})
+
+    def finish(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.run is not None:
+            run_dir = self.run.dir
+            self.run.finish()
+            if self.mode == "offline":
+                print(f"[wandb] offline run saved; upload it with: wandb sync {Path(run_dir).parent}")
+
+
+def plot_transfer_functions(model, path: Path, target_modules=None, points: int = 400) -> Path | None:
+    """σ_l(x) of every LR-LoRA module on [-L, L], coloured by module type; None for other adapters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from experiments.results import module_type
+    from lrlora import lrlora_modules
+
+    modules = lrlora_modules(model)
+    if not modules:
+        return None
+    types = sorted({module_type(n, target_modules) for n in modules})
+    colours = {t: plt.cm.tab10(i % 10) for i, t in enumerate(types)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    seen = set()
+    for name, layer in modules.items():
+        tf = layer.transfer
+        L = tf.spec.L
+        x = torch.linspace(-L, L, points)
+        with torch.no_grad():
+            y = tf.evaluate(x).float()
+        t = module_type(name, target_modules)
+        ax.plot(x, y, color=colours[t], alpha=0.5, lw=1, label=None if t in seen else t)
+        seen.add(t)
+    ax.set(xlabel="x = (BA)_ij", ylabel="σ(x)", title=f"learned transfer functions ({len(modules)} modules)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

