@@ -21,8 +21,6 @@ import argparse
 import json
 import math
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from baselines.core import META_FILE, is_head_param
+from lrlora.io import atomic_directory
 
 LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 PREFIX = "base_model.model."
@@ -201,18 +200,14 @@ def write_peft_lora(spectra: dict[str, Spectrum], result: ParaResult, out_dir: s
         target_modules=sorted(kept), rank_pattern=pattern, alpha_pattern=dict(pattern),  # α = r: scaling 1
         lora_dropout=base_cfg.get("lora_dropout", 0.0), inference_mode=True, bias="none",
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    save_file(state, str(tmp / "adapter_model.safetensors"))
-    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    (tmp / "para_report.json").write_text(json.dumps(result.summary(), indent=2))
-    # ... and readable by baselines.load_adapted as a "lora" handle, like any adapter the harness saved
     meta = {"name": "lora", "kwargs": {"r": r_max, "lora_alpha": r_max, "target_modules": cfg["target_modules"],
                                        "modules_to_save": cfg.get("modules_to_save"), "para": True}}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        save_file(state, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (tmp / "para_report.json").write_text(json.dumps(result.summary(), indent=2))
+        # ... and readable by baselines.load_adapted as a "lora" handle, like any adapter the harness saved
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out_dir
 
 

@@ -58,6 +58,15 @@ class LRLoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight W0 (as PEFT's layers expose it): model code reads a projection's .weight.dtype etc."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def lowrank_product(self) -> torch.Tensor:
         """B A (fp32), the argument of σ before pre-scaling."""
         return self.lora_B @ self.lora_A

@@ -151,6 +151,13 @@ def test_identity_at_init():
     assert torch.equal(model(ids).logits, before)
 
 
+def test_layer_exposes_the_base_weight_like_a_linear():
+    model = apply_lrlora(tiny_qwen2(dtype=torch.bfloat16), LRLoRAConfig(r=2, target_modules=["q_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.weight is layer.base_layer.weight and layer.weight.dtype == torch.bfloat16
+    assert layer.bias is layer.base_layer.bias
+
+
 def test_only_adapters_are_trainable_and_modules_to_save_stay_trainable():
     model = tiny_qwen2()
     apply_lrlora(model, LRLoRAConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
