@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lrlora.io import atomic_directory
+from lrlora.model import matches_target  # noqa: F401  (PEFT's target rule, one definition for the repo)
 
 META_FILE = "baselines_meta.json"
 
@@ -44,11 +45,6 @@ def _lookup(name: str):
     if name not in ADAPTERS:
         raise ValueError(f"unknown adapter {name!r}; known: {sorted(ADAPTERS)}")
     return ADAPTERS[name]
-
-
-def matches_target(module_name: str, target_modules: Iterable[str]) -> bool:
-    """PEFT's rule for a list of targets: the module name equals a key or ends with '.' + key."""
-    return any(module_name == key or module_name.endswith("." + key) for key in target_modules)
 
 
 def is_head_param(param_name: str, modules_to_save: Iterable[str] | None) -> bool:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lrlora.config import LRLoRAConfig
-from lrlora.model import _matches, apply_lrlora, lrlora_modules
+from lrlora.model import apply_lrlora, lrlora_modules, matches_target
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -53,7 +53,7 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A, B, transfer parameters (and learnable grids), plus modules_to_save; tied tensors once."""
     config: LRLoRAConfig = model.lrlora_config
-    saved_prefixes = tuple(n + "." for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save))
+    saved_prefixes = tuple(n + "." for n, _ in model.named_modules() if n and matches_target(n, config.modules_to_save))
     keep = {}
     for name, p in model.named_parameters():  # a tied parameter comes once, under its first name
         in_adapter = name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or ".transfer." in name

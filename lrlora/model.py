@@ -27,7 +27,9 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _matches(name: str, targets) -> bool:
+def matches_target(name: str, targets) -> bool:
+    """PEFT's rule: a list matches a name equal to an entry or ending with '.' + entry; a string is a regex
+    that must match the whole name."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -58,7 +60,7 @@ def _find_targets(model: nn.Module, config: LRLoRAConfig) -> list[tuple[str, nn.
     candidates = [
         (n, m)
         for n, m in model.named_modules()
-        if n and _matches(n, config.target_modules) and not isinstance(m, LRLoRALinear) and ".base_layer" not in n
+        if n and matches_target(n, config.target_modules) and not isinstance(m, LRLoRALinear) and ".base_layer" not in n
     ]
     if not candidates:
         raise _no_match_error(model, config.target_modules)
@@ -141,7 +143,7 @@ def apply_lrlora(model: nn.Module, config: LRLoRAConfig) -> nn.Module:
         )
         _set_submodule(model, name, layer)
     for name in config.modules_to_save:
-        found = [m for n, m in model.named_modules() if n and _matches(n, [name])]
+        found = [m for n, m in model.named_modules() if n and matches_target(n, [name])]
         if not found:
             raise ValueError(f"modules_to_save entry {name!r} matches no module of the model")
         for m in found:
