@@ -25,7 +25,8 @@ from lrlora.transfer import _EXACT_CHUNK_ELEMENTS, BasisSpec, TransferFunction, 
 # Elements per chunk of the interpolation: bounds the index/weight temporaries (int64 + fp32).
 _CHUNK = 1 << 18
 # Table points per unit of (range × resolution scale); 2048 keeps linear-interpolation error of a
-# unit-amplitude sinc near 1e-7. Capped so a pathological range cannot allocate without bound.
+# unit-amplitude sinc near 1e-7. A range that would need more than _MAX_TABLE points takes the exact
+# path instead: slower, but never silently inaccurate.
 _POINTS_PER_UNIT = 2048
 _MAX_TABLE = 1 << 21
 # Table points per pass when building the table: bounds its (points × K) temporaries to ~1 MB.
@@ -33,7 +34,8 @@ _TABLE_CHUNK = 2048
 
 
 def _table_grid(t: torch.Tensor, spec: BasisSpec, rho: torch.Tensor, table_size: int):
-    """The float64 abscissae s_0..s_{M-1} covering [min t, max t], or None if t is not finite."""
+    """The float64 abscissae s_0..s_{M-1} covering [min t, max t]; None if t is not finite or its range
+    would need more than _MAX_TABLE points."""
     lo, hi = torch.aminmax(t.detach())
     lo, hi = float(lo), float(hi)
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -43,7 +45,9 @@ def _table_grid(t: torch.Tensor, spec: BasisSpec, rho: torch.Tensor, table_size:
     lo, hi = lo - pad, hi + pad
     w_max = float(torch.nn.functional.softplus(rho.detach()).max())
     want = math.ceil(_POINTS_PER_UNIT * (hi - lo) * spec.resolution_scale(w_max))
-    m = int(min(max(table_size, want), _MAX_TABLE))
+    if want > _MAX_TABLE:
+        return None
+    m = max(table_size, want)
     return torch.linspace(lo, hi, m, dtype=torch.float64, device=t.device)
 
 
@@ -194,7 +198,8 @@ def sigma(t: torch.Tensor, transfer: TransferFunction, mode: str = "auto", table
 
     mode: "table" (fast path), "exact" (reference), or "auto": the table when t has more elements
     than a few tables (the table costs M·K basis evaluations whatever the size of t), else exact.
-    A non-finite t always takes the exact path, so NaN/inf propagate as they would naively.
+    A non-finite t, or one whose range would need an oversized table, always takes the exact path
+    (so NaN/inf propagate as they would naively).
     """
     if mode not in ("auto", "table", "exact"):
         raise ValueError(f"mode must be 'auto', 'table' or 'exact', got {mode!r}")

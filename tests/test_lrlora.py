@@ -116,6 +116,13 @@ def test_nonfinite_input_propagates_instead_of_breaking_the_table():
     assert torch.isnan(y[3, 4]) and torch.isfinite(y[0, 0])
 
 
+def test_a_range_too_wide_for_the_table_takes_the_exact_path():
+    tf = random_transfer("sinc")
+    t = torch.randn(64, 64)
+    t[0, 0] = 2000.0  # would need ~8M table points
+    assert torch.equal(sigma(t, tf, mode="table"), sigma(t, tf, mode="exact"))
+
+
 def test_sigma_is_zero_at_zero_amplitude_and_linear_in_a():
     tf = TransferFunction("sinc")
     t = torch.randn(16, 16)
