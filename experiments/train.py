@@ -7,7 +7,7 @@
     python -m experiments.train -m hydra/launcher=slurm experiment=...    # the same on SLURM (submitit)
     accelerate launch -m experiments.train ...                    # multi-GPU
 
-Outputs: ${paths.root}/runs/{run_name}/ (checkpoint/, metrics.jsonl, W&B files) and the results file
+Outputs: ${paths.root}/runs/{run_name}/ (adapter/, checkpoint/, metrics.jsonl, W&B files) and the results file
 ${paths.root}/results/{run_name}.json. Re-running the same command resumes from the checkpoint.
 In Python: `run(cfg)` with a config from Hydra's compose API (see experiments/demo.py).
 """
@@ -133,6 +133,12 @@ def run(cfg: DictConfig) -> dict:
                         accelerator.device, accelerator.autocast)
     test = {f"test_{k}": v for k, v in test.items()}
 
+    # The best-by-validation adapter, loadable with baselines.load_adapted and the input of
+    # `python -m baselines.para --adapter {output_dir}/adapter` (atomic, like every save here).
+    adapter_dir = out_dir / "adapter"
+    if accelerator.is_main_process:
+        handle.save(adapter_dir)
+
     ranks = rank_stats(handle.delta_weights(), kwargs["target_modules"]) if cfg.trainer.compute_ranks else {}
     wall = time.perf_counter() - t_start
     results = {
@@ -145,6 +151,7 @@ def run(cfg: DictConfig) -> dict:
         "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total,
                    "head": head},
         "stable_ranks": ranks,
+        "adapter_dir": str(adapter_dir),
         "adapter_extra": handle.extra_results(),
         "timing": {"wall_s": wall, "train_s": loop["train_time"],
                    "tokens_per_s": loop["tokens"] / loop["train_time"] if loop["train_time"] else None,

@@ -74,6 +74,35 @@ def test_two_steps_on_each_tiny_backbone(tmp_path, backbone, adapter):
         assert (tmp_path / "runs" / res["run_name"] / "transfer_functions.png").exists()
 
 
+@pytest.mark.parametrize("adapter", ["lora", "lrlora"])
+def test_run_saves_its_adapter_for_reloading_and_para(tmp_path, adapter, monkeypatch):
+    """The results file names the saved adapter; reloaded onto a fresh backbone it gives the trained model's
+    outputs, and PARA's CLI compresses it (--base-model for LR-LoRA, whose ΔW is formed on the backbone)."""
+    from baselines import apply_adapter, load_adapted
+    from baselines.para import main as para_main
+
+    cfg = cfg_for(tmp_path, "tiny_encoder", adapter)
+    res = run(cfg)
+    adapter_dir = Path(res["adapter_dir"])
+    assert adapter_dir == tmp_path / "runs" / res["run_name"] / "adapter" and adapter_dir.is_dir()
+
+    def fresh():
+        torch.manual_seed(cfg.seed)
+        return build_backbone(cfg.backbone, cfg.regime.task, cfg.regime.get("num_labels"), cfg.paths.cache_dir)[0]
+
+    x = torch.randint(0, 100, (2, 16))
+    reloaded = load_adapted(fresh(), adapter_dir).model.eval()
+    untrained = apply_adapter(fresh(), name=adapter, **adapter_kwargs(cfg)).model.eval()
+    with torch.no_grad():
+        out, before = reloaded(input_ids=x).logits, untrained(input_ids=x).logits
+    assert not torch.allclose(out, before), "the saved adapter must hold the trained weights"
+    extra = [] if adapter == "lora" else ["--base-model", "unused"]
+    if adapter == "lrlora":  # the CLI would build the base from a path; hand it the tiny backbone instead
+        monkeypatch.setattr("baselines.para._load_base", lambda path, num_labels: fresh())
+    result = para_main(["--adapter", str(adapter_dir), "--keep-energy", "0.9", "--out", str(tmp_path / "para"), *extra])
+    assert 0 < result.params_after <= result.params_before and (tmp_path / "para" / "adapter_config.json").exists()
+
+
 @pytest.mark.parametrize("adapter", [a for a in ADAPTERS if a not in ("lora", "lrlora")])
 def test_every_other_adapter_yaml_trains_two_steps(tmp_path, adapter):
     """One YAML + its code is all a new adapter needs: the entry point is unchanged."""
