@@ -20,6 +20,8 @@ from transformers import (
     AutoTokenizer,
 )
 
+from lrlora.errors import UserError
+
 AUTO_CLASS = {
     "classification": AutoModelForSequenceClassification,
     "regression": AutoModelForSequenceClassification,
@@ -28,7 +30,7 @@ AUTO_CLASS = {
 }
 
 
-class BackboneMissing(FileNotFoundError):
+class BackboneMissing(UserError, FileNotFoundError):
     """The backbone's weights are not reachable here; the message says how to get them."""
 
 
