@@ -222,7 +222,7 @@ class Decision:
 
 def decide(cfg: DictConfig, config: dict, data_hash: str, fingerprint: str) -> Decision:
     """Read the run folder and results file (writing nothing) and say what this run may do."""
-    from experiments.loop import read_checkpoint_meta
+    from experiments.loop import read_checkpoint_meta, verify_checkpoint
 
     out_dir, results_path = Path(cfg.paths.output_dir), Path(cfg.paths.results_dir) / f"{cfg.run_name}.json"
     mine = result_config(config)
@@ -260,6 +260,7 @@ def decide(cfg: DictConfig, config: dict, data_hash: str, fingerprint: str) -> D
         if ckpt is not None:
             if ckpt["fingerprint"] != fingerprint:
                 raise RunConflict(f"{out_dir / 'checkpoint'} was written by another configuration; {fix}")
+            verify_checkpoint(out_dir / "checkpoint")
             return Decision("resume", checkpoint=ckpt)
     return Decision("fresh")
 

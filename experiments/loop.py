@@ -124,6 +124,22 @@ def read_checkpoint_meta(ckpt_dir: Path) -> dict | None:
     return meta
 
 
+def verify_checkpoint(ckpt_dir: Path) -> None:
+    """Read every file of a checkpoint once (they are adapter-sized) so a truncated one is reported before the
+    run writes anything; CheckpointError names it."""
+    from safetensors.torch import load_file
+
+    for f in sorted(Path(ckpt_dir).iterdir()):
+        try:
+            if f.suffix == ".safetensors":
+                load_file(f)
+            elif f.suffix in (".bin", ".pkl", ".pt"):
+                torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # safetensors, pickle, zip and EOF errors alike
+            raise CheckpointError(f"checkpoint file {f} is truncated or corrupt ({type(e).__name__}); pass "
+                                  f"trainer.force=true to retrain this configuration from the start") from None
+
+
 def is_checkpoint(directory: Path) -> bool:
     return (Path(directory) / CHECKPOINT_META).is_file()
 
