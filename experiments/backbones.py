@@ -98,10 +98,11 @@ def load_gguf(cfg, cache_dir: str | None):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = cached.with_name(cached.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(cached)
+    from lrlora._atomic import atomic_directory
+
+    with atomic_directory(cached, what="converted backbone") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return str(cached), {}
 
 

@@ -14,7 +14,6 @@ W&B runs offline unless WANDB_MODE says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -97,8 +96,10 @@ def main(argv=None) -> dict:
              f"{r0['metrics']['steps']} steps; wall time {wall:.0f} s for both runs "
              f"({r0['torch_threads']} torch threads; 1-min load average {load0:.1f} at start, "
              f"{os.getloadavg()[0]:.1f} at end, on {os.cpu_count()} cores)")
-    (out / "table.md").write_text(f"{text}\n\n{scale}\n")
-    (out / "demo_summary.json").write_text(json.dumps({"wall_s": wall, "table": text}, indent=2))
+    from lrlora._atomic import atomic_json, atomic_write
+
+    atomic_write(out / "table.md", f"{text}\n\n{scale}\n")
+    atomic_json(out / "demo_summary.json", {"wall_s": wall, "table": text})
     print("\n" + text + "\n\n" + scale)
     print(f"figure: {fig}\ntable: {out / 'table.md'}\nresults files: {out / 'results'}")
     return results

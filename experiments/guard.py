@@ -88,7 +88,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"adapter={name!r} is unknown; choose one of {', '.join(sorted(ADAPTERS))}")
     try:
         check_rank_value(name, cfg.adapter.get("r"))
-    except ConfigError as e:
+    except ConfigError:
         raise ConfigError(f"adapter.r={cfg.adapter.get('r')!r} must be a positive integer, e.g. adapter.r=8 "
                           f"({name})") from None
     _num(cfg, "adapter.lr", 0, inf, lo_open=True, optional=True)
@@ -226,8 +226,8 @@ def decide(cfg: DictConfig, config: dict, data_hash: str, fingerprint: str) -> D
 
     out_dir, results_path = Path(cfg.paths.output_dir), Path(cfg.paths.results_dir) / f"{cfg.run_name}.json"
     mine = result_config(config)
-    fix = (f"nothing was changed. Give this configuration its own name (run_name=...) or output root "
-           f"(paths.root=...), or move that folder away yourself")
+    fix = ("nothing was changed. Give this configuration its own name (run_name=...) or output root "
+           "(paths.root=...), or move that folder away yourself")
     meta = None
     if (out_dir / RUN_META).is_file():
         try:
