@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrlora._atomic import atomic_directory, dumps_strict
+from lrlora._atomic import atomic_directory, dumps_strict, recover_interrupted_swap
 from lrlora.errors import AdapterError, AdapterNotFound, ConfigError
 from lrlora.io import is_adapter_folder
 from lrlora.model import matches_target  # (PEFT's target rule, one definition for the repo)
@@ -210,6 +210,7 @@ def check_rank_value(method: str, r) -> None:
 def read_meta(directory: str | os.PathLike) -> dict:
     """The `baselines_meta.json` of an adapter folder; AdapterError if the folder is missing or not one."""
     directory = Path(directory)
+    recover_interrupted_swap(directory)
     if not directory.is_dir():
         raise AdapterNotFound(f"adapter folder {directory} does not exist: pass the folder a run saved "
                            f"(outputs/runs/RUN/adapter)")

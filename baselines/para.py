@@ -31,7 +31,6 @@ from safetensors.torch import load_file, save_file
 from baselines.core import META_FILE, is_head_param, read_meta
 from lrlora._atomic import atomic_directory, check_writable
 from lrlora.errors import AdapterError, AdapterNotFound, ConfigError, UnsafeWrite, UserError
-from lrlora.io import is_adapter_folder
 
 LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 PREFIX = "base_model.model."
@@ -148,13 +147,18 @@ def check_threshold(keep_energy: float | None, reduction: float | None) -> None:
         raise ConfigError(f"--reduction must be in [0, 1), got {reduction} (e.g. 0.8 removes 80% of the parameters)")
 
 
+def is_para_output(directory: Path) -> bool:
+    """An earlier PARA output (ours to replace); a trained adapter is not, so --out never replaces one."""
+    return (Path(directory) / "para_report.json").is_file()
+
+
 def check_out(adapter: str | Path, out: str | Path) -> None:
     """Never write into the input, nor into a non-empty folder that is not an adapter of ours."""
     a, o = Path(adapter).resolve(), Path(out).resolve()
     if o == a or a in o.parents or o in a.parents:
         raise UnsafeWrite(f"--out {out} is, contains or lies inside the input --adapter {adapter}: PARA never "
                           f"writes into its own input; choose a new folder, e.g. {Path(adapter).name}_para")
-    check_writable(o, is_adapter_folder, "PARA adapter folder")
+    check_writable(o, is_para_output, "PARA adapter folder")
 
 
 # --- the global threshold ----------------------------------------------------------------------------
@@ -223,7 +227,7 @@ def write_peft_lora(spectra: dict[str, Spectrum], result: ParaResult, out_dir: s
     )
     meta = {"name": "lora", "kwargs": {"r": r_max, "lora_alpha": r_max, "target_modules": cfg["target_modules"],
                                        "modules_to_save": cfg.get("modules_to_save"), "para": True}}
-    with atomic_directory(out_dir, is_ours=is_adapter_folder, what="PARA adapter folder") as tmp:
+    with atomic_directory(out_dir, is_ours=is_para_output, what="PARA adapter folder") as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         (tmp / "para_report.json").write_text(json.dumps(result.summary(), indent=2))

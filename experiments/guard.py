@@ -275,6 +275,8 @@ def clear_own_outputs(out_dir: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+        for left in list(Path(out_dir).glob(f".{name}.new.*")) + list(Path(out_dir).glob(f".{name}.old.*")):
+            shutil.rmtree(left, ignore_errors=True)  # an interrupted save's folder (lrlora._atomic's names)
 
 
 def write_run_meta(out_dir: Path, config: dict, data_hash: str, fingerprint: str, git: dict,

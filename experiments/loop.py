@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from experiments.evaluation import evaluate
-from lrlora._atomic import atomic_directory, dumps_strict
+from lrlora._atomic import atomic_directory, dumps_strict, recover_interrupted_swap
 from lrlora.errors import CheckpointError, NonFiniteError
 
 CHECKPOINT_META = "checkpoint.json"
@@ -112,6 +112,7 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
 
 def read_checkpoint_meta(ckpt_dir: Path) -> dict | None:
     """checkpoint.json of a complete checkpoint, None if there is none; CheckpointError if it is unreadable."""
+    recover_interrupted_swap(ckpt_dir)
     path = Path(ckpt_dir) / CHECKPOINT_META
     if not Path(ckpt_dir).exists():
         return None

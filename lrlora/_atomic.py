@@ -96,11 +96,30 @@ def atomic_json(path: str | os.PathLike, obj, **kwargs) -> Path:
 
 
 def read_manifest(directory: Path) -> list[str] | None:
+    meta = _manifest(directory)
+    return meta.get("files") if meta else None
+
+
+def _manifest(directory: Path) -> dict | None:
     try:
-        names = json.loads((directory / MANIFEST).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
+        meta = json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
         return None
-    return names if isinstance(names, list) else None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("files"), list) else None
+
+
+def recover_interrupted_swap(directory: str | os.PathLike) -> None:
+    """If a crash hit between the two renames of a folder swap, `directory` is missing while its complete new
+    version (`.NAME.new.*`, manifest written) or its previous one (`.NAME.old.*`) sits beside it: put it back
+    (the new one first). Does nothing when `directory` exists."""
+    directory = Path(directory)
+    if directory.exists() or not directory.parent.is_dir():
+        return
+    for tag in ("new", "old"):
+        for cand in sorted(directory.parent.glob(f".{directory.name}.{tag}.*")):
+            if cand.is_dir() and _manifest(cand) is not None:
+                cand.rename(directory)
+                return
 
 
 def _hidden_temp(directory: Path, tag: str) -> Path:
@@ -110,16 +129,20 @@ def _hidden_temp(directory: Path, tag: str) -> Path:
 def check_writable(directory: str | os.PathLike, is_ours: Callable[[Path], bool] | None = None,
                    what: str = "folder") -> None:
     """Raise UnsafeWrite unless `directory` is absent, empty, or ours (see atomic_directory): callers check
-    this before long work, so a refusal comes first, not after minutes of computing."""
+    this before long work, so a refusal comes first, not after minutes of computing. Ours: its manifest names
+    the same kind of writer (`what`), or `is_ours(directory)` says so."""
     directory = Path(directory)
+    recover_interrupted_swap(directory)
     if not directory.exists():
         return
     if not directory.is_dir():
         raise UnsafeWrite(f"{directory} is a file, not a folder: choose another path for the {what}")
     entries = [p.name for p in directory.iterdir()]
-    if entries and read_manifest(directory) is None and not (is_ours and is_ours(directory)):
+    meta = _manifest(directory)
+    mine = meta is not None and meta.get("writer", what) == what  # an adapter save never replaces a checkpoint
+    if entries and not mine and not (is_ours and is_ours(directory)):
         raise UnsafeWrite(
-            f"{directory} is not empty and was not written as a {what} by this code "
+            f"{directory} is not empty and was not written as {'an' if what[0] in 'aeiou' else 'a'} {what} by this code "
             f"(it holds {', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}); "
             f"nothing was written: choose an empty or new folder")
 
@@ -152,7 +175,7 @@ def atomic_directory(directory: str | os.PathLike, is_ours: Callable[[Path], boo
                     shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
                 else:
                     _link_or_copy(entry, tmp / entry.name)
-        (tmp / MANIFEST).write_text(json.dumps({"files": written}))
+        (tmp / MANIFEST).write_text(json.dumps({"files": written, "writer": what}))
         _fsync_dir(tmp)
         if directory.exists():
             old = _hidden_temp(directory, "old")

@@ -20,7 +20,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lrlora._atomic import atomic_directory, atomic_file, atomic_json, atomic_write  # noqa: F401 (re-exported)
+from lrlora._atomic import (  # noqa: F401 (re-exported)
+    atomic_directory,
+    atomic_file,
+    atomic_json,
+    atomic_write,
+    recover_interrupted_swap,
+)
 from lrlora.config import LRLoRAConfig
 from lrlora.errors import AdapterError, AdapterNotFound
 from lrlora.model import _find_targets, apply_lrlora, lrlora_modules, matches_target, unapply_lrlora
@@ -71,6 +77,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:
     directory = Path(directory)
+    recover_interrupted_swap(directory)
     if not directory.is_dir():
         raise AdapterNotFound(f"adapter folder {directory} does not exist: pass the folder save_adapter wrote")
     path = directory / CONFIG

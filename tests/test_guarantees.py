@@ -279,9 +279,11 @@ CASES = [
     ("load onto other LR-LoRA", lambda w: _lrlora_with_other_K(*tiny("lrlora"), w),
      r"the model's LR-LoRA layers differ from the adapter in .* in K \(10 vs saved 50\)"),
     ("save into foreign folder", _save_handle_to("notes"),
-     r"notes is not empty and was not written as a adapter folder by this code \(it holds todo\.txt\)"),
+     r"notes is not empty and was not written as an adapter folder by this code \(it holds todo\.txt\)"),
     ("save into a run folder", _save_handle_to(f"out/runs/{RUN}"), r"is not empty and was not written"),
     ("save onto a file", _save_handle_to("afile"), r"afile is a file, not a folder"),
+    ("save into a checkpoint", _save_handle_to(f"out/runs/{RUN}/checkpoint"),
+     r"checkpoint is not empty and was not written as an adapter folder by this code"),
     ("save a NaN adapter", lambda w: _nan_handle_save(*tiny("lora"), w),
      r"refusing to save a diverged adapter: .* holds NaN/inf"),
     ("apply: modules_to_save", _model_unchanged(lambda m, kw, w: apply_lrlora(
@@ -314,6 +316,9 @@ CASES = [
      r"lies inside the input"),
     ("para out foreign", _para("--adapter", "@lora_adapter", "--keep-energy", "0.9", "--out", "@notes"),
      r"^error: .*notes is not empty and was not written as a PARA adapter folder"),
+    ("para out = a trained adapter", _para("--adapter", "@lora_adapter", "--keep-energy", "0.9", "--out",
+                                          "@lrlora_adapter"), r"^error: .*lrlora_adapter is not empty and was not "
+                                                              r"written as a PARA adapter folder"),
     ("para lrlora no base", _para("--adapter", "@lrlora_adapter", "--keep-energy", "0.9", "--out", "@p"),
      r"^error: .* holds a 'lrlora' adapter, not a plain LoRA: pass --base-model"),
     ("para non-adapter", _para("--adapter", "@notes", "--keep-energy", "0.9", "--out", "@p"),
@@ -459,6 +464,21 @@ def test_save_into_our_folder_replaces_only_our_files(tmp_path):
     assert (tmp_path / "a" / "README-mine.txt").read_text() == "keep me"
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() != weights
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left"
+
+
+def test_a_crash_between_the_two_renames_of_a_swap_is_recovered(tmp_path):
+    """The one window of a folder swap: the old folder renamed away, the new one not yet in place. The next
+    read (or write) puts the folder back."""
+    from lrlora._atomic import _hidden_temp
+
+    model, kw = tiny("lora")
+    h = apply_adapter(model, name="lora", **kw)
+    h.save(tmp_path / "a")
+    away = _hidden_temp(tmp_path / "a", "old")
+    away.rmdir()
+    (tmp_path / "a").rename(away)  # what the first rename does; the crash comes before the second
+    load_adapted(tiny("lora")[0], tmp_path / "a")
+    assert (tmp_path / "a" / "baselines_meta.json").is_file() and not away.exists()
 
 
 def test_atomic_writers_never_share_a_temp_name(tmp_path):
