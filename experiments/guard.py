@@ -116,6 +116,10 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, f"{r}.metric_mode", ("max", "min"))
     for k in ("n_train", "n_val", "n_test"):
         _int(cfg, f"regime.{k}", optional=True)
+    metrics = TASK_METRICS.get(cfg.regime.task)
+    if metrics and cfg.regime.train.metric not in metrics:
+        raise ConfigError(f"regime.train.metric={cfg.regime.train.metric!r} is not measured for the "
+                          f"{cfg.regime.task} task; choose one of {', '.join(metrics)}")
     if cfg.trainer.grad_accum > cfg.regime.train.batch_size:
         raise ConfigError(f"trainer.grad_accum={cfg.trainer.grad_accum} exceeds regime.train.batch_size="
                           f"{cfg.regime.train.batch_size}: a micro-batch needs at least one example")
@@ -130,6 +134,11 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"adapter: {e}") from None
         except TypeError as e:
             raise ConfigError(f"adapter: {e}; see lrlora/config.py for the fields") from None
+
+
+# The validation metrics experiments.evaluation.evaluate gives per task (f1: binary classification only).
+TASK_METRICS = {"classification": ("accuracy", "matthews", "f1", "loss"), "regression": ("pearson", "spearman", "loss"),
+                "causal_lm": ("loss",), "image_classification": ("accuracy", "matthews", "loss")}
 
 
 # --- data --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 
 from experiments.evaluation import evaluate
 from lrlora._atomic import atomic_directory, dumps_strict, recover_interrupted_swap
-from lrlora.errors import CheckpointError, NonFiniteError
+from lrlora.errors import CheckpointError, ConfigError, NonFiniteError
 
 CHECKPOINT_META = "checkpoint.json"
 
@@ -295,7 +295,7 @@ def train(handle, data, collate, cfg, accelerator, tracker, out_dir: Path, resum
                 m = {"val_loss" if k == "loss" else f"val_{k}": v for k, v in m.items()}
                 key = tc.metric if tc.metric in m else f"val_{tc.metric}"
                 if key not in m:
-                    raise NonFiniteError(f"validation gave no {tc.metric!r} (it gave {sorted(m)}); set "
+                    raise ConfigError(f"validation gave no {tc.metric!r} (it gave {sorted(m)}); set "
                                          f"regime.train.metric to one of those")
                 value = m[key]
                 if not math.isfinite(value):

@@ -125,6 +125,9 @@ def run(cfg: DictConfig) -> dict:
     handle = apply_adapter(model, name=cfg.adapter.name, **kwargs)  # validates (rank vs layer) before changing
     trainable, total = handle.trainable_parameters(), handle.total_parameters()
     head = sum(p.numel() for p in handle.model.parameters() if p.requires_grad) - trainable
+    if trainable == 0:  # a run that trains nothing is not a result
+        raise guard.ConfigError(f"adapter {cfg.adapter.name} with these settings has no trainable parameter; "
+                                f"check adapter.target_modules and the adapter's settings")
     accelerator.print(f"[{cfg.run_name}] trainable {trainable:,} / backbone {total:,} "
                       f"({100 * trainable / total:.3f}%), head {head:,}")
 

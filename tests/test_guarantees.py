@@ -218,6 +218,8 @@ CASES = [
     ("dropout=1.5", harness("adapter.dropout=1.5"), r"^adapter\.dropout=1\.5 must be a number in \[0, 1\)"),
     ("K=1", harness("adapter.K=1"), r"^adapter: K must be >= 2"),
     ("basis", harness("adapter.basis=foo"), r"^adapter: unknown basis 'foo'; choose one of sinc"),
+    ("metric not measured", harness("regime.train.metric=pearson"),
+     r"^regime\.train\.metric='pearson' is not measured for the classification task; choose one of accuracy"),
     ("unknown adapter", harness("adapter.name=foo"), r"^adapter='foo' is unknown; choose one of adalora"),
     # a rank above the layer, for every method (checked on the loaded backbone, before it is modified)
     *[(f"rank>layer {a}", harness("adapter.r=64", adapter=a, root="new"),
@@ -407,6 +409,15 @@ def test_nan_steps_can_be_skipped_when_asked(tmp_path, monkeypatch):
 
 
 # --- two configurations under one name; a finished run re-run ---------------------------------------------------
+def test_a_run_whose_every_step_was_skipped_is_an_error(tmp_path, monkeypatch):
+    from lrlora.errors import NonFiniteError
+
+    _nan_from_step(monkeypatch, 1)
+    with pytest.raises(NonFiniteError, match="took no optimizer step that changed the weights"):
+        run(cfg_for(tmp_path, extra=["trainer.max_steps=3", "trainer.max_skipped_nonfinite=5"]))
+    assert not (tmp_path / "results").exists()
+
+
 def test_two_configurations_under_one_name_keep_both_outputs(tmp_path):
     from experiments.guard import RunConflict
 
