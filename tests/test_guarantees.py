@@ -358,6 +358,16 @@ def test_cli_bad_override_is_one_line_and_leaves_no_run_folder(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_para_cli_threshold_out_of_range_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "baselines.para", "--adapter", str(tmp_path), "--keep-energy", "1.5", "--out",
+           str(tmp_path / "out")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == ["error: --keep-energy must be in (0, 1], got 1.5 (e.g. 0.9 keeps 90% "
+                                             "of Σσ²)"]
+    assert not (tmp_path / "out").exists()
+
+
 # --- a NaN run -----------------------------------------------------------------------------------------------
 def _nan_from_step(monkeypatch, first_bad: int, last_bad: int = 10**9):
     """The training loss is NaN at optimizer steps first_bad..last_bad (1-based), as a diverged run's is."""
