@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrlora.io import atomic_directory
-from lrlora.model import matches_target  # noqa: F401  (PEFT's target rule, one definition for the repo)
+from lrlora._atomic import atomic_directory, dumps_strict, recover_interrupted_swap
+from lrlora.errors import AdapterError, AdapterNotFound, ConfigError
+from lrlora.io import is_adapter_folder
+from lrlora.model import matches_target  # (PEFT's target rule, one definition for the repo)
 
 META_FILE = "baselines_meta.json"
 
@@ -43,7 +45,7 @@ def register(name: str):
 
 def _lookup(name: str):
     if name not in ADAPTERS:
-        raise ValueError(f"unknown adapter {name!r}; known: {sorted(ADAPTERS)}")
+        raise ConfigError(f"unknown adapter {name!r}; known: {sorted(ADAPTERS)}")
     return ADAPTERS[name]
 
 
@@ -74,8 +76,11 @@ class AdaptedModel:
     """
 
     method: str = "?"
+    # VeRA's r is the size of its shared random projections, which the paper sets above the layer width.
+    rank_may_exceed_layer: bool = False
 
     def __init__(self, model: nn.Module, **kwargs):
+        self.check_kwargs(model, kwargs)  # before anything changes: a failed apply leaves the model as it was
         self.name = self.method
         self.kwargs = dict(kwargs)
         self.modules_to_save = list(kwargs.get("modules_to_save") or [])
@@ -91,6 +96,29 @@ class AdaptedModel:
         self.modules_to_save = list(kwargs.get("modules_to_save") or [])
         self._total = count_parameters(base_model)
         return self
+
+    @classmethod
+    def check_kwargs(cls, model: nn.Module, kwargs: dict) -> None:
+        """The checks every method shares: r a positive integer no larger than any target layer, a dropout in
+        [0, 1), and target_modules matching at least one nn.Linear. Raises ConfigError naming the fix."""
+        check_rank_value(cls.method, kwargs.get("r"))
+        p = kwargs.get("dropout")
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1):
+            raise ConfigError(f"{cls.method}: dropout={p!r} must be a number in [0, 1)")
+        targets = kwargs.get("target_modules")
+        if not targets:
+            raise ConfigError(f"{cls.method}: target_modules is required (e.g. ['query', 'value'])")
+        linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_target(n, targets)]
+        if not linear:
+            raise ConfigError(f"{cls.method}: no nn.Linear matches target_modules={list(targets)}; name the model's "
+                              f"linear layers (e.g. q_proj, query)")
+        r = kwargs.get("r")
+        if r is not None and not cls.rank_may_exceed_layer:
+            name, m = min(linear, key=lambda nm: min(nm[1].weight.shape))
+            if r > min(m.weight.shape):
+                raise ConfigError(f"{cls.method}: r={r} exceeds min(d_in, d_out)={min(m.weight.shape)} of {name!r} "
+                                  f"({m.weight.shape[0]}×{m.weight.shape[1]}); choose r <= {min(m.weight.shape)} or "
+                                  f"drop this module from target_modules")
 
     # --- to implement -------------------------------------------------------------------------
     def _apply(self, model: nn.Module, **kwargs) -> nn.Module:
@@ -133,12 +161,24 @@ class AdaptedModel:
         """Method-specific facts for the results file (e.g. final per-layer ranks)."""
         return {}
 
+    def training_state(self) -> dict:
+        """State a method keeps outside its trainable tensors (rank schedules, importance scores, its RNG):
+        the training checkpoint stores it, so a resumed run continues exactly."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore what `training_state` returned."""
+
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the adapter atomically: into a temp dir next to `directory`, then rename over it."""
-        with atomic_directory(directory) as tmp:
+        """Write the adapter atomically (lrlora._atomic.atomic_directory): a non-empty folder that is not an
+        adapter of ours is refused (UnsafeWrite), never emptied; in one of ours only our files are replaced."""
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise AdapterError(f"refusing to save a diverged adapter: {bad[0]} holds NaN/inf")
+        with atomic_directory(directory, is_ours=is_adapter_folder, what="adapter folder") as tmp:
             self._save_files(tmp)
             meta = {"name": self.name, "kwargs": _jsonable(self.kwargs)}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            (tmp / META_FILE).write_text(dumps_strict(meta, indent=2, sort_keys=True))
 
     def __repr__(self) -> str:
         return (
@@ -162,11 +202,37 @@ def apply_adapter(model: nn.Module, name: str, **kwargs) -> AdaptedModel:
     return _lookup(name)(model, **kwargs)
 
 
+def check_rank_value(method: str, r) -> None:
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise ConfigError(f"{method}: r={r!r} must be a positive integer (e.g. adapter.r=8)")
+
+
 def read_meta(directory: str | os.PathLike) -> dict:
-    return json.loads((Path(directory) / META_FILE).read_text())
+    """The `baselines_meta.json` of an adapter folder; AdapterError if the folder is missing or not one."""
+    directory = Path(directory)
+    recover_interrupted_swap(directory)
+    if not directory.is_dir():
+        raise AdapterNotFound(f"adapter folder {directory} does not exist: pass the folder a run saved "
+                           f"(outputs/runs/RUN/adapter)")
+    path = directory / META_FILE
+    if not path.is_file():
+        raise AdapterNotFound(f"{directory} is not an adapter folder written by baselines (no {META_FILE}); pass "
+                           f"the adapter/ folder of a run")
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not isinstance(
+                meta.get("kwargs"), dict):
+            raise ValueError("needs 'name' and 'kwargs'")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is corrupt ({e}); re-save the adapter") from None
+    return meta
 
 
 def load_adapted(base_model: nn.Module, directory: str | os.PathLike) -> AdaptedModel:
     """Rebuild the handle that `AdaptedModel.save(directory)` wrote, on a fresh copy of the base model."""
     meta = read_meta(directory)
-    return _lookup(meta["name"])._load(base_model, Path(directory), meta["kwargs"])
+    try:
+        return _lookup(meta["name"])._load(base_model, Path(directory), meta["kwargs"])
+    except (OSError, RuntimeError, KeyError) as e:  # a weights file missing, truncated or of other shapes
+        raise AdapterError(f"could not load the adapter in {directory}: {str(e).splitlines()[0][:300]}; "
+                           f"re-save it, or load it onto the base model it was trained on") from None

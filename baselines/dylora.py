@@ -71,3 +71,11 @@ class DyLoRA(SelfWrittenAdapted):
 
     def on_step(self, step, total_steps):
         self._sample()  # the rank for the next step
+
+    def training_state(self):
+        return {"generator": self._gen.get_state(), "train_rank": next(iter(self.layers().values())).train_rank}
+
+    def load_training_state(self, state):
+        self._gen.set_state(state["generator"])
+        for m in self.layers().values():
+            m.train_rank = state["train_rank"]

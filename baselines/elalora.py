@@ -139,6 +139,16 @@ class ElaLoRA(SelfWrittenAdapted):
                 t[sl] = 0
                 self._unc[(n, key)][sl] = 0
 
+    def training_state(self):
+        return {"ipt": dict(self._ipt), "unc": dict(self._unc),
+                "masks": {n: m.rank_mask.detach().cpu().clone() for n, m in self.layers().items()}}
+
+    @torch.no_grad()
+    def load_training_state(self, state):
+        self._ipt, self._unc = dict(state["ipt"]), dict(state["unc"])
+        for n, m in self.layers().items():
+            m.rank_mask.copy_(state["masks"][n])
+
     def ranks(self) -> dict[str, int]:
         return {n: int(m.rank_mask.sum()) for n, m in self.layers().items()}
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from baselines.core import AdaptedModel, alpha_or_default, is_head_param, matches_target
+from lrlora.errors import AdapterError, ConfigError
 
 WEIGHTS_FILE = "adapter.safetensors"
 
@@ -94,16 +95,16 @@ class LowRankLinear(AdapterLinear):
 
 
 def inject(model: nn.Module, target_modules, make_layer) -> dict[str, AdapterLinear]:
-    """Replace every nn.Linear whose name matches `target_modules` (PEFT's suffix rule) by make_layer(name, linear)."""
+    """Replace every nn.Linear whose name matches `target_modules` (PEFT's suffix rule) by make_layer(name, linear).
+
+    All new layers are built before the first is put in, so a failing make_layer leaves the model unchanged."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_target(n, target_modules)]
     if not names:
-        raise ValueError(f"no nn.Linear matches target_modules={list(target_modules)}")
-    out = {}
-    for name in names:
+        raise ConfigError(f"no nn.Linear matches target_modules={list(target_modules)}")
+    out = {name: make_layer(name, model.get_submodule(name)) for name in names}
+    for name, layer in out.items():
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        out[name] = make_layer(name, getattr(parent, child))
-        setattr(parent, child, out[name])
+        setattr(model.get_submodule(parent_name), child, layer)
     return out
 
 
@@ -115,10 +116,10 @@ class SelfWrittenAdapted(AdaptedModel):
 
     def _apply(self, model, target_modules=None, modules_to_save=None, **kwargs):
         if not target_modules:
-            raise ValueError(f"{self.method}: target_modules is required")
-        for p in model.parameters():
-            p.requires_grad_(False)
+            raise ConfigError(f"{self.method}: target_modules is required")
         layers = inject(model, target_modules, lambda n, lin: self.make_layer(n, lin, **kwargs))
+        for p in model.parameters():  # after inject: a failure there leaves the model as it was
+            p.requires_grad_(False)
         for layer in layers.values():
             for pname, p in layer.named_parameters():
                 if not pname.startswith("base_layer."):
@@ -166,12 +167,16 @@ class SelfWrittenAdapted(AdaptedModel):
 
     @classmethod
     def _load(cls, base_model, directory, kwargs):
+        path = Path(directory) / WEIGHTS_FILE
+        try:  # read (and so check) the file before the model changes
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type for a truncated file
+            raise AdapterError(f"{path} is missing or unreadable ({str(e)[:200]}); re-save the adapter") from None
         self = cls(base_model, **kwargs)  # rebuilds the structure (and the seeded frozen bases)
-        state = load_file(str(Path(directory) / WEIGHTS_FILE))
         missing = set(self.adapter_state()) - set(state)
         if missing:
-            raise ValueError(f"{directory}: missing adapter tensors {sorted(missing)[:5]}")
+            raise AdapterError(f"{directory}: missing adapter tensors {sorted(missing)[:5]}")
         unexpected = self.model.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
-            raise ValueError(f"{directory}: tensors this {cls.method} model does not have: {unexpected[:5]}")
+            raise AdapterError(f"{directory}: tensors this {cls.method} model does not have: {unexpected[:5]}")
         return self

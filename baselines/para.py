@@ -21,14 +21,16 @@ import argparse
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from baselines.core import META_FILE, is_head_param
-from lrlora.io import atomic_directory
+from baselines.core import META_FILE, is_head_param, read_meta
+from lrlora._atomic import atomic_directory, check_writable
+from lrlora.errors import AdapterError, AdapterNotFound, ConfigError, UnsafeWrite, UserError
 
 LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 PREFIX = "base_model.model."
@@ -96,11 +98,16 @@ def _lora_scaling(cfg: dict, name: str, r: int) -> float:
 def spectra_from_peft_lora(adapter_dir: str | Path) -> tuple[dict[str, Spectrum], dict, dict]:
     """Read a PEFT LoRA adapter from disk (no base model needed): spectra, its config, its other tensors."""
     adapter_dir = Path(adapter_dir)
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    except FileNotFoundError as e:
+        raise AdapterNotFound(f"{e.filename} not found: {adapter_dir} is not a complete PEFT adapter folder") from None
+    except Exception as e:  # json or safetensors: a truncated or foreign file
+        raise AdapterError(f"{adapter_dir} holds an unreadable adapter ({str(e)[:200]}); re-save it") from None
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias"):
-        raise ValueError(f"{adapter_dir}: PARA takes a plain LoRA adapter (got peft_type={cfg.get('peft_type')}, "
+        raise AdapterError(f"{adapter_dir}: PARA takes a plain LoRA adapter (got peft_type={cfg.get('peft_type')}, "
                          f"use_dora={cfg.get('use_dora')}); for others pass --base-model to go through ΔW")
-    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
     factors, other = {}, {}
     for k, v in state.items():
         m = LORA_KEY.match(k)
@@ -131,26 +138,44 @@ def spectra_from_handle(handle, max_rank: int | None = None) -> dict[str, Spectr
     return out
 
 
+def check_threshold(keep_energy: float | None, reduction: float | None) -> None:
+    if (keep_energy is None) == (reduction is None):
+        raise ConfigError("give exactly one of --keep-energy or --reduction")
+    if keep_energy is not None and not (isinstance(keep_energy, (int, float)) and 0 < keep_energy <= 1):
+        raise ConfigError(f"--keep-energy must be in (0, 1], got {keep_energy} (e.g. 0.9 keeps 90% of Σσ²)")
+    if reduction is not None and not (isinstance(reduction, (int, float)) and 0 <= reduction < 1):
+        raise ConfigError(f"--reduction must be in [0, 1), got {reduction} (e.g. 0.8 removes 80% of the parameters)")
+
+
+def is_para_output(directory: Path) -> bool:
+    """An earlier PARA output (ours to replace); a trained adapter is not, so --out never replaces one."""
+    return (Path(directory) / "para_report.json").is_file()
+
+
+def check_out(adapter: str | Path, out: str | Path) -> None:
+    """Never write into the input, nor into a non-empty folder that is not an adapter of ours."""
+    a, o = Path(adapter).resolve(), Path(out).resolve()
+    if o == a or a in o.parents or o in a.parents:
+        raise UnsafeWrite(f"--out {out} is, contains or lies inside the input --adapter {adapter}: PARA never "
+                          f"writes into its own input; choose a new folder, e.g. {Path(adapter).name}_para")
+    check_writable(o, is_para_output, "PARA adapter folder")
+
+
 # --- the global threshold ----------------------------------------------------------------------------
 def allocate(spectra: dict[str, Spectrum], keep_energy: float | None = None, reduction: float | None = None,
              ranks_before: dict[str, int] | None = None) -> ParaResult:
     """One threshold τ for all modules, from a kept-energy fraction or a parameter reduction; ranks = #σ ≥ τ."""
-    if (keep_energy is None) == (reduction is None):
-        raise ValueError("give exactly one of keep_energy or reduction")
+    check_threshold(keep_energy, reduction)
     comps = sorted(((float(sp.S[i]), name) for name, sp in spectra.items() for i in range(len(sp.S))), reverse=True)
     total_energy = sum(s * s for s, _ in comps)
     params_before = sum(sp.params_before for sp in spectra.values())
     kept = 0
     if keep_energy is not None:
-        if not 0 < keep_energy <= 1:
-            raise ValueError(f"keep_energy must be in (0, 1], got {keep_energy}")
         acc = 0.0
         while kept < len(comps) and acc < keep_energy * total_energy * (1 - 1e-12):
             acc += comps[kept][0] ** 2
             kept += 1
     else:
-        if not 0 <= reduction < 1:
-            raise ValueError(f"reduction must be in [0, 1), got {reduction}")
         budget, acc = (1 - reduction) * params_before, 0
         while kept < len(comps):
             cost = spectra[comps[kept][1]].d_in + spectra[comps[kept][1]].d_out
@@ -184,7 +209,7 @@ def write_peft_lora(spectra: dict[str, Spectrum], result: ParaResult, out_dir: s
     out_dir = Path(out_dir)
     kept = {n: k for n, k in result.ranks_after.items() if k > 0}
     if not kept:
-        raise ValueError("the threshold keeps no singular value at all; raise keep_energy / lower reduction")
+        raise ConfigError("the threshold keeps no singular value at all; raise --keep-energy or lower --reduction")
     state = {}
     for name, k in kept.items():
         sp = spectra[name]
@@ -202,7 +227,7 @@ def write_peft_lora(spectra: dict[str, Spectrum], result: ParaResult, out_dir: s
     )
     meta = {"name": "lora", "kwargs": {"r": r_max, "lora_alpha": r_max, "target_modules": cfg["target_modules"],
                                        "modules_to_save": cfg.get("modules_to_save"), "para": True}}
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, is_ours=is_para_output, what="PARA adapter folder") as tmp:
         save_file(state, str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         (tmp / "para_report.json").write_text(json.dumps(result.summary(), indent=2))
@@ -247,9 +272,13 @@ def compress_handle(handle, out_dir, keep_energy=None, reduction=None, max_rank=
 def _load_base(path: str, num_labels: int | None):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if num_labels:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    return AutoModelForCausalLM.from_pretrained(path)
+    try:
+        if num_labels:
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return AutoModelForCausalLM.from_pretrained(path)
+    except OSError as e:
+        raise ConfigError(f"--base-model {path} could not be loaded ({str(e).splitlines()[0][:200]}); pass the "
+                          f"folder of the base model the adapter was trained on") from None
 
 
 def format_ranks(result: ParaResult) -> str:
@@ -276,15 +305,24 @@ def main(argv=None) -> ParaResult:
     ap.add_argument("--max-rank", type=int, help="cap per module for dense (non-LoRA) spectra")
     args = ap.parse_args(argv)
     adapter = Path(args.adapter)
-    meta = json.loads((adapter / META_FILE).read_text()) if (adapter / META_FILE).exists() else {"name": "lora"}
+    # Every check before any loading or computing: threshold, input, output.
+    check_threshold(args.keep_energy, args.reduction)
+    if not adapter.is_dir():
+        raise AdapterNotFound(f"--adapter {adapter} does not exist: pass an adapter folder (outputs/runs/RUN/adapter)")
+    check_out(adapter, args.out)
     cfg_file = adapter / "adapter_config.json"
-    is_lora = cfg_file.exists() and json.loads(cfg_file.read_text()).get("peft_type") == "LORA" and \
-        not json.loads(cfg_file.read_text()).get("use_dora")
+    try:
+        peft_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    except ValueError as e:
+        raise AdapterError(f"{cfg_file} is corrupt ({e}); re-save the adapter") from None
+    is_lora = peft_cfg.get("peft_type") == "LORA" and not peft_cfg.get("use_dora")
     if is_lora:
         result = compress_peft_lora(adapter, args.out, args.keep_energy, args.reduction)
     else:
+        meta = read_meta(adapter)
         if not args.base_model:
-            ap.error(f"{adapter} holds a {meta['name']!r} adapter, not a plain LoRA: pass --base-model")
+            raise ConfigError(f"{adapter} holds a {meta['name']!r} adapter, not a plain LoRA: pass --base-model "
+                              f"PATH (and --num-labels N for a classifier) so its ΔW can be formed")
         from baselines import load_adapted
 
         handle = load_adapted(_load_base(args.base_model, args.num_labels), adapter)
@@ -294,5 +332,15 @@ def main(argv=None) -> ParaResult:
     return result
 
 
+def cli(argv=None) -> int:
+    """The command line: a user error is one `error: ...` line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from baselines.core import AdaptedModel, alpha_or_default, register, schedule_steps
+from lrlora.errors import AdapterError
 
 ADAPTER = "default"
 PREFIX = "base_model.model."
@@ -54,6 +55,16 @@ class PeftAdapted(AdaptedModel):
 
     @classmethod
     def _load(cls, base_model, directory: Path, kwargs):
+        weights = Path(directory) / "adapter_model.safetensors"
+        try:  # check the weights before PEFT changes the model
+            from safetensors import safe_open
+
+            with safe_open(str(weights), "pt") as f:
+                bad = [k for k in f.keys() if not torch.isfinite(f.get_tensor(k)).all()]
+        except Exception as e:
+            raise AdapterError(f"{weights} is missing or unreadable ({str(e)[:200]}); re-save the adapter") from None
+        if bad:
+            raise AdapterError(f"{weights} holds NaN/inf in {bad[0]}: the run that saved it diverged; retrain it")
         self = cls._bare(base_model, kwargs)
         self.model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
         return self
@@ -118,6 +129,7 @@ class VeRA(PeftAdapted):
     """VeRA (PEFT): shared frozen random A, B (seeded by `projection_prng_key`), trainable λ_b (d_out), λ_d (r)."""
 
     dropout_field = "vera_dropout"
+    rank_may_exceed_layer = True  # VeRA's r is the shared projection size (paper: up to 1024 on 768-wide layers)
 
     def _config(self, r=256, target_modules=None, dropout=0.0, modules_to_save=None, **rest):
         rest.setdefault("save_projection", True)  # exact round trip without relying on the PRNG
@@ -173,6 +185,18 @@ class AdaLoRA(PeftAdapted):
             for k, v in self._steps(total_steps).items():
                 setattr(cfg, k, v)
         self.model.base_model.update_and_allocate(step)
+
+    def training_state(self):
+        cfg, alloc = self.model.peft_config[ADAPTER], self.model.base_model.rankallocator
+        return {"config": {k: getattr(cfg, k) for k in ("total_step", "tinit", "tfinal", "rank_pattern")},
+                "allocator": {k: dict(getattr(alloc, k)) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}}
+
+    def load_training_state(self, state):
+        cfg, alloc = self.model.peft_config[ADAPTER], self.model.base_model.rankallocator
+        for k, v in state["config"].items():
+            setattr(cfg, k, v)
+        for k, v in state["allocator"].items():
+            setattr(alloc, k, dict(v))
 
     def ranks(self) -> dict[str, int]:
         """Per-module rank now: the number of unmasked (non-zero) entries of E."""

@@ -163,9 +163,9 @@ def main():
             print(f"{module:<18} {str(shape):>10} {path:>6} {case['median_s'] * 1e3:>10.1f} {case['peak_extra_x_matrix']:>18.2f} {sp:>18}")
             results["cases"].append(case)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    from lrlora._atomic import atomic_json
+
+    atomic_json(out, results)  # strict JSON, unique temp name, one rename
     print(f"wrote {out}")
 
 

@@ -20,6 +20,8 @@ from transformers import (
     AutoTokenizer,
 )
 
+from lrlora.errors import UserError
+
 AUTO_CLASS = {
     "classification": AutoModelForSequenceClassification,
     "regression": AutoModelForSequenceClassification,
@@ -28,7 +30,7 @@ AUTO_CLASS = {
 }
 
 
-class BackboneMissing(FileNotFoundError):
+class BackboneMissing(UserError, FileNotFoundError):
     """The backbone's weights are not reachable here; the message says how to get them."""
 
 
@@ -96,10 +98,11 @@ def load_gguf(cfg, cache_dir: str | None):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = cached.with_name(cached.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(cached)
+    from lrlora._atomic import atomic_directory
+
+    with atomic_directory(cached, what="converted backbone") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return str(cached), {}
 
 

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrlora.errors import UserError
 
-class DatasetMissing(FileNotFoundError):
+
+class DatasetMissing(UserError, FileNotFoundError):
     """A regime's data is not available here; the message says how to get it."""
 
 
@@ -122,10 +124,27 @@ def _bbc_news_gen(cfg, data_dir):
 
 
 # --- commonsense (LLM-Adapters JSON, user-supplied) --------------------------------------------------
-def _read_json(path: Path, what: str):
+class DataFileError(UserError, ValueError):
+    """A data file is malformed, empty, or lacks a field; the message names the file and the field."""
+
+
+def _read_json(path: Path, what: str, fields: tuple[str, ...] = ()):
+    """A JSON list of objects, each with `fields` (non-null); DataFileError naming the file, row and field."""
     if not path.exists():
         raise DatasetMissing(f"{what} not found at {path}. {_COMMONSENSE_HINT}")
-    return json.loads(path.read_text())
+    try:
+        rows = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataFileError(f"{path} is not valid JSON ({e}); it should be a JSON list of examples") from None
+    if not isinstance(rows, list) or not rows:
+        raise DataFileError(f"{path} holds {'an empty list' if rows == [] else type(rows).__name__}; it should be "
+                            f"a non-empty JSON list of examples with fields {', '.join(fields)}")
+    for i, row in enumerate(rows):
+        missing = [f for f in fields if not isinstance(row, dict) or row.get(f) is None]
+        if missing:
+            raise DataFileError(f"{path}: example {i} lacks field {missing[0]!r} (every example needs "
+                                f"{', '.join(fields)})")
+    return rows
 
 
 _COMMONSENSE_HINT = ("Get the LLM-Adapters data (github.com/AGI-Edgerunners/LLM-Adapters: ft-training_set/"
@@ -142,14 +161,15 @@ def _llm_adapters_example(row, task=None):
 @loader("commonsense")
 def _commonsense(cfg, data_dir):
     path = Path(cfg.data_path or data_dir / "commonsense" / f"{cfg.name}.json")
-    rows = _read_json(path, f"{cfg.name} training data")
+    rows = _read_json(path, f"{cfg.name} training data", ("instruction", "output"))
     random.Random(42).shuffle(rows)  # RandLoRA harness: train_test_split(test_size=120, seed=42)
     n_val = cfg.n_val or 0
     train = [_llm_adapters_example(r) for r in rows[n_val:]]
     val = [_llm_adapters_example(r) for r in rows[:n_val]]
     eval_dir = Path(cfg.eval_dir or data_dir / "commonsense" / "dataset")
     test = [_llm_adapters_example(r, task) for task in cfg.eval_tasks
-            for r in _read_json(eval_dir / task / "test.json", f"the {task} test set")]
+            for r in _read_json(eval_dir / task / "test.json", f"the {task} test set",
+                                ("instruction", "output", "answer"))]
     return Splits(train, val, test)
 
 

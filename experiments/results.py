@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrlora._atomic import atomic_json
+
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "hydra-core", "omegaconf", "wandb", "datasets",
             "numpy", "lrlora")
 
@@ -81,14 +83,13 @@ def peak_memory() -> dict:
 
 
 def write_results(results: dict, results_dir: str | os.PathLike) -> Path:
-    """{results_dir}/{run_name}.json, via a temp file and rename: readers never see half a file."""
-    directory = Path(results_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{results['run_name']}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=_jsonable))
-    os.replace(tmp, path)
-    return path
+    """{results_dir}/{run_name}.json through lrlora's atomic writer: readers never see half a file.
+
+    Strict JSON: a NaN or infinite value anywhere raises NonFiniteError naming its key, and nothing is written
+    (a NaN is not a result; docs/RESULTS.md)."""
+    path = Path(results_dir) / f"{results['run_name']}.json"
+    plain = json.loads(json.dumps(results, default=_jsonable))  # numpy/tensors -> Python, NaN kept to be caught
+    return atomic_json(path, plain)
 
 
 def _jsonable(x):

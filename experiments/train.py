@@ -7,8 +7,10 @@
     python -m experiments.train -m hydra/launcher=slurm experiment=...    # the same on SLURM (submitit)
     accelerate launch -m experiments.train ...                    # multi-GPU
 
-Outputs: ${paths.root}/runs/{run_name}/ (adapter/, checkpoint/, metrics.jsonl, W&B files) and the results file
-${paths.root}/results/{run_name}.json. Re-running the same command resumes from the checkpoint.
+Outputs: ${paths.root}/runs/{run_name}/ (run.json, adapter/, checkpoint/, metrics.jsonl, W&B files) and the
+results file ${paths.root}/results/{run_name}.json. Re-running the same command resumes from the checkpoint, or
+says the run is done (`trainer.force=true` retrains it); a run folder of another configuration is refused
+(experiments/guard.py). Every user error is one `error: ...` line.
 In Python: `run(cfg)` with a config from Hydra's compose API (see experiments/demo.py).
 """
 
@@ -23,12 +25,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.backbones import BackboneMissing, build_backbone
-from experiments.data import DatasetMissing, load_splits, make_collate
+from experiments import guard
+from experiments.backbones import build_backbone
+from experiments.data import load_splits, make_collate
 from experiments.evaluation import evaluate, generate_and_score
-from experiments.loop import train
+from experiments.loop import train, truncate_metrics
 from experiments.results import git_info, package_versions, peak_memory, rank_stats, write_results
 from experiments.tracking import Tracker, plot_transfer_functions
+from lrlora.errors import UserError
 
 HARNESS_KEYS = ("name", "lr")  # adapter-YAML fields the harness reads; everything else goes to apply_adapter
 
@@ -46,7 +50,7 @@ def adapter_kwargs(cfg: DictConfig) -> dict:
     return kw
 
 
-class TargetModuleError(ValueError):
+class TargetModuleError(UserError, ValueError):
     """A target module name matches no linear layer of the backbone."""
 
 
@@ -92,12 +96,21 @@ def run(cfg: DictConfig) -> dict:
     t_start = time.perf_counter()
     torch.set_num_threads(num_threads(cfg.trainer.num_threads))
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = _accelerator(cfg)
 
-    # data first: a missing dataset should fail before minutes of loading a backbone
+    # Checks before anything slow or anything on disk: config, data, then whether this run folder is ours.
+    guard.validate_config(cfg)
     regime = cfg.regime
-    data = load_splits(regime, cfg.paths.data_dir)
+    data = load_splits(regime, cfg.paths.data_dir)  # a missing dataset fails before minutes of backbone loading
+    guard.check_splits(regime, data)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    data_hash = guard.data_fingerprint(data)
+    fingerprint = guard.run_fingerprint(config, data_hash)
+    decision = guard.decide(cfg, config, data_hash, fingerprint)
+    if decision.action == "done":
+        print(f"[{cfg.run_name}] already done: {Path(cfg.paths.results_dir) / (cfg.run_name + '.json')} "
+              f"(trainer.force=true retrains it)")
+        return decision.results
+    accelerator = _accelerator(cfg)
     accelerator.print(f"[{cfg.run_name}] {regime.name}: train {len(data.train)}, val {len(data.val)}, "
                       f"test {len(data.test)}")
 
@@ -109,17 +122,38 @@ def run(cfg: DictConfig) -> dict:
     from baselines import apply_adapter
 
     torch.manual_seed(cfg.seed)  # again: the tiny test backbones reseed to get the same weights every time
-    handle = apply_adapter(model, name=cfg.adapter.name, **kwargs)
+    handle = apply_adapter(model, name=cfg.adapter.name, **kwargs)  # validates (rank vs layer) before changing
     trainable, total = handle.trainable_parameters(), handle.total_parameters()
     head = sum(p.numel() for p in handle.model.parameters() if p.requires_grad) - trainable
+    if trainable == 0:  # a run that trains nothing is not a result
+        raise guard.ConfigError(f"adapter {cfg.adapter.name} with these settings has no trainable parameter; "
+                                f"check adapter.target_modules and the adapter's settings")
     accelerator.print(f"[{cfg.run_name}] trainable {trainable:,} / backbone {total:,} "
                       f"({100 * trainable / total:.3f}%), head {head:,}")
+
+    # The run folder is written from here on: only now that every check has passed.
+    git = git_info()
+    if decision.action == "resume":
+        t_start -= decision.checkpoint.get("wall_time", 0.0)  # wall time covers the whole run
+        if decision.checkpoint.get("git", {}).get("commit") != git["commit"]:
+            accelerator.print(f"[{cfg.run_name}] warning: resuming a checkpoint of commit "
+                              f"{decision.checkpoint.get('git', {}).get('commit')} on {git['commit']}")
+        truncate_metrics(out_dir / "metrics.jsonl", decision.checkpoint["step"])
+    elif accelerator.is_main_process:
+        guard.clear_own_outputs(out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        guard.write_run_meta(out_dir, config, data_hash, fingerprint, git)
     collate = make_collate(regime, processor, cfg.backbone.get("image_size", 32))
 
     # loop
-    config = OmegaConf.to_container(cfg, resolve=True)
     tracker = Tracker(cfg, out_dir, config, enabled=accelerator.is_main_process)
-    loop = train(handle, data, collate, cfg, accelerator, tracker, out_dir)
+    try:
+        loop = train(handle, data, collate, cfg, accelerator, tracker, out_dir, resume=decision.action == "resume",
+                     fingerprint=fingerprint, t_start=t_start, meta={"git": git})
+    except BaseException:
+        tracker.finish()
+        raise
     model = handle.model
 
     # evaluation of the best-by-validation weights
@@ -176,14 +210,25 @@ def run(cfg: DictConfig) -> dict:
                 tracker.log_figure("transfer_functions", fig)
         accelerator.print(f"[{cfg.run_name}] results -> {path} ({wall:.1f} s)")
     tracker.finish()
+    if accelerator.is_main_process:
+        guard.mark_done(out_dir)
     return results
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Hydra creates the run folder before run() starts; a run refused at its checks leaves none behind."""
+    try:
+        folder.rmdir()  # only ever succeeds on an empty folder
+    except OSError:
+        pass
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
-    except (DatasetMissing, BackboneMissing, TargetModuleError) as e:  # the user's to fix: no stack trace
+    except UserError as e:  # the user's to fix: one line, no stack trace
+        _remove_if_empty(Path(cfg.paths.output_dir))
         sys.exit(f"error: {e}")
     return results["metrics"].get(f"best_val_{cfg.regime.train.metric}")  # for Hydra sweepers
 

@@ -10,7 +10,9 @@ Needs torch (and safetensors for save/load) only:
     model = merge_and_unload(model)         # plain model, zero inference overhead
 """
 
+from lrlora._atomic import atomic_directory, atomic_file, atomic_json, atomic_write
 from lrlora.config import LRLoRAConfig
+from lrlora.errors import AdapterError, CheckpointError, ConfigError, NonFiniteError, UnsafeWrite, UserError
 from lrlora.io import load_adapter, read_adapter_config, save_adapter
 from lrlora.layer import LRLoRALinear
 from lrlora.model import adapter_parameter_count, apply_lrlora, layer_index, lrlora_modules, merge_and_unload
@@ -19,7 +21,17 @@ from lrlora.rank import normalized_spectrum, rank_report, stable_rank
 from lrlora.transfer import BASES, TransferFunction
 
 __all__ = [
+    "AdapterError",
     "BASES",
+    "CheckpointError",
+    "ConfigError",
+    "NonFiniteError",
+    "UnsafeWrite",
+    "UserError",
+    "atomic_directory",
+    "atomic_file",
+    "atomic_json",
+    "atomic_write",
     "LRLoRAConfig",
     "LRLoRALinear",
     "TransferFunction",

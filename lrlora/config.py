@@ -13,6 +13,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from lrlora.errors import ConfigError
 from lrlora.transfer import BASES
 
 SHARING = ("none", "bandwidth", "amplitude", "grid", "all")
@@ -96,32 +97,44 @@ class LRLoRAConfig:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if self.basis not in BASES:
-            raise ValueError(f"unknown basis {self.basis!r}; choose one of {', '.join(BASES)}")
+            raise ConfigError(f"unknown basis {self.basis!r}; choose one of {', '.join(BASES)}")
         if self.share not in SHARING:
-            raise ValueError(f"unknown sharing scope {self.share!r}; choose one of {', '.join(SHARING)}")
+            raise ConfigError(f"unknown sharing scope {self.share!r}; choose one of {', '.join(SHARING)}")
         if self.share_by not in SHARE_BY:
-            raise ValueError(f"unknown share_by {self.share_by!r}; choose one of {', '.join(SHARE_BY)}")
+            raise ConfigError(f"unknown share_by {self.share_by!r}; choose one of {', '.join(SHARE_BY)}")
         if self.share == "grid" and not self.learn_grid:
-            raise ValueError("share='grid' ties learnable grids; set learn_grid=True (fixed grids are identical already)")
+            raise ConfigError("share='grid' ties learnable grids; set learn_grid=True (fixed grids are identical already)")
         if self.init_B not in ("kaiming", "zero"):
-            raise ValueError(f"init_B must be 'kaiming' or 'zero', got {self.init_B!r}")
+            raise ConfigError(f"init_B must be 'kaiming' or 'zero', got {self.init_B!r}")
         if self.center and self.amplitude_init == "zero" and self.init_B == "zero":
             # σ(BA) − σ(0) with a = 0 and B = 0: ∂ΔW/∂a_k = φ_k(0) − φ_k(0) = 0 and σ' ≡ 0, so no
             # parameter ever receives a gradient and ΔW stays 0 for good.
-            raise ValueError(
+            raise ConfigError(
                 "center=True with amplitude_init='zero' and init_B='zero' never trains (every gradient is zero "
                 "at init); use init_B='kaiming' or amplitude_init='random'"
             )
+        for name in ("r", "K", "table_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+        for name in ("L", "dropout", "pre_scale", "post_scale", "bandwidth_init", "amplitude_init_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        if self.amplitude_init not in ("zero", "random"):
+            raise ConfigError(f"amplitude_init must be 'zero' or 'random', got {self.amplitude_init!r}")
         if int(self.K) < 2:
-            raise ValueError(f"K must be >= 2 (at least two basis functions), got {self.K}")
+            raise ConfigError(f"K must be >= 2 (at least two basis functions), got {self.K}")
         if int(self.r) < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r}")
+            raise ConfigError(f"r must be a positive integer, got {self.r}")
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.bandwidth_init <= 0:
+            raise ConfigError(f"bandwidth_init must be > 0, got {self.bandwidth_init}")
         if self.L <= 0:
-            raise ValueError(f"L must be > 0, got {self.L}")
+            raise ConfigError(f"L must be > 0, got {self.L}")
         if not self.target_modules:
-            raise ValueError("target_modules is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']")
+            raise ConfigError("target_modules is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']")
         _check_layers(self.layers_to_transform)
 
     def to_dict(self) -> dict:
@@ -132,7 +145,7 @@ class LRLoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown LRLoRAConfig fields {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(f"unknown LRLoRAConfig fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -145,7 +158,7 @@ def _check_layers(spec):
     if isinstance(spec, int):
         return
     if not _LAYER_SPEC.match(str(spec)):
-        raise ValueError(f"layers_to_transform={spec!r}: use None, 'all', 'odd', 'even', 'first:N', 'last:N' or a list of ints")
+        raise ConfigError(f"layers_to_transform={spec!r}: use None, 'all', 'odd', 'even', 'first:N', 'last:N' or a list of ints")
 
 
 def resolve_layers(spec, num_layers: int) -> set[int] | None:

@@ -13,6 +13,7 @@ import re
 from torch import nn
 
 from lrlora.config import LRLoRAConfig, resolve_layers
+from lrlora.errors import ConfigError
 from lrlora.layer import LRLoRALinear
 from lrlora.transfer import TransferFunction
 
@@ -45,12 +46,12 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _no_match_error(model: nn.Module, targets) -> ValueError:
+def _no_match_error(model: nn.Module, targets) -> ConfigError:
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     wanted = [targets] if isinstance(targets, str) else list(targets)
     close = sorted({c for t in wanted for c in difflib.get_close_matches(t, linear_names, n=3, cutoff=0.4)})
     hint = f" Did you mean {close}?" if close else ""
-    return ValueError(
+    return ConfigError(
         f"no module matches target_modules={targets!r}.{hint} "
         f"The model's nn.Linear modules are named: {linear_names[:40]}"
     )
@@ -70,19 +71,19 @@ def _find_targets(model: nn.Module, config: LRLoRAConfig) -> list[tuple[str, nn.
     if keep is not None:
         candidates = [(n, m) for (n, m), i in zip(candidates, indices) if i in keep]
         if not candidates:
-            raise ValueError(
+            raise ConfigError(
                 f"layers_to_transform={config.layers_to_transform!r} leaves no module to adapt "
                 f"(matched modules sit in layers {sorted(set(known))})"
             )
     for n, m in candidates:
         if not isinstance(m, nn.Linear):
-            raise TypeError(
+            raise ConfigError(
                 f"target module {n!r} is a {type(m).__name__}, not nn.Linear: LR-LoRA adapts linear layers only; "
                 f"narrow target_modules to the linear projections"
             )
         d_out, d_in = m.weight.shape
         if config.r > min(d_out, d_in):
-            raise ValueError(
+            raise ConfigError(
                 f"r={config.r} exceeds min(d_in, d_out)={min(d_out, d_in)} of {n!r} ({d_out}×{d_in}); "
                 f"choose r <= {min(d_out, d_in)} or drop this module from target_modules"
             )
@@ -120,9 +121,15 @@ def _make_transfers(config: LRLoRAConfig, names: list[str], device) -> dict[str,
 
 
 def apply_lrlora(model: nn.Module, config: LRLoRAConfig) -> nn.Module:
-    """Wrap the target linear layers in LRLoRALinear, freeze everything else, return the model (in place)."""
+    """Wrap the target linear layers in LRLoRALinear, freeze everything else, return the model (in place).
+
+    Every check runs before the model changes: a ConfigError leaves it as it was."""
     if lrlora_modules(model):
-        raise ValueError("model already has LR-LoRA layers: call merge_and_unload(model) first, or load_adapter onto it")
+        raise ConfigError("model already has LR-LoRA layers: call merge_and_unload(model) first, or load_adapter onto it")
+    for name in config.modules_to_save:
+        if not any(n and matches_target(n, [name]) for n, _ in model.named_modules()):
+            raise ConfigError(f"modules_to_save entry {name!r} matches no module of the model; name an existing "
+                              f"module (e.g. the task head 'classifier') or drop it")
     targets = _find_targets(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -143,12 +150,21 @@ def apply_lrlora(model: nn.Module, config: LRLoRAConfig) -> nn.Module:
         )
         _set_submodule(model, name, layer)
     for name in config.modules_to_save:
-        found = [m for n, m in model.named_modules() if n and matches_target(n, [name])]
-        if not found:
-            raise ValueError(f"modules_to_save entry {name!r} matches no module of the model")
-        for m in found:
-            m.requires_grad_(True)
+        for n, m in model.named_modules():
+            if n and matches_target(n, [name]):
+                m.requires_grad_(True)
     model.lrlora_config = config
+    return model
+
+
+def unapply_lrlora(model: nn.Module) -> nn.Module:
+    """Take the LR-LoRA layers out without merging: the base model as it was before apply_lrlora."""
+    for name, layer in lrlora_modules(model).items():
+        if layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    if hasattr(model, "lrlora_config"):
+        del model.lrlora_config
     return model
 
 

@@ -12,7 +12,6 @@ backbone, and scores it on held-out test articles. Writes benchmarks/results/par
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -165,9 +164,9 @@ def main():
     results["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(results, indent=2))
-    tmp_out.replace(out)
+    from lrlora._atomic import atomic_json
+
+    atomic_json(out, results)  # strict JSON, unique temp name, one rename
     print(f"wrote {out} ({results['wall_s']:.0f}s)")
 
 

@@ -120,33 +120,50 @@ class Killed(Exception):
     pass
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    extra = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=3", "regime.adapter_dropout=0.1"]
-    full = run(cfg_for(tmp_path / "a", extra=extra))
+@pytest.mark.parametrize("adapter", ["lrlora", "adalora", "elalora", "dylora"])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch, adapter):
+    """Killed right after the step-4 checkpoint, the same command resumes to the same weights, also for the
+    methods with internal schedule state (AdaLoRA's importance scores, ElaLoRA's masks, DyLoRA's sampler)."""
+    from accelerate import Accelerator
+
+    extra = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=3", "regime.adapter_dropout=0.1",
+             "trainer.log_every=1"]
+    if adapter in ("adalora", "elalora"):  # rank changes inside the run: every step, from step 1
+        extra += ["adapter.tinit=1", "adapter.tfinal=2", "adapter.deltaT=1"]
+    if adapter == "adalora":
+        extra += ["adapter.r=4", "adapter.target_r=1"]
+    full = run(cfg_for(tmp_path / "a", adapter=adapter, extra=extra))
 
     saves = []
-    real_save = experiments.loop.atomic_save
+    real_save = Accelerator.save_state
 
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        if path.name == "state.pt":
-            saves.append(path)
-            if len(saves) == 2:  # killed right after the step-4 checkpoint
-                raise Killed
+    def save_then_die(self, output_dir=None, **kw):
+        out = real_save(self, output_dir, **kw)
+        saves.append(output_dir)
+        if len(saves) == 2:  # killed inside the step-4 save, after accelerate wrote its files
+            raise Killed
+        return out
 
-    monkeypatch.setattr(experiments.loop, "atomic_save", save_then_die)
+    monkeypatch.setattr(Accelerator, "save_state", save_then_die)
     with pytest.raises(Killed):
-        run(cfg_for(tmp_path / "b", extra=extra))
-    monkeypatch.setattr(experiments.loop, "atomic_save", real_save)
-    resumed = run(cfg_for(tmp_path / "b", extra=extra))  # the same command again
+        run(cfg_for(tmp_path / "b", adapter=adapter, extra=extra))
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    run_dir = tmp_path / "b" / "runs" / full["run_name"]
+    assert json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())["step"] == 2  # the kill: no step 4
+    resumed = run(cfg_for(tmp_path / "b", adapter=adapter, extra=extra))  # the same command again
 
-    assert resumed["metrics"]["steps"] == full["metrics"]["steps"] == 6
-    assert resumed["metrics"]["final_train_loss"] == full["metrics"]["final_train_loss"]
-    assert resumed["metrics"]["test_loss"] == full["metrics"]["test_loss"]
-    a = torch.load(tmp_path / "a" / "runs" / full["run_name"] / "checkpoint" / "state.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "runs" / full["run_name"] / "checkpoint" / "state.pt", weights_only=False)
-    for name, t in a["trainable"].items():
-        assert torch.equal(t, b["trainable"][name]), name
+    assert resumed["metrics"] == full["metrics"]  # losses, validation, test: every metric, exactly
+    assert resumed["loop"]["total_steps"] == 6 and resumed["adapter_extra"] == full["adapter_extra"]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "runs" / full["run_name"] / "checkpoint" / "model.safetensors")
+    b = load_file(run_dir / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and a
+    for name, t in a.items():
+        assert torch.equal(t, b[name]), name
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "train_loss" in line]
+    assert steps == sorted(set(steps)), "metrics.jsonl cut back to the checkpoint: no step logged twice"
 
 
 def test_unknown_target_module_says_what_exists(tmp_path):
@@ -235,11 +252,10 @@ def test_gradient_accumulation_and_cosine_schedule(tmp_path):
     assert res["metrics"]["final_train_loss"] > 0
 
 
-def test_early_stopping_with_patience(tmp_path):
-    # lr 0: the metric never improves after the first evaluation, so patience 1 stops at the second.
-    res = run(cfg_for(tmp_path, extra=["trainer.max_steps=8", "trainer.eval_every=1", "regime.train.patience=1",
-                                       "regime.train.lr=0.0", "regime.train.metric=loss",
-                                       "regime.train.metric_mode=min"]))
+def test_early_stopping_with_patience(tmp_path, monkeypatch):
+    # A validation metric that never improves after the first evaluation: patience 1 stops at the second.
+    monkeypatch.setattr(experiments.loop, "evaluate", lambda *a, **k: {"loss": 1.0, "accuracy": 0.5})
+    res = run(cfg_for(tmp_path, extra=["trainer.max_steps=8", "trainer.eval_every=1", "regime.train.patience=1"]))
     assert res["metrics"]["stopped_early"] and res["metrics"]["steps"] == 2 and res["metrics"]["best_step"] == 1
 
 
@@ -270,10 +286,13 @@ def test_cli_missing_dataset_is_a_message_not_a_stack_trace(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    from experiments.guard import RunConflict
+
     run(cfg_for(tmp_path))
-    with pytest.raises(RuntimeError, match="another config under the same run name"):
-        run(cfg_for(tmp_path, extra=["regime.train.lr=0.1"]))
-    assert run(cfg_for(tmp_path, extra=["regime.train.lr=0.1", "trainer.resume=false"]))["metrics"]["steps"] == 2
+    for extra in (["regime.train.lr=0.1"], ["regime.train.lr=0.1", "trainer.resume=false"],
+                  ["regime.train.lr=0.1", "trainer.force=true"]):
+        with pytest.raises(RunConflict, match=r"another configuration \(differs in regime.train.lr: 0.0005 -> 0.1"):
+            run(cfg_for(tmp_path, extra=extra))
 
 
 def _compose_regime(regime, *overrides):

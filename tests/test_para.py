@@ -11,6 +11,7 @@ from peft import PeftModel
 
 from baselines import apply_adapter, load_adapted
 from baselines.para import Spectrum, allocate, compress_handle, compress_peft_lora, lora_spectrum, main
+from lrlora.errors import ConfigError
 from tests.tiny_models import ENCODER_TARGETS, tiny_encoder
 
 TARGETS = ENCODER_TARGETS + ["intermediate.dense"]
@@ -148,7 +149,7 @@ def test_cli_exports_a_saved_lrlora_adapter_given_its_base_model(tmp_path, capsy
             if p.requires_grad and "classifier" not in n:
                 p.add_(torch.randn_like(p) * 0.1)
     handle.save(tmp_path / "lr")
-    with pytest.raises(SystemExit):  # not a LoRA: the base model is needed to form ΔW
+    with pytest.raises(ConfigError, match="pass --base-model"):  # not a LoRA: the base model forms ΔW
         main(["--adapter", str(tmp_path / "lr"), "--keep-energy", "0.9", "--out", str(tmp_path / "x")])
     res = main(["--adapter", str(tmp_path / "lr"), "--base-model", str(tmp_path / "base"), "--num-labels", "3",
                 "--keep-energy", "0.9", "--out", str(tmp_path / "e90")])
