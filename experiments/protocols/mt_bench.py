@@ -291,9 +291,12 @@ def _write_jsonl(rows: list[dict], path: Path) -> None:
 @protocol("mt_bench")
 def mt_bench(ctx: EvalContext, cfg) -> dict:
     """Answer, judge, average. Returns metrics.mt_bench (docs/RESULTS.md)."""
+    if ctx.out_dir is None:  # the answers and judgments are part of the result: they need the run folder
+        raise MTBenchError("MT-Bench writes its answers and judgments into the run folder: EvalContext.out_dir "
+                           "must be set")
     questions, references, prompts = load_bench(cfg)  # bad paths fail before minutes of generation
     client = judge_client(cfg)
-    out_dir = Path(ctx.out_dir or ".")
+    out_dir = Path(ctx.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     answers_path, judgments_path = out_dir / "mt_bench_answers.jsonl", out_dir / "mt_bench_judgments.jsonl"
 
