@@ -8,8 +8,8 @@
 Data: the published files, downloaded by the user from FastChat (github.com/lm-sys/FastChat,
 fastchat/llm_judge/data/): `mt_bench/question.jsonl`, `mt_bench/reference_answer/gpt-4.jsonl` and
 `judge_prompts.jsonl` (beside mt_bench/ there, or inside data_dir). Outputs in ctx.out_dir:
-`mt_bench_answers.jsonl` (FastChat's model_answer format) and `mt_bench_judgments.jsonl` (its single-judgment
-format), so every score can be audited and FastChat's show_result.py reads them too.
+`mt_bench_answers.jsonl` (FastChat's model_answer records) and `mt_bench_judgments.jsonl` (its single-judgment
+records), so every score can be audited.
 
 What follows the reference: the model's own chat template with both turns in one conversation (turn 2 sees
 answer 1); temperature per category (FastChat's temperature_config), greedy below 1e-4, otherwise sampling with
