@@ -104,6 +104,18 @@ def tiny_ctx(tmp_path):
     return EvalContext(model=model, processor=tok, regime=None, out_dir=tmp_path, run_name="tiny")
 
 
+def test_config_composes_as_a_hydra_group():
+    from hydra import compose, initialize_config_dir
+
+    defaults = OmegaConf.load(ROOT / "conf" / "train.yaml").defaults
+    listed = any(isinstance(d, dict) and "protocol" in d for d in OmegaConf.to_container(defaults))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):  # "+" until train.yaml lists it
+        cfg = compose("train", overrides=[f"{'' if listed else '+'}protocol=mt_bench", "logger=none"])
+    p = cfg.protocol
+    assert p.name == "mt_bench" and p.judge.model == "gpt-4" and p.max_new_tokens == 1024
+    assert p.data_dir.endswith("mt_bench") and p.reference_model == "gpt-4"
+
+
 # --- files ---------------------------------------------------------------------------------------------------
 def test_missing_files_name_each_file_and_where_to_get_them(tmp_path):
     cfg = protocol_cfg(data_dir=str(tmp_path / "mt_bench"))
