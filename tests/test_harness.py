@@ -271,10 +271,12 @@ def test_cli_missing_dataset_is_a_message_not_a_stack_trace(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
-    run(cfg_for(tmp_path))
+    # Names follow the config (tests/test_naming.py); a name forced by hand can still meet another config.
+    run(cfg_for(tmp_path, extra=["run_name=fixed"]))
     with pytest.raises(RuntimeError, match="another config under the same run name"):
-        run(cfg_for(tmp_path, extra=["regime.train.lr=0.1"]))
-    assert run(cfg_for(tmp_path, extra=["regime.train.lr=0.1", "trainer.resume=false"]))["metrics"]["steps"] == 2
+        run(cfg_for(tmp_path, extra=["regime.train.lr=0.1", "run_name=fixed"]))
+    assert run(cfg_for(tmp_path, extra=["regime.train.lr=0.1", "trainer.resume=false", "run_name=fixed"])
+               )["metrics"]["steps"] == 2
 
 
 def _compose_regime(regime, *overrides):
