@@ -28,7 +28,7 @@ from experiments.data import DatasetMissing, load_splits, make_collate
 from experiments.evaluation import evaluate, generate_and_score
 from experiments.loop import train
 from experiments.results import git_info, package_versions, peak_memory, rank_stats, write_results
-from experiments.tracking import Tracker, plot_transfer_functions
+from experiments.tracking import SigmaSnapshots, Tracker, plot_transfer_functions
 
 HARNESS_KEYS = ("name", "lr")  # adapter-YAML fields the harness reads; everything else goes to apply_adapter
 
@@ -115,6 +115,8 @@ def run(cfg: DictConfig) -> dict:
     accelerator.print(f"[{cfg.run_name}] trainable {trainable:,} / backbone {total:,} "
                       f"({100 * trainable / total:.3f}%), head {head:,}")
     collate = make_collate(regime, processor, cfg.backbone.get("image_size", 32))
+    # σ at chosen steps for fig_sigma (App. I): wraps handle.on_step, so the loop needs no change
+    SigmaSnapshots(handle, out_dir, cfg.trainer.get("sigma_snapshots"), kwargs["target_modules"])
 
     # loop
     config = OmegaConf.to_container(cfg, resolve=True)
