@@ -151,7 +151,7 @@ def main(argv=None) -> int:
             todo.append((cell, cfg, why))
     print(f"[reproduce] {args.table} at scale {args.scale}: {len(cells)} runs in the grid, {len(todo)} to run "
           f"({len(cells) - len(todo)} current)")
-    for cell, cfg, why in todo:
+    for _, cfg, why in todo:
         print(f"  {cfg.run_name}: {why}")
     if args.dry_run:
         for cell, _, _ in todo:
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     from experiments.data import DatasetMissing
     from experiments.train import TargetModuleError, run
 
-    for i, (cell, cfg, why) in enumerate(todo, 1):
+    for i, (_, cfg, _) in enumerate(todo, 1):
         t = time.perf_counter()
         try:
             run(cfg)
