@@ -394,3 +394,27 @@ def table24(df: pd.DataFrame, ctx) -> Table:
              "side. Paper: Table 24 (Qwen2-0.5B; where it printed two rows of one method, the rank was lost in the "
              "text and both are shown)."]
     return Table("table24", "Table 24: training efficiency", header, body, notes)
+
+
+@target("demo", "table", "the README's demo (make demo)")
+def demo(df: pd.DataFrame, ctx) -> Table:
+    """One row per run (the demo's LoRA and LR-LoRA): test accuracy, best validation value, trainable
+    parameters, stable rank of ΔW (mean ± std over the adapted matrices), training time."""
+    d = df[df["score"].notna()].copy() if len(df) else df
+    if len(d):
+        d["_order"] = d["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(99)
+        d = d.sort_values(["_order", "r", "run_name"])
+    header = ["method", "test accuracy", "best val", "trainable params (% of backbone)",
+              "stable rank of ΔW, mean ± std over layers", "train time"]
+    body = []
+    for _, row in d.iterrows():
+        label = f"{row['method']} (r={row['r']}{', ' + row['variant'] if row['variant'] else ''})"
+        acc = row.get("metrics.glue.accuracy", row["score"] / 100)
+        best, metric = row.get("metrics.train.best_val"), row.get("metrics.train.best_val_metric")
+        body.append([label, f"{acc:.3f}", f"{best:.3f} ({metric})" if best is not None else "—",
+                     f"{int(row['params.trainable']):,} ({row['params.trainable_percent']:.2f}%)",
+                     f"{row['stable_ranks.all.mean']:.2f} ± {row['stable_ranks.all.std']:.2f}"
+                     if pd.notna(row.get("stable_ranks.all.mean")) else "—",
+                     f"{row['timing.train_s']:.0f} s"])
+    notes = [f"One run each (seed {', '.join(str(int(s)) for s in sorted(d['seed'].unique()))})."] if len(d) else []
+    return Table("demo", "The demo: LoRA vs LR-LoRA", header, body, notes)

@@ -6,6 +6,7 @@ Regenerate the golden files after an intended change: LRLORA_UPDATE_GOLDEN=1 pyt
 """
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -119,3 +120,35 @@ def test_cli_errors_are_one_line(args, needle):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr
     assert p.stderr.startswith("error: ")
+
+
+def test_figures_from_results(df, tmp_path):
+    for name in ("fig2", "fig_spectra", "fig_layer_ranks"):
+        paths = build(name, df=df, out=tmp_path)
+        assert [p.name for p in paths] == [f"{name}.png", f"{name}.pdf"], name
+        assert all(p.stat().st_size > 1000 for p in paths)
+    assert build("fig2", df=df.iloc[0:0], out=tmp_path / "empty") == []  # nothing to draw: nothing written
+
+
+def test_sigma_snapshots_and_landscape_on_a_real_tiny_run(tmp_path, monkeypatch):
+    """trainer.sigma_snapshots saves σ at the chosen steps (the handle's on_step is wrapped, the loop is not
+    touched); fig_sigma draws them; fig_landscape reloads the saved adapter onto its backbone."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.train import run
+    from tests.test_naming import TINY
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"paths.root={tmp_path}", "trainer.sigma_snapshots=[1,2]"])
+    res = run(cfg)
+    snap = json.loads((tmp_path / "runs" / res["run_name"] / "sigma_snapshots.json").read_text())
+    assert sorted(snap["steps"]) == ["1", "2"] and len(snap["modules"]) == 14  # 2 layers x 7 projections
+    assert snap["steps"]["1"] != snap["steps"]["2"]  # σ moved between the two steps
+    frame = load_results([tmp_path / "results"])
+    assert [p.name for p in build("fig_sigma", df=frame, out=tmp_path / "fig")] == ["fig_sigma.png", "fig_sigma.pdf"]
+    paths = build("fig_landscape", run=tmp_path / "runs" / res["run_name"], out=tmp_path / "fig", examples=4,
+                  points=3)
+    assert paths[0].stat().st_size > 1000
+    surface = json.loads((tmp_path / "fig" / f"fig_landscape__{res['run_name']}.json").read_text())["surface"]
+    assert len(surface) == 3 and all(math.isfinite(v) for row in surface for v in row)
