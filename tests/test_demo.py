@@ -3,9 +3,8 @@
 
 import json
 
-import pytest
-
 import pandas as pd
+import pytest
 
 from analysis import build
 from analysis.load import to_row
