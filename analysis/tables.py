@@ -418,3 +418,31 @@ def demo(df: pd.DataFrame, ctx) -> Table:
                      f"{row['timing.train_s']:.0f} s"])
     notes = [f"One run each (seed {', '.join(str(int(s)) for s in sorted(d['seed'].unique()))})."] if len(d) else []
     return Table("demo", "The demo: LoRA vs LR-LoRA", header, body, notes)
+
+
+@target("para", "table", "PARA (companion paper), the README's measurement")
+def para(df: pd.DataFrame, ctx) -> Table:
+    """PARA: each adapter before compression and at every threshold: test accuracy, parameters, how many fewer,
+    the share of ΔW's energy kept (results files with tag `para`, written by scripts/para_bbc.py)."""
+    d = df[df["tags"].apply(lambda t: "para" in (t or ()))] if len(df) else df
+    header = ["adapter", "PARA setting", "test accuracy", "parameters", "fewer", "ΔW energy kept"]
+    body = []
+    methods = sorted(d["method"].unique(), key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99) \
+        if len(d) else []
+    for method in methods:
+        sub = d[d["method"] == method].copy()
+        sub["_k"] = _col(sub, "config.para.keep_energy")
+        sub["_r"] = _col(sub, "config.para.reduction")
+        sub = sub.sort_values(["_r", "_k"], ascending=[True, False], na_position="first")
+        for _, row in sub.iterrows():
+            k, r = row["_k"], row["_r"]
+            setting = (f"keep-energy {k:.2f}" if pd.notna(k) else f"reduction {r:.2f}" if pd.notna(r) else "none")
+            fewer = row.get("metrics.para.reduction")
+            energy = row.get("metrics.para.energy_kept")
+            body.append([f"{method} (r={row['r']})", setting, f"{row['metrics.glue.accuracy']:.3f}",
+                         f"{int(row['params.trainable']):,}",
+                         f"{100 * fewer:.1f}%" if pd.notna(fewer) else "—",
+                         f"{energy:.3f}" if pd.notna(energy) else "—"])
+    notes = [f"Test accuracy on {int(d['metrics.glue.n'].iloc[0])} held-out articles; every compressed adapter "
+             f"reloaded before scoring (scripts/para_bbc.py)."] if len(d) else ["No PARA results files found."]
+    return Table("para", "PARA: post-hoc rank allocation", header, body, notes)

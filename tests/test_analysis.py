@@ -152,3 +152,26 @@ def test_sigma_snapshots_and_landscape_on_a_real_tiny_run(tmp_path, monkeypatch)
     assert paths[0].stat().st_size > 1000
     surface = json.loads((tmp_path / "fig" / f"fig_landscape__{res['run_name']}.json").read_text())["surface"]
     assert len(surface) == 3 and all(math.isfinite(v) for row in surface for v in row)
+
+
+def test_para_table_from_its_results_files(tmp_path):
+    """scripts/para_bbc.py writes ordinary results files; the README's PARA table is built from them."""
+    rows = {(r[0], r[1]): r for r in build("para", results=[ROOT / "benchmarks" / "results" / "para_bbc"],
+                                           out=tmp_path).rows}
+    assert rows[("LoRA (r=8)", "none")][2:4] == ["0.952", "331,776"]
+    assert rows[("LoRA (r=8)", "keep-energy 0.80")][2:] == ["0.952", "59,520", "82.1%", "0.804"]
+    assert rows[("LR-LoRA (r=8)", "reduction 0.90")][2:4] == ["0.860", "32,640"]
+
+
+def test_wandb_grouping_follows_the_tables():
+    from hydra import compose, initialize_config_dir
+
+    from experiments.tracking import flat_config, wandb_grouping
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["backbone=tiny_decoder", "regime=bbc_news_gen", "adapter.center=true",
+                                          "tags=[table3]"])
+    group, job_type, tags = wandb_grouping(cfg)
+    assert (group, job_type) == ("table3", "lrlora")
+    assert tags == ["table3", "row:lrlora-r16", "center=true"]
+    assert flat_config({"adapter": {"r": 4, "K": 50}, "seed": 1}) == {"adapter.r": 4, "adapter.K": 50, "seed": 1}
