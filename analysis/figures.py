@@ -74,6 +74,7 @@ def fig2(df: pd.DataFrame, ctx) -> list[Path]:
                     xs = sorted(layers)
                     ax.plot(xs, [np.mean(layers[x]) for x in xs], marker="o", ms=3, label=label)
             ax.set(title=f"{c}: {g}", xlabel="layer", ylabel="stable rank of ΔW")
+            ax.xaxis.get_major_locator().set_params(integer=True)
         axes[i][0].legend(fontsize=7)
     return _save(fig, ctx.out, "fig2")
 

@@ -76,3 +76,10 @@ def test_reproduce_table1_smoke_end_to_end(tmp_path, capsys):
     assert len(_results(tmp_path)) == 54 and "missing" not in out.split("**Table 1")[1]
     assert "| LR-LoRA |" in out and "55.88 ± 0.12" in out and "61.05 ± 0.09" in out
     print(f"smoke Table 1: {time.perf_counter() - t0:.0f} s")
+    # the notebooks run on these smoke results too
+    from tests.test_notebooks import NOTEBOOKS, execute
+
+    for nb in NOTEBOOKS:
+        cells = execute(nb, str(tmp_path / "results"), tmp_path / "nb").cells
+        assert not [o for c in cells if c.cell_type == "code" for o in c.get("outputs", [])
+                    if o.get("output_type") == "error"], nb.name
