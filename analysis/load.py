@@ -29,7 +29,7 @@ METHOD_NAMES = {"nola": "NoLA", "vera": "VeRA", "lora": "LoRA", "adalora": "AdaL
                 "dora": "DoRA"}
 METHOD_ORDER = list(METHOD_NAMES.values())
 # headline metric per protocol (in the order tried), as the paper reports it; GLUE per task below
-HEADLINE = (("commonsense_gen", "accuracy"), ("vision", "top1"), ("lm_eval", "acc"), ("mt_bench", "score"))
+HEADLINE = (("commonsense_gen", "accuracy"), ("vision", "top1"), ("lm_eval", "acc"))  # MT-Bench: Table 5 only
 GLUE_METRIC = {"cola": "matthews", "stsb": "pearson"}  # the rest: accuracy (Table 2, RandLoRA's protocol)
 
 
@@ -91,7 +91,7 @@ def headline_score(row: dict) -> float | None:
     for proto, field in HEADLINE:
         v = row.get(f"metrics.{proto}.{field}")
         if v is not None:
-            return 100 * v if proto != "mt_bench" else v
+            return 100 * v
     if row.get("metrics.glue.n") is not None or row.get("metrics.glue.accuracy") is not None:
         task = str(row.get("regime", ""))
         v = row.get(f"metrics.glue.{GLUE_METRIC.get(task, 'accuracy')}")

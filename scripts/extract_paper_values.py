@@ -121,6 +121,22 @@ def main(paper: str) -> None:
             add("table24", name, f"{backbone}/tokens_per_s", m.group(g + 1), "",
                 f"Table 24, {name}, {backbone}, throughput")
 
+    # Tables 8 (CLIP ViT-B/32) and 9 (DINOv2 ViT-B/14): top-1 per dataset (inline rows, no std)
+    for table, first in (("table8", "Flowers102"), ("table9", "Oxford-IIIT Pets")):
+        for m in re.finditer(r"Dataset LoRA VeRA RandLoRA LR-LoRA (.*?) Average " + " ".join([NUM] * 4), text):
+            if first not in m.group(1):
+                continue
+            body = m.group(1) + " Average " + " ".join(m.groups()[1:])
+            for row in re.finditer(r"([A-Za-z][A-Za-z0-9 -]*?) " + " ".join([NUM] * 4), body):
+                for method, v in zip(("LoRA", "VeRA", "RandLoRA", "LR-LoRA"), row.groups()[1:]):
+                    add(table, row.group(1).strip(), method, v, "", f"Table {table[5:]}, {row.group(1).strip()}, {method}")
+
+    # Table 5: MT-Bench overall score (the per-category numbers are not in the text)
+    t5 = re.search(r"Backbone LoRA SineLoRA RandLoRA LR-LoRA \(Ours\) (.*?) over LoRA", text).group(1)
+    for row in re.finditer(r"(Qwen2-0.5B|LLaMA3-8B) " + " ".join([NUM] * 4), t5):
+        for method, v in zip(("LoRA", "SineLoRA", "RandLoRA", "LR-LoRA"), row.groups()[1:]):
+            add("table5", method, row.group(1), v, "", f"Table 5, {row.group(1)}, {method}")
+
     OUT.mkdir(parents=True, exist_ok=True)
     for table, rows in out.items():
         with (OUT / f"{table}.csv").open("w", newline="") as f:

@@ -21,8 +21,8 @@ from analysis.stats import holm, paired_ttest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
-TABLES = ["table1", "table1_tasks", "table2", "table3", "table4", "table12", "table13", "table20", "table23",
-          "table24"]
+TABLES = ["table1", "table1_tasks", "table2", "table3", "table4", "table5", "table8", "table9", "table12", "table13",
+          "table20", "table23", "table24"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_golden_tables(df, name, tmp_path):
 
 
 def test_loader_flattens_by_the_contract(df):
-    assert len(df) == 12
+    assert len(df) == 14
     lr = df[(df.method == "LR-LoRA") & (df.variant == "")]
     assert sorted(lr.seed) == [42, 123, 456]
     assert lr.sort_values("seed")["metrics.commonsense_gen.tasks.boolq.accuracy"].round(2).tolist() == [0.45, 0.46, 0.5]
