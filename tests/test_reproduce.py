@@ -3,6 +3,7 @@ runs trained, then the table built from the results files; a second call trains 
 another commit or config is stale. The whole smoke scale end to end is a slow test."""
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def test_reproduce_runs_only_what_is_missing_or_stale(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 to run" in out and len(_results(tmp_path)) == 4
     table = (tmp_path / "analysis" / "smoke" / "table1.md").read_text()
-    assert "| LoRA | 0.00 (n=1/3) | 52.34 ± 0.14 |" in table  # random tiny weights: 0% (3 new tokens)
+    assert re.search(r"\| LoRA \| \d+\.\d\d \(n=1/3\) \| 52\.34 ± 0\.14 \|", table), table  # one seed of three
     assert "| NoLA | missing |" in table                        # not in this partial grid: shown, not dropped
     mtimes = [p.stat().st_mtime for p in _results(tmp_path)]
     assert main(args) == 0
@@ -69,7 +70,7 @@ def test_reproduce_runs_only_what_is_missing_or_stale(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reproduce_table1_smoke_end_to_end(tmp_path, capsys):
-    """= make reproduce-table1 SCALE=smoke: 54 runs of tiny random models, then Table 1 (measured ~1.5 min)."""
+    """= make reproduce-table1 SCALE=smoke: 54 runs of tiny random models, then Table 1 (a few minutes)."""
     t0 = time.perf_counter()
     assert main(["table1", "--scale", "smoke", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
