@@ -1,4 +1,5 @@
-"""`python -m analysis <target> [--results DIR ...] [--out DIR] [--run RUN_FOLDER]`; `tables`, `figures`, `list`."""
+"""`python -m analysis <target> [--results DIR ...] [--out DIR] [--run RUN_FOLDER] [--tag TAG]`; `tables`, `figures`,
+`list`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results", nargs="+", default=["outputs/results"], help="folders (or files) of results JSON")
     ap.add_argument("--out", default="outputs/analysis", help="where tables and figures are written")
     ap.add_argument("--run", default=None, help="a run folder, for targets built from one run (fig_landscape)")
+    ap.add_argument("--tag", default=None, help="only runs with this tag (e.g. table13, set by its sweep)")
     args = ap.parse_args(argv)
     if args.target == "list":
         for t in sorted(TARGETS.values(), key=lambda t: t.name):
@@ -28,8 +30,14 @@ def main(argv=None) -> int:
               f"(or tables, figures, list)", file=sys.stderr)
         return 2
     try:
+        df = None
+        if args.tag:
+            from analysis.load import has_tag, load_results
+
+            df = load_results(args.results)
+            df = df[has_tag(df, args.tag)] if len(df) else df
         for name in names:
-            result = build(name, results=args.results, out=args.out, run=args.run)
+            result = build(name, results=args.results, out=args.out, run=args.run, df=df)
             if TARGETS[name].kind == "table":
                 print(result.markdown())
                 print(f"-> {args.out}/{name}.md, .csv, .tex\n")
