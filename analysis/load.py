@@ -38,6 +38,8 @@ class ResultsError(ValueError):
 
 
 def _flatten(d, prefix: str, out: dict, keep_dicts: tuple = ()) -> dict:
+    # unlike experiments.naming.flatten: some dicts stay whole (per-layer ranks) and lists become tuples, so
+    # DataFrame columns stay hashable for groupby/unique
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if key in keep_dicts:

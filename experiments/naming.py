@@ -37,19 +37,20 @@ def result_settings(cfg) -> dict:
 
     flat = {}
     for g in GROUPS:
-        flat.update(_flatten(part(cfg.get(g)), g))
+        flat.update(flatten(part(cfg.get(g)), g))
     trainer = cfg.get("trainer") or {}
     for k in RESULT_TRAINER_KEYS:
         flat[f"trainer.{k}"] = trainer.get(k)
     return {k: v for k, v in flat.items() if k not in COORDINATES}
 
 
-def _flatten(d: dict, prefix: str) -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"adapter": {"r": 4}} -> {"adapter.r": 4} (empty dicts stay values). Also W&B's flat config."""
     out = {}
     for k, v in d.items():
-        key = f"{prefix}.{k}"
+        key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, key))
+            out.update(flatten(v, key))
         else:
             out[key] = v
     return out

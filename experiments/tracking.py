@@ -27,16 +27,11 @@ def wandb_mode(cfg_mode: str | None) -> str:
     return cfg_mode or os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
 
 
-def flat_config(config: dict, prefix: str = "") -> dict:
+def flat_config(config: dict) -> dict:
     """{"adapter.r": 16, ...}: one level, so a W&B table or filter can use any setting as a column."""
-    out = {}
-    for k, v in config.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flat_config(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    from experiments.naming import flatten
+
+    return flatten(config)
 
 
 def wandb_grouping(cfg) -> tuple[str, str, list[str]]:
