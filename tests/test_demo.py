@@ -48,7 +48,7 @@ def test_demo_pipeline_on_a_small_slice(tmp_path, monkeypatch, capsys):
     results = main(["--out", str(tmp_path), "regime.n_train=32", "regime.n_val=16", "regime.n_test=32",
                     "regime.max_length=64", "trainer.max_steps=3", "logger=none"])
     out = capsys.readouterr().out
-    assert "| LoRA (r=4) |" in out and "| LR-LoRA (r=4) |" in out
+    assert "| LoRA (r=4) |" in out and "| LR-LoRA (r=4, center=True) |" in out  # the variant is named
     assert (tmp_path / "fig_layer_ranks.png").exists() and (tmp_path / "table.md").exists()
     for r in results.values():
         on_disk = json.loads((tmp_path / "results" / f"{r['run_name']}.json").read_text())
