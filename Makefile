@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets test test-slow test-gpu lint demo bench clean
+.PHONY: help setup assets test test-slow test-gpu lint demo bench clean reproduce-table1 reproduce tables figures
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-16s\033[0m %s\n",$$1,$$2}'
@@ -49,6 +49,23 @@ demo: $(STAMP)  ## the main job: LoRA vs LR-LoRA, MiniLM-L6 on BBC News, offline
 
 bench: $(STAMP)  ## σ-op speed/memory benchmark -> benchmarks/results/sigma_op.json
 	$(PY) benchmarks/sigma_op.py
+
+# From runs to the paper's tables and figures (analysis/): SCALE=smoke (tiny random models, CPU, minutes) |
+# mini (SmolLM2-135M on commonsense_bb) | paper (the paper's grid: GPU + LLM-Adapters data).
+SCALE   ?= smoke
+TABLE   ?= table1
+OUTPUTS ?= outputs
+reproduce-table1: $(STAMP)  ## run Table 1's missing/stale runs at SCALE=smoke|mini|paper, then print Table 1
+	$(PY) -m analysis.reproduce table1 --scale $(SCALE) --root $(OUTPUTS)
+
+reproduce: $(STAMP)  ## the same for TABLE=table3|table12|table13|table20|table23 (SCALE=...)
+	$(PY) -m analysis.reproduce $(TABLE) --scale $(SCALE) --root $(OUTPUTS)
+
+tables: $(STAMP)  ## every table from the existing results -> $(OUTPUTS)/analysis/ (md, csv, tex)
+	$(PY) -m analysis tables --results $(OUTPUTS)/results --out $(OUTPUTS)/analysis
+
+figures: $(STAMP)  ## every figure from the existing results -> $(OUTPUTS)/analysis/ (png, pdf)
+	$(PY) -m analysis figures --results $(OUTPUTS)/results --out $(OUTPUTS)/analysis
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun runs .pytest_cache .ruff_cache

@@ -5,9 +5,10 @@
     python -m experiments.demo regime.n_train=64 trainer.max_steps=4    # any Hydra override, for both runs
 
 Both runs go through experiments.train.run with the configs conf/experiment/demo_bbc_{lora,lrlora}.yaml,
-exactly as `python -m experiments.train experiment=demo_bbc_lora` would. Then it prints a table
-(test accuracy, trainable parameters, mean ± std of per-layer stable rank) built from the two results files,
-and writes outputs/demo/table.md and outputs/demo/stable_ranks.png (per-layer stable rank by module type).
+exactly as `python -m experiments.train experiment=demo_bbc_lora` would. Then analysis/ builds the table
+(target `demo`: test accuracy, trainable parameters, mean ± std of per-layer stable rank) and the figure
+(target `fig_layer_ranks`: per-layer stable rank by module type) from the two results files, and it writes
+outputs/demo/table.md (+ demo.md/.csv/.tex) and outputs/demo/fig_layer_ranks.png/.pdf.
 W&B runs offline unless WANDB_MODE says otherwise.
 """
 
@@ -30,42 +31,6 @@ def compose(experiment: str, overrides: list[str]):
         return hydra_compose("train", overrides=[f"experiment={experiment}", *overrides])
 
 
-def table(results: dict[str, dict]) -> str:
-    rows = ["| method | test accuracy | best val accuracy | trainable params (% of backbone) | "
-            "stable rank of ΔW, mean ± std over layers | train time |",
-            "|---|---|---|---|---|---|"]
-    for method, r in results.items():
-        m, p, sr = r["metrics"], r["params"], r["stable_ranks"]["all"]
-        rows.append(f"| {method} (r={r['r']}) | {m['test_accuracy']:.3f} | {m['best_val_accuracy']:.3f} | "
-                    f"{p['trainable']:,} ({p['trainable_percent']:.2f}%) | {sr['mean']:.2f} ± {sr['std']:.2f} | "
-                    f"{r['timing']['train_s']:.0f} s |")
-    return "\n".join(rows)
-
-
-def plot_stable_ranks(results: dict[str, dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    types = list(next(iter(results.values()))["stable_ranks"]["by_type"])
-    fig, axes = plt.subplots(1, len(types), figsize=(2.6 * len(types), 3.2), sharey=True, squeeze=False)
-    for ax, t in zip(axes[0], types):
-        for method, r in results.items():
-            rows = sorted((v["layer"], v["stable_rank"]) for v in r["stable_ranks"]["per_layer"].values()
-                          if v["type"] == t)
-            ax.plot([x for x, _ in rows], [y for _, y in rows], marker="o", label=method)
-        ax.set(title=t, xlabel="layer")
-    axes[0][0].set_ylabel("stable rank of ΔW")
-    axes[0][0].legend(fontsize=8)
-    r0 = next(iter(results.values()))
-    fig.suptitle(f"{r0['backbone']} on {r0['regime']}, r = {r0['r']}: per-layer stable rank by module type")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs/demo", help="runs, results, table and figure go here")
@@ -86,12 +51,17 @@ def main(argv=None) -> dict:
         results[method] = run(cfg)
     wall = time.perf_counter() - t0
 
-    text = table(results)
-    fig = plot_stable_ranks(results, out / "stable_ranks.png")
+    # the table and the figure come from the two results files, through analysis/ like every paper table
+    from analysis import build, load_results
+
+    df = load_results([out / "results"])
+    df = df[df["run_name"].isin([r["run_name"] for r in results.values()])]
+    text = build("demo", df=df, out=out).markdown().strip()
+    fig = build("fig_layer_ranks", df=df, out=out)[0]
     r0 = results["LoRA"]
     scale = (f"{r0['backbone']} on {r0['regime']}: {r0['config']['regime']['n_train']} train / "
              f"{r0['config']['regime']['n_test']} test articles, {r0['config']['regime']['max_length']} tokens, "
-             f"{r0['metrics']['steps']} steps; wall time {wall:.0f} s for both runs "
+             f"{(r0['metrics'].get('train') or r0['metrics'])['steps']} steps; wall time {wall:.0f} s for both runs "
              f"({r0['torch_threads']} torch threads; 1-min load average {load0:.1f} at start, "
              f"{os.getloadavg()[0]:.1f} at end, on {os.cpu_count()} cores)")
     from lrlora._atomic import atomic_json, atomic_write

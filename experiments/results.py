@@ -27,6 +27,9 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "hydra-core", "omegac
             "numpy", "lrlora")
 
 
+SPECTRUM_TOP = 64  # singular values kept per ΔW in the results file
+
+
 def module_type(name: str, target_modules) -> str:
     """The longest target key the module name ends with ('attention.output.dense' beats 'output.dense')."""
     keys = [t for t in (target_modules or []) if name == t or name.endswith("." + t)]
@@ -34,13 +37,16 @@ def module_type(name: str, target_modules) -> str:
 
 
 def rank_stats(delta_weights: dict, target_modules) -> dict:
-    """Per-layer stable rank of every ΔW, plus mean ± std over all modules and by module type."""
-    from lrlora import layer_index, stable_rank
+    """Per-layer stable rank (and leading normalised singular values) of every ΔW, plus mean ± std over all
+    modules and by module type."""
+    from lrlora import layer_index, normalized_spectrum, stable_rank
 
     per_layer = {}
     for name, dw in delta_weights.items():
         per_layer[name] = {"stable_rank": stable_rank(dw), "type": module_type(name, target_modules),
-                           "layer": layer_index(name), "shape": list(dw.shape)}
+                           "layer": layer_index(name), "shape": list(dw.shape),
+                           # σ_i / σ_1, the first SPECTRUM_TOP: analysis' fig_spectra (App. G.2)
+                           "spectrum": normalized_spectrum(dw, top=SPECTRUM_TOP)}
     def summary(values):
         v = np.array(values, dtype=float)
         return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),

@@ -27,6 +27,76 @@ def wandb_mode(cfg_mode: str | None) -> str:
     return cfg_mode or os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
 
 
+def flat_config(config: dict) -> dict:
+    """{"adapter.r": 16, ...}: one level, so a W&B table or filter can use any setting as a column."""
+    from experiments.naming import flatten
+
+    return flatten(config)
+
+
+def wandb_grouping(cfg) -> tuple[str, str, list[str]]:
+    """(group, job_type, tags) so a W&B dashboard filtered by table shows the rows analysis/ builds:
+    group = the paper table a run was tagged for (`tags=[table3]`, set by conf/sweep/table*.yaml and
+    analysis.reproduce), else the experiment file, else backbone__regime; job_type = the method; tags = the
+    config's tags + `row:<method>-r<r>` + one `<setting>=<value>` per result-affecting override (the run
+    name's suffix), e.g. `center=true`."""
+    tags = [str(t) for t in (cfg.get("tags") or [])]
+    table = next((t for t in tags if t.startswith("table")), None)
+    experiment = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+    except (ImportError, ValueError):  # composed without @hydra.main (demo, tests): no runtime choices
+        pass
+    group = cfg.logger.get("group") or table or experiment or f"{cfg.backbone.name}__{cfg.regime.name}"
+    base = f"{cfg.backbone.name}__{cfg.adapter.name}__{cfg.regime.name}__r{cfg.adapter.get('r')}__s{cfg.seed}"
+    variant = [p for p in cfg.run_name[len(base):].split("__") if p] if cfg.run_name.startswith(base) else []
+    return group, str(cfg.adapter.name), [*tags, f"row:{cfg.adapter.name}-r{cfg.adapter.get('r')}", *variant]
+
+
+class SigmaSnapshots:
+    """Snapshots of every LR-LoRA transfer function σ at chosen optimizer steps (App. I, analysis' fig_sigma):
+    {out_dir}/sigma_snapshots.json = {"x": grid, "modules": {name: {type, layer}}, "steps": {step: {name: σ(x)}}}.
+    Installed by wrapping the adapter handle's on_step (called after every optimizer step), so the loop is
+    untouched; `trainer.sigma_snapshots=[100,1000,2000]` turns it on. A resumed run keeps earlier snapshots."""
+
+    def __init__(self, handle, out_dir: Path, steps, target_modules=None, points: int = 201):
+        from lrlora import lrlora_modules
+
+        self.steps = {int(s) for s in steps or ()}
+        self.modules = lrlora_modules(handle.model) if self.steps else {}
+        self.path = Path(out_dir) / "sigma_snapshots.json"
+        self.points, self.targets = points, target_modules
+        if self.modules:
+            inner = handle.on_step
+
+            def on_step(step, total_steps):
+                inner(step, total_steps)
+                if step + 1 in self.steps:  # the loop passes the index of the step just taken (0-based)
+                    self.snapshot(step + 1)
+            handle.on_step = on_step
+
+    def snapshot(self, step: int) -> None:
+        import torch
+
+        from experiments.results import module_type
+        from lrlora import layer_index
+
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        L = max(m.transfer.spec.L for m in self.modules.values())
+        x = torch.linspace(-L, L, self.points)
+        with torch.no_grad():
+            curves = {n: m.transfer.evaluate(x).float().tolist() for n, m in self.modules.items()}
+        data.setdefault("x", x.tolist())
+        data.setdefault("modules", {n: {"type": module_type(n, self.targets), "layer": layer_index(n)}
+                                    for n in self.modules})
+        data.setdefault("steps", {})[str(step)] = curves
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+
+
 class Tracker:
     def __init__(self, cfg, out_dir: Path, config: dict, enabled: bool = True):
         self.enabled = enabled  # False on non-main processes
@@ -38,9 +108,10 @@ class Tracker:
             self.mode = wandb_mode(cfg.logger.get("mode"))
             # The id follows the run name, so a resumed run continues the same W&B run.
             run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.run_name)[:120]
+            group, job_type, tags = wandb_grouping(cfg)
             self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), name=cfg.run_name,
-                                  id=run_id, resume="allow", group=cfg.logger.get("group"), config=config,
-                                  tags=list(cfg.get("tags") or []), dir=str(out_dir), mode=self.mode,
+                                  id=run_id, resume="allow", group=group, job_type=job_type,
+                                  config=flat_config(config), tags=tags, dir=str(out_dir), mode=self.mode,
                                   settings=wandb.Settings(silent=True))
 
     def log(self, metrics: dict, step: int) -> None:

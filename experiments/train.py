@@ -31,7 +31,7 @@ from experiments.data import load_splits, make_collate
 from experiments.evaluation import evaluate, generate_and_score
 from experiments.loop import train, truncate_metrics
 from experiments.results import git_info, package_versions, peak_memory, rank_stats, write_results
-from experiments.tracking import Tracker, plot_transfer_functions
+from experiments.tracking import SigmaSnapshots, Tracker, plot_transfer_functions
 from lrlora.errors import UserError
 
 HARNESS_KEYS = ("name", "lr")  # adapter-YAML fields the harness reads; everything else goes to apply_adapter
@@ -145,6 +145,8 @@ def run(cfg: DictConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         guard.write_run_meta(out_dir, config, data_hash, fingerprint, git)
     collate = make_collate(regime, processor, cfg.backbone.get("image_size", 32))
+    # σ at chosen steps for fig_sigma (App. I): wraps handle.on_step, so the loop needs no change
+    SigmaSnapshots(handle, out_dir, cfg.trainer.get("sigma_snapshots"), kwargs["target_modules"])
 
     # loop
     tracker = Tracker(cfg, out_dir, config, enabled=accelerator.is_main_process)

@@ -6,7 +6,11 @@
 Trains a small LoRA (r=8 on every BERT linear, classifier head trained) on a fixed stratified subset of
 the harness's BBC News split (experiments/data.py), then runs PARA at kept-energy fractions and at
 parameter reductions, reloads every compressed adapter with `peft.PeftModel.from_pretrained` on a fresh
-backbone, and scores it on held-out test articles. Writes benchmarks/results/para_bbc.json.
+backbone, and scores it on held-out test articles. Writes benchmarks/results/para_bbc.json and one ordinary
+results file (docs/RESULTS.md) per adapter and threshold under benchmarks/results/para_bbc/, from which
+`python -m analysis para --results benchmarks/results/para_bbc` builds the README's table.
+
+    python scripts/para_bbc.py --from-json benchmarks/results/para_bbc.json   # only (re)write the results files
 """
 
 from __future__ import annotations
@@ -119,6 +123,43 @@ def run_method(method, kwargs, train_data, test, args, work: Path, lr: float) ->
             "para": para_rows(compress, test, work / method)}
 
 
+def results_files(m: dict) -> list[dict]:
+    """One results file per trained adapter and per PARA setting, in the contract's layout: the compressed
+    adapter's test accuracy under metrics.glue, the compression under metrics.para, its parameters as params."""
+    out = []
+    for method, r in m["methods"].items():
+        rank = r["kwargs"].get("r")
+        settings = [({}, {"accuracy": r["accuracy"], "n": m["n_test"]}, None, r["trainable_parameters"])]
+        for row in r["para"]:
+            kind = "keep_energy" if "keep_energy" in row else "reduction"
+            para = {k: row[k] for k in ("params_before", "params_after", "reduction", "energy_kept", "threshold")}
+            settings.append(({kind: row[kind]}, {"accuracy": row["accuracy"], "n": m["n_test"]}, para,
+                             row["params_after"]))
+        for setting, glue, para, params in settings:
+            suffix = "".join(f"__{k}={v}" for k, v in setting.items()) or "__para=none"
+            out.append({
+                "run_name": f"minilm_l6__{method}__bbc_news__r{rank}__s{m['seed']}{suffix}",
+                "backbone": "minilm_l6", "adapter": method, "regime": "bbc_news", "r": rank, "seed": m["seed"],
+                "tags": ["para"],
+                "config": {"adapter": {"name": method, **r["kwargs"]},
+                           "regime": {"name": "bbc_news", "task": "classification", "n_train": m["n_train"],
+                                      "n_test": m["n_test"], "max_length": m["max_length"],
+                                      "train": {"epochs": m["epochs"], "lr": r["lr"], "batch_size": m["batch"]}},
+                           "para": setting, "seed": m["seed"]},
+                "metrics": {"train": {"steps": r["train"]["steps"], "final_train_loss": r["train"]["final_loss"]},
+                            "glue": glue, **({"para": para} if para else {})},
+                "params": {"trainable": params}, "timing": {"train_s": r["train"]["train_s"]},
+                "versions": m.get("versions", {}), "git": None,
+            })
+    return out
+
+
+def write_results_files(measurement: dict, results_dir: Path) -> list[Path]:
+    from experiments.results import write_results
+
+    return [write_results(d, results_dir) for d in results_files(measurement)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-train", type=int, default=320)
@@ -133,7 +174,14 @@ def main():
     ap.add_argument("--with-lrlora", action="store_true")
     ap.add_argument("--lrlora-lr", type=float, default=None, help="LR-LoRA's lr (default: --lr)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "para_bbc.json"))
+    ap.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results" / "para_bbc"),
+                    help="one results file per adapter and threshold (read by `python -m analysis para`)")
+    ap.add_argument("--from-json", default=None, help="write the results files from a saved measurement; no training")
     args = ap.parse_args()
+    if args.from_json:
+        paths = write_results_files(json.loads(Path(args.from_json).read_text()), Path(args.results_dir))
+        print(f"wrote {len(paths)} results files -> {args.results_dir}")
+        return
     torch.set_num_threads(args.threads)
     import transformers
     from transformers import AutoTokenizer
@@ -167,7 +215,8 @@ def main():
     from lrlora._atomic import atomic_json
 
     atomic_json(out, results)  # strict JSON, unique temp name, one rename
-    print(f"wrote {out} ({results['wall_s']:.0f}s)")
+    paths = write_results_files(results, Path(args.results_dir))
+    print(f"wrote {out} and {len(paths)} results files under {args.results_dir} ({results['wall_s']:.0f}s)")
 
 
 if __name__ == "__main__":

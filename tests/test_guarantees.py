@@ -29,9 +29,16 @@ from experiments.train import adapter_kwargs, run
 from lrlora import LRLoRAConfig, apply_lrlora, load_adapter, lrlora_modules, save_adapter
 from lrlora._atomic import atomic_directory, atomic_file
 from lrlora.errors import UserError
-from tests.test_harness import cfg_for
+from tests.test_harness import cfg_for as _harness_cfg
 
+# One fixed name for the runs below: names follow the config (experiments/naming.py), and these faults are
+# about what happens inside one run folder, whichever name it has.
 RUN = "tiny_encoder__lrlora__bbc_news__r2__s42"
+
+
+def cfg_for(tmp_path, backbone="tiny_encoder", adapter="lrlora", extra=()):
+    named = any(e.startswith("run_name=") for e in extra)
+    return _harness_cfg(tmp_path, backbone, adapter, [*extra] if named else [*extra, f"run_name={RUN}"])
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -1,0 +1,184 @@
+"""Every results file -> one pandas DataFrame, one row per run, flattened by docs/RESULTS.md.
+
+    from analysis import load_results
+    df = load_results(["outputs/results"])          # every *.json under the folders (recursively)
+    df[(df.adapter == "lrlora") & (df["config.adapter.center"] == True)]
+
+Columns: the identity fields (`run_name backbone adapter regime r seed tags`), every metric as
+`metrics.<protocol>.<field>` (`metrics.train.best_val`, `metrics.commonsense_gen.tasks.boolq.accuracy`, ...),
+`params.*`, `timing.*`, `memory.*`, `stable_ranks.all.*`, the whole config as `config.*`, plus derived
+columns: `method` (the paper's name), `data` (the regime, with its training cap), `column` (backbone, data),
+`score` (the regime's headline metric in %), `variant` (adapter settings that differ from its YAML, e.g.
+`K=25`: '' for a method's own runs), `git.commit`, `path`. The per-layer stable ranks stay one
+dict per run in `stable_ranks.per_layer` (figures read them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# the paper's names of the methods (Table 1 rows)
+METHOD_NAMES = {"nola": "NoLA", "vera": "VeRA", "lora": "LoRA", "adalora": "AdaLoRA", "dylora": "DyLoRA",
+                "elalora": "ElaLoRA", "sinelora": "SineLoRA", "randlora": "RandLoRA", "lrlora": "LR-LoRA",
+                "dora": "DoRA"}
+METHOD_ORDER = list(METHOD_NAMES.values())
+# headline metric per protocol (in the order tried), as the paper reports it; GLUE per task below
+HEADLINE = (("commonsense_gen", "accuracy"), ("vision", "top1"), ("lm_eval", "acc"))  # MT-Bench: Table 5 only
+GLUE_METRIC = {"cola": "matthews", "stsb": "pearson"}  # the rest: accuracy (Table 2, RandLoRA's protocol)
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read, or no results where some were asked for."""
+
+
+def _flatten(d, prefix: str, out: dict, keep_dicts: tuple = ()) -> dict:
+    # unlike experiments.naming.flatten: some dicts stay whole (per-layer ranks) and lists become tuples, so
+    # DataFrame columns stay hashable for groupby/unique
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if key in keep_dicts:
+            out[key] = v
+        elif isinstance(v, dict):
+            _flatten(v, key, out, keep_dicts)
+        elif isinstance(v, list):
+            out[key] = tuple(v)
+        else:
+            out[key] = v
+    return out
+
+
+def read_results(path: Path) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResultsError(f"{path}: not a readable results file ({e}). Delete it or re-run that run.") from e
+    if not isinstance(d, dict) or "run_name" not in d or "metrics" not in d:
+        raise ResultsError(f"{path}: no run_name/metrics, so not a results file (docs/RESULTS.md). "
+                           f"Move it out of the results folder.")
+    return d
+
+
+def upgrade_legacy(d: dict) -> dict:
+    """A results file from before the `metrics.<protocol>` contract (flat `metrics.test_*`, `best_val_*`, ...)
+    -> the contract's layout: the same numbers under the keys docs/RESULTS.md gives them, chosen by the
+    regime's task (generation -> commonsense_gen, classification -> glue, images -> vision)."""
+    m = d.get("metrics") or {}
+    if "train" in m or not any(k.startswith(("test_", "best_val_")) or k == "steps" for k in m):
+        return d
+    best = next(((k[len("best_val_"):], v) for k, v in m.items() if k.startswith("best_val_")), (None, None))
+    train = {"best_val": best[1], "best_val_metric": best[0], "best_step": m.get("best_step"),
+             "final_train_loss": m.get("final_train_loss"), "steps": m.get("steps"),
+             "stopped_early": m.get("stopped_early")}
+    test = {k[len("test_"):]: v for k, v in m.items() if k.startswith("test_")}
+    task = ((d.get("config") or {}).get("regime") or {}).get("task")
+    if "per_task" in test:  # the generation protocol
+        per_task = test.pop("per_task") or {}
+        proto = {**test, "tasks": {t: {"accuracy": v} for t, v in per_task.items()}}
+        name = "commonsense_gen"
+    elif task == "image_classification":
+        name, proto = "vision", {"top1": test.get("accuracy"), "loss": test.get("loss")}
+    else:
+        name, proto = "glue", test
+    return {**d, "metrics": {"train": train, name: proto}}
+
+
+def headline_score(row: dict) -> float | None:
+    """The regime's headline metric in % (commonsense accuracy, GLUE task metric, vision top-1, ...)."""
+    for proto, field in HEADLINE:
+        v = row.get(f"metrics.{proto}.{field}")
+        if v is not None:
+            return 100 * v
+    if row.get("metrics.glue.n") is not None or row.get("metrics.glue.accuracy") is not None:
+        task = str(row.get("regime", ""))
+        v = row.get(f"metrics.glue.{GLUE_METRIC.get(task, 'accuracy')}")
+        return None if v is None else 100 * v
+    return None
+
+
+def data_label(row: dict) -> str:
+    """The regime, and its training cap when one was set (a smoke/mini stand-in: `bbc_news_gen[n=16]`)."""
+    n = row.get("config.regime.n_train")
+    return f"{row['regime']}[n={n}]" if n not in (None, "") and not _isnan(n) else str(row["regime"])
+
+
+def column_label(backbone: str, data: str) -> str:
+    """A table column: the backbone and the data it trained on (`tiny_decoder, bbc_news_gen[n=16]`)."""
+    return f"{backbone}, {data}"
+
+
+def _isnan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def to_row(d: dict, path: Path | None = None) -> dict:
+    d = upgrade_legacy(d)
+    row = _flatten({k: v for k, v in d.items() if k not in ("config", "samples")}, "", {},
+                   keep_dicts=("stable_ranks.per_layer", "adapter_extra"))
+    _flatten(d.get("config") or {}, "config", row)
+    row["tags"] = tuple(d.get("tags") or ())
+    row["path"] = str(path) if path else None
+    row["method"] = METHOD_NAMES.get(d["adapter"], d["adapter"])
+    row["data"] = data_label(row)
+    row["column"] = column_label(d["backbone"], row["data"])
+    row["score"] = headline_score(row)
+    row["variant"] = variant_of(d)
+    return row
+
+
+# adapter settings that set its size (the table's "r" and budget) rather than make it an ablation variant
+SIZE_KEYS = {"r", "lora_alpha", "randlora_alpha", "target_r", "r_max", "target_modules", "dropout",
+             "modules_to_save", "name", "lr", "num_basis_A", "num_basis_B", "eval_rank"}
+_DEFAULTS: dict[str, dict] = {}
+
+
+def adapter_defaults(adapter: str) -> dict:
+    """The adapter's settings as conf/adapter/<name>.yaml gives them (the reference for `variant`)."""
+    if adapter not in _DEFAULTS:
+        from omegaconf import OmegaConf
+
+        path = CONF_DIR / "adapter" / f"{adapter}.yaml"
+        _DEFAULTS[adapter] = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}
+    return _DEFAULTS[adapter]
+
+
+def variant_of(d: dict) -> str:
+    """`K=25, center=True`: the adapter settings that differ from its YAML (size settings aside); '' if none.
+    Tables of methods (1, 2, 4) take the '' runs; ablation tables read the rest."""
+    cfg = ((d.get("config") or {}).get("adapter") or {})
+    ref = adapter_defaults(d["adapter"])
+    diff = {k: v for k, v in cfg.items() if k not in SIZE_KEYS and k in ref and v != ref[k]}
+    diff.update({k: v for k, v in cfg.items() if k not in SIZE_KEYS and k not in ref and v is not None})
+    return ", ".join(f"{k}={v}" for k, v in sorted(diff.items()))
+
+
+def load_results(dirs=("outputs/results",), strict: bool = True) -> pd.DataFrame:
+    """One row per results file found under `dirs` (a folder or a file each). An unreadable file is an error
+    (strict) or skipped with a warning; a folder that does not exist is an error."""
+    rows = []
+    for d in [dirs] if isinstance(dirs, (str, Path)) else dirs:
+        d = Path(d)
+        if not d.exists():
+            raise ResultsError(f"{d}: no such results folder. Run some experiments first (python -m "
+                               f"experiments.train ...) or pass --results DIR")
+        for path in sorted([d] if d.is_file() else d.rglob("*.json")):
+            try:
+                rows.append(to_row(read_results(path), path))
+            except ResultsError as e:
+                if strict:
+                    raise
+                print(f"warning: {e}")
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["run_name", "backbone", "adapter", "regime", "r", "seed", "tags", "method",
+                                     "data", "column", "score"])
+    return df.drop_duplicates("run_name", keep="last").reset_index(drop=True)
+
+
+def has_tag(df: pd.DataFrame, tag: str) -> pd.Series:
+    return df["tags"].apply(lambda t: tag in (t or ()))

@@ -1,0 +1,61 @@
+"""One target per paper artefact: `@target("table1", "table", "Table 1")` registers `fn(df, ctx) -> Table | Path`.
+
+    from analysis.registry import TARGETS, build
+    build("table1", results=["outputs/results"], out="outputs/analysis")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TARGETS: dict[str, Target] = {}
+
+
+@dataclass
+class Target:
+    name: str
+    kind: str            # table | figure
+    paper: str           # the paper artefact it rebuilds
+    fn: Callable
+    needs_run: bool = False  # built over one run folder (--run), not over the results table
+
+
+@dataclass
+class Context:
+    """What a target may read besides the DataFrame."""
+    out: Path
+    run: Path | None = None            # a run folder (targets with needs_run)
+    options: dict = field(default_factory=dict)
+
+
+def target(name: str, kind: str, paper: str, needs_run: bool = False):
+    def deco(fn):
+        TARGETS[name] = Target(name, kind, paper, fn, needs_run)
+        return fn
+    return deco
+
+
+def _load_all() -> None:
+    import analysis.figures  # noqa: F401
+    import analysis.tables  # noqa: F401
+
+
+def build(name: str, results=("outputs/results",), out="outputs/analysis", run=None, df=None, **options):
+    """Build one target; tables are written as .md/.csv/.tex, figures as .png/.pdf. Returns the Table (its
+    text is `.markdown()`) or the figure's paths."""
+    from analysis.load import load_results
+
+    _load_all()
+    if name not in TARGETS:
+        raise KeyError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS))}")
+    t = TARGETS[name]
+    ctx = Context(out=Path(out), run=Path(run) if run else None, options=options)
+    if t.needs_run and ctx.run is None:
+        raise ValueError(f"{name} is built from one run folder: pass --run outputs/runs/<run_name>")
+    frame = df if df is not None or t.needs_run else load_results(results)
+    result = t.fn(frame, ctx)
+    if t.kind == "table":
+        result.write(ctx.out)
+    return result

@@ -1,0 +1,188 @@
+"""Run exactly the runs a table needs that are missing or stale, then build the table from the results files.
+
+    python -m analysis.reproduce table1 --scale smoke          # = make reproduce-table1 SCALE=smoke
+    python -m analysis.reproduce table3 --scale mini           # = make reproduce TABLE=table3 SCALE=mini
+    python -m analysis.reproduce table1 --scale paper --dry-run   # list what would run, run nothing
+
+The grid is analysis/scales.yaml: a scale's columns (backbone + data, each standing in for a paper column) x
+the table's variants (Table 1: the nine methods; ablation tables: the product of their conf/sweep file) x
+the seeds. Every cell is composed with Hydra exactly as `python -m experiments.train <overrides>` would, so
+its run name, folder and results file are the ones a hand-run command gives. A results file is stale when it
+was written from another config (its result-affecting settings differ) or by another git commit
+(`--any-commit` accepts any commit). Runs go one after another in this process (`experiments.train.run`);
+on a cluster, launch the printed commands with `hydra/launcher=slurm` instead and re-run this to build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from analysis import paper
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+class ReproduceError(ValueError):
+    """A table or scale that analysis/scales.yaml does not define."""
+
+
+@dataclass
+class Cell:
+    column: str        # the paper column it stands in for
+    variant: str       # method or ablation setting
+    seed: int
+    overrides: list[str]
+
+
+def sweep_grid(name: str, replace: dict | None = None) -> list[list[str]]:
+    """The product of conf/sweep/<name>.yaml's hydra.sweeper.params, as override lists (Hydra's basic sweeper
+    runs the same product); `replace` swaps a parameter's values (a scale whose backbone cannot take some)."""
+    spec = yaml.safe_load((CONF / "sweep" / f"{name}.yaml").read_text())
+    params = {**spec["hydra"]["sweeper"]["params"], **(replace or {})}
+    keys = list(params)
+    values = [str(params[k]).split(",") for k in keys]
+    tags = [f"tags=[{','.join(spec['tags'])}]"] if spec.get("tags") else []
+    return [[f"{k}={v}" for k, v in zip(keys, combo)] + tags for combo in itertools.product(*values)]
+
+
+def plan(table: str, scale: str, seeds=None, variants=None) -> list[Cell]:
+    spec = paper.scales()
+    if scale not in spec["scales"]:
+        raise ReproduceError(f"unknown scale {scale!r}; choose one of {', '.join(spec['scales'])}")
+    tables = spec["tables"]
+    if table not in tables:
+        raise ReproduceError(f"no grid for {table!r} in analysis/scales.yaml; tables with one: {', '.join(tables)}")
+    t = tables[table]
+    key = t.get("same_as", table)
+    t = tables[key]
+    sc = spec["scales"][scale]
+    # a scale may replace a table's variants and its base overrides (the tiny backbones cannot take r = 32)
+    scale_variants = (sc.get("variants") or {})
+    named = dict(scale_variants.get(key) or t.get(f"variants_{scale}") or t.get("variants") or {})
+    base = list(scale_variants.get("base") or t["base"]) if t.get("base") else []
+    if t.get("sweep"):
+        for ov in sweep_grid(t["sweep"], (sc.get("sweep_values") or {}).get(t["sweep"])):
+            named[" ".join(o for o in ov if not o.startswith("tags="))] = ov + base
+    if variants:
+        unknown = set(variants) - set(named)
+        if unknown:
+            raise ReproduceError(f"unknown variant(s) {sorted(unknown)} for {table}; choose from {sorted(named)}")
+        named = {k: v for k, v in named.items() if k in variants}
+    cells = []
+    for col in sc["columns"]:
+        for name, ov in named.items():
+            for seed in seeds or spec["seeds"]:
+                cells.append(Cell(col["paper"], name, seed,
+                                  [*col["overrides"], *ov, *sc.get("overrides", []), f"seed={seed}"]))
+    return cells
+
+
+def compose(overrides: list[str], root: str | None):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    extra = [f"paths.root={root}"] if root else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=[*overrides, *extra])
+
+
+def staleness(cfg, any_commit: bool = False, commit: str | None = None) -> str | None:
+    """None if the run's results file is current; else why it must run ('missing', 'stale: ...')."""
+    from omegaconf import OmegaConf
+
+    from experiments.naming import result_settings
+
+    path = Path(cfg.paths.results_dir) / f"{cfg.run_name}.json"
+    if not path.exists():
+        return "missing"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "stale: unreadable results file"
+    old = result_settings(OmegaConf.create(stored.get("config") or {}))
+    new = result_settings(cfg)
+    if old != new or stored.get("seed") != cfg.seed:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"stale: written from another config ({', '.join(diff[:4]) or 'seed'})"
+    if not any_commit and commit and (stored.get("git") or {}).get("commit") != commit:
+        return f"stale: written by commit {str((stored.get('git') or {}).get('commit'))[:8]}, now {commit[:8]}"
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.reproduce", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("table")
+    ap.add_argument("--scale", default="smoke")
+    ap.add_argument("--root", default=None, help="paths.root for the runs (default: conf/train.yaml's, outputs)")
+    ap.add_argument("--out", default=None, help="where the table is written (default: <root>/analysis/<scale>)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="a subset of the grid's seeds")
+    ap.add_argument("--variants", nargs="+", default=None, help="a subset of the table's methods / settings")
+    ap.add_argument("--any-commit", action="store_true", help="results from another git commit are not stale")
+    ap.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
+    args = ap.parse_args(argv)
+
+    import experiments  # noqa: F401  (registers the run-name resolver)
+    from experiments.results import git_info
+
+    t0 = time.perf_counter()
+    try:
+        cells = plan(args.table, args.scale, args.seeds, args.variants)
+    except ReproduceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    commit = git_info()["commit"]
+    todo, names, results_dir = [], [], None
+    for cell in cells:
+        cfg = compose(cell.overrides, args.root)
+        names.append(cfg.run_name)
+        results_dir = Path(cfg.paths.results_dir)
+        why = staleness(cfg, args.any_commit, commit)
+        if why:
+            todo.append((cell, cfg, why))
+    print(f"[reproduce] {args.table} at scale {args.scale}: {len(cells)} runs in the grid, {len(todo)} to run "
+          f"({len(cells) - len(todo)} current)")
+    for _, cfg, why in todo:
+        print(f"  {cfg.run_name}: {why}")
+    if args.dry_run:
+        for cell, _, _ in todo:
+            print("python -m experiments.train " + " ".join(cell.overrides)
+                  + (f" paths.root={args.root}" if args.root else ""))
+        return 0
+
+    from experiments.backbones import BackboneMissing
+    from experiments.data import DatasetMissing
+    from experiments.train import TargetModuleError, run
+
+    for i, (_, cfg, _) in enumerate(todo, 1):
+        t = time.perf_counter()
+        try:
+            run(cfg)
+        except (DatasetMissing, BackboneMissing, TargetModuleError, ValueError) as e:  # the user's to fix
+            print(f"error: {cfg.run_name}: {e}", file=sys.stderr)
+            return 2
+        print(f"[reproduce] {i}/{len(todo)} {cfg.run_name} ({time.perf_counter() - t:.1f} s)")
+
+    from analysis.load import load_results
+    from analysis.registry import build
+
+    df = load_results([results_dir])
+    df = df[df["run_name"].isin(names)]
+    out = Path(args.out) if args.out else results_dir.parent / "analysis" / args.scale
+    table = build(args.table, df=df, out=out)
+    print(table.markdown())
+    print(f"-> {out}/{args.table}.md, .csv, .tex  ({time.perf_counter() - t0:.0f} s, {len(todo)} runs trained)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

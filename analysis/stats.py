@@ -1,0 +1,49 @@
+"""Significance as the paper reports it (Sec. 4.1, App. B.2): paired t-tests of a method against LoRA, paired
+by seed (one cell) or by task (an average over tasks), Holm–Bonferroni corrected across the family.
+
+    t, p = paired_ttest(ours_by_seed, lora_by_seed)          # scipy.stats.ttest_rel
+    reject, p_holm = holm([p_task1, p_task2, ...])           # statsmodels multipletests(method="holm")
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def mean_std(values) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (ddof=1; None for a single run) and count, NaN/None dropped."""
+    v = np.array([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], float)
+    if len(v) == 0:
+        return None, None, 0
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None), len(v)
+
+
+def paired_ttest(a, b) -> tuple[float | None, float | None]:
+    """Two-sided paired t-test of a against b (same order: same seed or same task). None when fewer than two
+    pairs, or when every difference is equal (the t statistic is undefined)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) != len(b):
+        raise ValueError(f"paired t-test needs pairs: got {len(a)} and {len(b)} values")
+    d = a - b
+    if len(a) < 2 or np.allclose(d, d[0]):
+        return None, None
+    res = stats.ttest_rel(a, b)
+    return float(res.statistic), float(res.pvalue)
+
+
+def holm(pvalues, alpha: float = 0.05) -> tuple[list[bool | None], list[float | None]]:
+    """Holm–Bonferroni over the p-values that exist (None stays None): (reject at alpha, corrected p)."""
+    from statsmodels.stats.multitest import multipletests
+
+    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    reject: list[bool | None] = [None] * len(pvalues)
+    corrected: list[float | None] = [None] * len(pvalues)
+    if idx:
+        rej, p_adj, _, _ = multipletests([pvalues[i] for i in idx], alpha=alpha, method="holm")
+        for i, r, p in zip(idx, rej, p_adj):
+            reject[i], corrected[i] = bool(r), float(p)
+    return reject, corrected

@@ -1,0 +1,126 @@
+"""Run identity: `{backbone}__{adapter}__{regime}__r{r}__s{seed}` plus a short, stable suffix for every other
+setting that changes the result, so two runs that differ in anything but those five never share a name.
+
+    run_name: ${backbone.name}__${adapter.name}__${regime.name}__r${adapter.r}__s${seed}${run_suffix:}
+
+(conf/train.yaml). The suffix is the difference between this run's result-affecting settings (the backbone,
+regime and adapter groups and the trainer settings in RESULT_TRAINER_KEYS) and the config that the five
+coordinates alone compose to: `adapter.center=true adapter.basis=gaussian` -> `__basis=gaussian__center=true`; an
+experiment file or a sweep counts like the command line, since the difference is taken on the composed
+config. When long, the adapter's settings stay readable and the rest becomes `__cfg-<8 hex>` (a hash). The same command gives the same name, so
+resume still finds its checkpoint, and Hydra multirun jobs (sweep subdir = run_name) never share a folder.
+Runtime knobs (threads, logging, paths, resume, tags) are not part of the identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("backbone", "regime", "adapter")
+COORDINATES = {"backbone.name", "regime.name", "adapter.name", "adapter.r"}
+# trainer settings that change what a run learns or which checkpoint it keeps (the rest are runtime knobs)
+RESULT_TRAINER_KEYS = ("max_steps", "grad_accum", "eval_every", "eval_max_examples", "precision")
+MAX_SUFFIX = 60  # characters; longer differences are hashed
+_REFERENCE: dict[tuple, dict] = {}
+
+
+def result_settings(cfg) -> dict:
+    """The flat {dotted key: value} of everything that shapes the result, coordinates excluded."""
+    def part(node):  # one subtree at a time: resolving the whole root would resolve run_name itself
+        return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else (node or {})
+
+    flat = {}
+    for g in GROUPS:
+        flat.update(flatten(part(cfg.get(g)), g))
+    trainer = cfg.get("trainer") or {}
+    for k in RESULT_TRAINER_KEYS:
+        flat[f"trainer.{k}"] = trainer.get(k)
+    return {k: v for k, v in flat.items() if k not in COORDINATES}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"adapter": {"r": 4}} -> {"adapter.r": 4} (empty dicts stay values). Also W&B's flat config."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _reference(coords: tuple) -> dict:
+    """Result settings of the config composed from the coordinates alone (cached per coordinates)."""
+    if coords not in _REFERENCE:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        backbone, regime, adapter, r = coords
+        overrides = [f"backbone={backbone}", f"regime={regime}", f"adapter={adapter}",
+                     f"adapter.r={'null' if r is None else r}"]
+        if GlobalHydra.instance().is_initialized():  # inside @hydra.main or a caller's compose context
+            ref = compose("train", overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                ref = compose("train", overrides=overrides)
+        _REFERENCE[coords] = result_settings(ref)
+    return _REFERENCE[coords]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "-".join(_fmt(x) for x in v)
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", str(v))
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """Each key's shortest dotted tail that no other differing key shares ('adapter.center' -> 'center')."""
+    out = {}
+    for k in keys:
+        parts = k.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if not any(o != k and (o == tail or o.endswith("." + tail)) for o in keys):
+                out[k] = tail
+                break
+    return out
+
+
+def suffix_for(settings: dict, reference: dict) -> str:
+    """'' when the settings equal the reference, else '__k=v__k=v' (sorted). When that is long, the adapter's
+    settings stay readable (they are what ablations vary) and the rest becomes one '__cfg-<8 hex>'."""
+    diff = {k: settings.get(k) for k in sorted(set(settings) | set(reference))
+            if settings.get(k) != reference.get(k)}
+    if not diff:
+        return ""
+    names = _short_keys(list(diff))
+    items = {k: f"__{names[k]}={_fmt(v)}" for k, v in diff.items()}
+    if sum(map(len, items.values())) <= MAX_SUFFIX:
+        return "".join(items.values())
+    readable, budget = [], MAX_SUFFIX - len("__cfg-12345678")
+    for k in sorted(diff, key=lambda k: (not k.startswith("adapter."), k)):
+        if k.startswith("adapter.") and len(items[k]) <= budget:
+            readable.append(k)
+            budget -= len(items[k])
+    rest = {k: v for k, v in diff.items() if k not in readable}
+    digest = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return "".join(items[k] for k in sorted(readable)) + (f"__cfg-{digest}" if rest else "")
+
+
+def run_suffix(_root_: DictConfig) -> str:
+    """OmegaConf resolver `${run_suffix:}`: the stable suffix of the run described by the whole config."""
+    coords = (_root_.backbone.name, _root_.regime.name, _root_.adapter.name, _root_.adapter.get("r"))
+    return suffix_for(result_settings(_root_), _reference(coords))
+
+
+if not OmegaConf.has_resolver("run_suffix"):
+    OmegaConf.register_new_resolver("run_suffix", run_suffix)

@@ -1,0 +1,93 @@
+"""`make reproduce-table1` (analysis.reproduce): the grid of analysis/scales.yaml, exactly the missing or stale
+runs trained, then the table built from the results files; a second call trains nothing; a results file from
+another commit or config is stale. The whole smoke scale end to end is a slow test."""
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from analysis.reproduce import ReproduceError, main, plan, sweep_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def test_grids():
+    assert len(plan("table1", "smoke")) == 9 * 2 * 3      # nine methods x two columns x three seeds
+    assert len(plan("table1", "paper")) == 9 * 6 * 3      # three backbones x two regimes
+    assert len(sweep_grid("table3")) == 3 * 2 * 2           # Hydra's product of the sweep's params
+    assert len(plan("table3", "smoke")) == (12 + 1) * 2 * 3  # + the LoRA baseline
+    assert len(plan("table12", "smoke")) == 2 * 4 * 2 * 3   # smoke ranks 2..16 (the tiny k_proj is 16 wide)
+    assert all("tags=[table13]" in c.overrides for c in plan("table13", "smoke"))  # analysis/W&B find them
+    with pytest.raises(ReproduceError, match="unknown scale"):
+        plan("table1", "huge")
+    with pytest.raises(ReproduceError, match="no grid for"):
+        plan("fig2", "smoke")
+
+
+def test_make_target_runs_the_reproduce_command():
+    out = subprocess.run(["make", "-n", "reproduce-table1", "SCALE=smoke", "OUTPUTS=/tmp/x"], cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    assert "-m analysis.reproduce table1 --scale smoke --root /tmp/x" in out
+
+
+def _results(root):
+    return sorted((root / "results").glob("*.json"))
+
+
+def test_reproduce_runs_only_what_is_missing_or_stale(tmp_path, capsys):
+    args = ["table1", "--scale", "smoke", "--root", str(tmp_path), "--seeds", "42", "--variants", "LoRA", "LR-LoRA"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 to run" in out and len(_results(tmp_path)) == 4
+    table = (tmp_path / "analysis" / "smoke" / "table1.md").read_text()
+    assert re.search(r"\| LoRA \| \d+\.\d\d \(n=1/3\) \| 52\.34 ± 0\.14 \|", table), table  # one seed of three
+    assert "| NoLA | missing |" in table                        # not in this partial grid: shown, not dropped
+    mtimes = [p.stat().st_mtime for p in _results(tmp_path)]
+    assert main(args) == 0
+    assert "0 to run (4 current)" in capsys.readouterr().out
+    assert [p.stat().st_mtime for p in _results(tmp_path)] == mtimes
+    # a results file from another commit is stale, and only it runs again
+    path = _results(tmp_path)[0]
+    d = json.loads(path.read_text())
+    d["git"]["commit"] = "f" * 40
+    path.write_text(json.dumps(d))
+    time.sleep(0.01)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "1 to run" in out and "written by commit ffffffff" in out
+    assert json.loads(path.read_text())["git"]["commit"] != "f" * 40
+    # ... and so is one written from another config under the same name (e.g. a changed YAML default)
+    d = json.loads(path.read_text())
+    d["config"]["regime"]["n_val"] = 99
+    path.write_text(json.dumps(d))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "1 to run" in out and "written from another config (regime.n_val)" in out
+
+
+@pytest.mark.slow
+def test_reproduce_table1_smoke_end_to_end(tmp_path, capsys):
+    """= make reproduce-table1 SCALE=smoke: 54 runs of tiny random models, then Table 1 (a few minutes)."""
+    t0 = time.perf_counter()
+    assert main(["table1", "--scale", "smoke", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert len(_results(tmp_path)) == 54 and "| missing" not in out.split("**Table 1")[1]  # every cell ran
+    assert "| LR-LoRA |" in out and "55.88 ± 0.12" in out and "61.05 ± 0.09" in out
+    print(f"smoke Table 1: {time.perf_counter() - t0:.0f} s")
+    # the notebooks run on these smoke results too
+    from tests.test_notebooks import NOTEBOOKS, execute
+
+    for nb in NOTEBOOKS:
+        cells = execute(nb, str(tmp_path / "results"), tmp_path / "nb").cells
+        assert not [o for c in cells if c.cell_type == "code" for o in c.get("outputs", [])
+                    if o.get("output_type") == "error"], nb.name
