@@ -334,3 +334,38 @@ def test_trainer_lowers_the_loss_and_its_checkpoint_reloads(tmp_path):
     reloaded = PeftModel.from_pretrained(fresh, ckpt).eval()
     model.eval()
     torch.testing.assert_close(_out(reloaded, eval_batch), _out(model, eval_batch), rtol=0, atol=0)
+
+
+def test_training_through_peft_follows_the_library_exactly():
+    """Same seed, same init, same steps: the PEFT model trains exactly as apply_lrlora's (so results measured with
+    the library, e.g. the demo, hold for adapter=lrlora through PEFT)."""
+    kw = dict(r=4, K=10, center=True, target_modules=ENCODER_TARGETS, modules_to_save=["classifier"])
+    batch = _encoder_batch()
+    models = []
+    for wrap in (lambda m: apply_lrlora(m, LRLoRAConfig(**kw)), lambda m: get_peft_model(m, lp.LRLoRAPeftConfig(**kw))):
+        torch.manual_seed(0)
+        model = wrap(tiny_encoder())
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        for _ in range(3):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        models.append(model.eval())
+    torch.testing.assert_close(_out(models[1], batch), _out(models[0], batch), rtol=0, atol=0)
+
+
+def test_harness_entry_is_peft_and_loads_library_folders(tmp_path):
+    """adapter=lrlora builds a PeftModel; a folder in the library's format (older runs) still loads, exactly."""
+    from baselines import apply_adapter, load_adapted
+    from baselines.core import META_FILE
+
+    kw = dict(r=4, K=10, target_modules=ENCODER_TARGETS, modules_to_save=["classifier"], **RANDOM)
+    handle = apply_adapter(tiny_encoder(), name="lrlora", **kw)
+    assert isinstance(handle.model, PeftModel)
+    batch = _encoder_batch()
+    library = apply_lrlora(tiny_encoder(), LRLoRAConfig(**kw)).eval()
+    save_adapter(library, tmp_path / "old")
+    (tmp_path / "old" / META_FILE).write_text(json.dumps({"name": "lrlora", "kwargs": kw}))
+    loaded = load_adapted(tiny_encoder(), tmp_path / "old").model.eval()
+    torch.testing.assert_close(_out(loaded, batch), _out(library, batch), rtol=0, atol=0)
