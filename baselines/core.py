@@ -163,7 +163,14 @@ def apply_adapter(model: nn.Module, name: str, **kwargs) -> AdaptedModel:
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
-    return json.loads((Path(directory) / META_FILE).read_text())
+    path = Path(directory) / META_FILE
+    peft_config = Path(directory) / "adapter_config.json"
+    if not path.exists() and peft_config.exists():
+        cfg = json.loads(peft_config.read_text())
+        if "peft_type" in cfg:  # written by PEFT's save_pretrained outside the harness (e.g. a Trainer run)
+            keys = ("r", "target_modules", "modules_to_save")
+            return {"name": str(cfg["peft_type"]).lower(), "kwargs": {k: cfg[k] for k in keys if k in cfg}}
+    return json.loads(path.read_text())
 
 
 def load_adapted(base_model: nn.Module, directory: str | os.PathLike) -> AdaptedModel:
