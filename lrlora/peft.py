@@ -60,6 +60,9 @@ from lrlora.io import atomic_directory, read_adapter_config
 from lrlora.layer import LRLoRALinear
 from lrlora.model import apply_lrlora, lrlora_modules
 
+if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # the save/load hooks this module overrides
+    raise ImportError("lrlora.peft needs peft>=0.21 (tested with 0.21.2): pip install 'peft>=0.21,<0.22'")
+
 NAME = "lrlora"
 PREFIX = "lrlora_"
 LAYER_ATTR = "lrlora_layer"  # the per-adapter ModuleDict on every PEFT layer; saved keys are …{module}.lrlora_layer.{param}
