@@ -19,7 +19,8 @@ adapter its output is the library layer's, bit for bit.
 
 Saved folder: PEFT's ``adapter_config.json`` (``peft_type: LRLORA``) and ``adapter_model.safetensors``, whose
 tensors are the library's (``lrlora.save_adapter``) under PEFT's key scheme; ``library_to_peft`` and
-``peft_to_library`` convert between the two folders exactly, without a base model.
+``peft_to_library`` convert between the two folders exactly, without a base model
+(``python -m lrlora.peft to-peft LIBRARY_DIR OUT`` / ``to-library PEFT_DIR OUT``).
 
 Only this module imports peft: ``import lrlora`` alone still needs torch and safetensors only.
 """
@@ -427,6 +428,8 @@ def library_to_peft(src: str | os.PathLike, out: str | os.PathLike, **peft_kwarg
 def peft_to_library(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A PEFT folder of this method (``save_pretrained``) -> a library folder that ``lrlora.load_adapter`` loads."""
     src = Path(src)
+    if not (src / PEFT_CONFIG).is_file() or not (src / PEFT_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{src} lacks {PEFT_CONFIG} or {PEFT_WEIGHTS}: is it a folder save_pretrained wrote?")
     raw = json.loads((src / PEFT_CONFIG).read_text())
     if raw.get("peft_type") != LRLORA.value:
         raise ValueError(f"{src} holds a {raw.get('peft_type')!r} adapter, not an LR-LoRA one ({LRLORA.value!r})")
@@ -443,6 +446,39 @@ def peft_to_library(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     return Path(out)
 
 
+def main(argv=None) -> Path:
+    """python -m lrlora.peft to-peft LIBRARY_DIR OUT [--task-type SEQ_CLS] | to-library PEFT_DIR OUT"""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m lrlora.peft", description="Convert LR-LoRA adapter folders "
+                                 "between the library's format (lrlora.save_adapter) and PEFT's, exactly.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    to_peft = sub.add_parser("to-peft", help="library folder -> PEFT folder")
+    to_peft.add_argument("src")
+    to_peft.add_argument("out")
+    to_peft.add_argument("--task-type", help="PEFT task type, e.g. SEQ_CLS or CAUSAL_LM")
+    to_peft.add_argument("--base-model-name-or-path", help="recorded in adapter_config.json")
+    to_library = sub.add_parser("to-library", help="PEFT folder -> library folder")
+    to_library.add_argument("src")
+    to_library.add_argument("out")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "to-peft":
+            out = library_to_peft(args.src, args.out, task_type=args.task_type,
+                                  base_model_name_or_path=args.base_model_name_or_path)
+        else:
+            out = peft_to_library(args.src, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
+
+
 __all__ = [
     "LRLORA",
     "LRLoRALayer",
@@ -450,6 +486,7 @@ __all__ = [
     "LRLoRAPeftConfig",
     "Linear",
     "library_to_peft",
+    "main",
     "peft_config_from",
     "peft_to_library",
     "plan_adapter",

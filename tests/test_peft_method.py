@@ -369,3 +369,18 @@ def test_harness_entry_is_peft_and_loads_library_folders(tmp_path):
     (tmp_path / "old" / META_FILE).write_text(json.dumps({"name": "lrlora", "kwargs": kw}))
     loaded = load_adapted(tiny_encoder(), tmp_path / "old").model.eval()
     torch.testing.assert_close(_out(loaded, batch), _out(library, batch), rtol=0, atol=0)
+
+
+def test_conversion_cli_round_trip_and_bad_input(tmp_path, capsys):
+    model, _, _ = _peft("bert", "sinc")
+    model.save_pretrained(tmp_path / "peft")
+    lp.main(["to-library", str(tmp_path / "peft"), str(tmp_path / "lib")])
+    lp.main(["to-peft", str(tmp_path / "lib"), str(tmp_path / "peft2"), "--task-type", "SEQ_CLS"])
+    a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "peft2" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for command, src in (("to-library", tmp_path / "missing"), ("to-peft", tmp_path / "peft"),
+                         ("to-library", tmp_path / "lib")):
+        with pytest.raises(SystemExit) as e:
+            lp.main([command, str(src), str(tmp_path / "out")])
+        assert str(e.value).startswith("error: ") and "\n" not in str(e.value), e.value
