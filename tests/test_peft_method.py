@@ -387,3 +387,13 @@ def test_conversion_cli_round_trip_and_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             lp.main([command, str(src), str(tmp_path / "out")])
         assert str(e.value).startswith("error: ") and "\n" not in str(e.value), e.value
+
+
+def test_causal_lm_generate_matches_the_merged_model():
+    base, batch, kw = _build("llama", "sinc", head=False)
+    model = get_peft_model(base, lp.LRLoRAPeftConfig(**kw, task_type="CAUSAL_LM")).eval()
+    prompt = batch["input_ids"][:2, :5]
+    out = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+                               out, rtol=0, atol=0)
