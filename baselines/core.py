@@ -208,16 +208,26 @@ def check_rank_value(method: str, r) -> None:
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
-    """The `baselines_meta.json` of an adapter folder; AdapterError if the folder is missing or not one."""
+    """The `baselines_meta.json` of an adapter folder (or, for a folder PEFT's save_pretrained wrote outside the
+    harness, e.g. a Trainer run, the same facts from its adapter_config.json); AdapterError if it is neither."""
     directory = Path(directory)
     recover_interrupted_swap(directory)
     if not directory.is_dir():
         raise AdapterNotFound(f"adapter folder {directory} does not exist: pass the folder a run saved "
                            f"(outputs/runs/RUN/adapter)")
     path = directory / META_FILE
+    peft_config = directory / "adapter_config.json"
+    if not path.is_file() and peft_config.is_file():
+        try:
+            cfg = json.loads(peft_config.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise AdapterError(f"{peft_config} is corrupt ({e}); re-save the adapter") from None
+        if isinstance(cfg, dict) and "peft_type" in cfg:
+            keys = ("r", "target_modules", "modules_to_save")
+            return {"name": str(cfg["peft_type"]).lower(), "kwargs": {k: cfg[k] for k in keys if k in cfg}}
     if not path.is_file():
-        raise AdapterNotFound(f"{directory} is not an adapter folder written by baselines (no {META_FILE}); pass "
-                           f"the adapter/ folder of a run")
+        raise AdapterNotFound(f"{directory} is not an adapter folder written by baselines (no {META_FILE}) nor "
+                           f"by PEFT's save_pretrained; pass the adapter/ folder of a run")
     try:
         meta = json.loads(path.read_text())
         if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not isinstance(

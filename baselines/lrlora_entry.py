@@ -1,50 +1,39 @@
-"""LR-LoRA (this project's method, `lrlora/`) behind the common interface.
+"""LR-LoRA (this project's method, `lrlora/`) behind the common interface, through PEFT like LoRA.
 
     handle = apply_adapter(model, name="lrlora", r=8, target_modules=["query", "value"], K=50, L=3.0)
 
-The kwargs are `LRLoRAConfig`'s fields; all the work is `lrlora`'s own (inject, merge, save, load).
+The kwargs are `LRLoRAConfig`'s fields. The model is a `peft.PeftModel` with the `lrlora` PEFT method
+(`lrlora.peft`, whose layers are the library's own `LRLoRALinear`), so LR-LoRA shares the PEFT entries'
+body: one save format (`save_pretrained`), one merge, one loader. Adapters saved in the library's own
+format (`lrlora.save_adapter`, and harness runs from before this change) still load: they are converted
+exactly (`lrlora.peft.library_to_peft`) on the way in.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
-import torch
-
-from baselines.core import AdaptedModel, register
+from baselines.core import register
+from baselines.peft_methods import PeftAdapted
 
 
 @register("lrlora")
-class LRLoRA(AdaptedModel):
-    def _apply(self, model, **kwargs):
-        from lrlora import LRLoRAConfig, apply_lrlora
+class LRLoRA(PeftAdapted):
+    dropout_field = "dropout"
 
-        kwargs["modules_to_save"] = list(kwargs.get("modules_to_save") or [])  # YAML null -> []
-        return apply_lrlora(model, LRLoRAConfig(**kwargs))
+    def _config(self, r=8, target_modules=None, dropout=0.0, modules_to_save=None, **rest):
+        from lrlora.peft import LRLoRAPeftConfig
 
-    def modules(self):
-        from lrlora import lrlora_modules
-
-        return lrlora_modules(self.model)
-
-    @torch.no_grad()
-    def delta_weights(self):
-        return {name: m.delta_weight().detach().float().clone() for name, m in self.modules().items()}
-
-    def merge_and_unload(self):
-        from lrlora import merge_and_unload
-
-        return merge_and_unload(self.model)
-
-    def _save_files(self, directory: Path) -> None:
-        from lrlora import save_adapter
-
-        save_adapter(self.model, str(directory))
+        return LRLoRAPeftConfig(**self._peft_kwargs(r, target_modules, dropout, modules_to_save, rest))
 
     @classmethod
-    def _load(cls, base_model, directory, kwargs):
-        from lrlora import load_adapter
+    def _load(cls, base_model, directory: Path, kwargs):
+        import lrlora.peft  # registers the method before PEFT reads the folder
 
-        self = cls._bare(base_model, kwargs)
-        self.model = load_adapter(base_model, str(directory))
-        return self
+        config = json.loads((Path(directory) / "adapter_config.json").read_text())
+        if "peft_type" in config:
+            return super()._load(base_model, directory, kwargs)
+        with tempfile.TemporaryDirectory() as tmp:  # a library-format folder
+            return super()._load(base_model, lrlora.peft.library_to_peft(directory, Path(tmp) / "peft"), kwargs)

@@ -164,11 +164,12 @@ def plot_transfer_functions(model, path: Path, target_modules=None, points: int 
     modules = lrlora_modules(model)
     if not modules:
         return None
-    types = sorted({module_type(n, target_modules) for n in modules})
+    types = sorted({module_type(n.split(".lrlora_layer.")[0], target_modules) for n in modules})
     colours = {t: plt.cm.tab10(i % 10) for i, t in enumerate(types)}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen = set()
     for name, layer in modules.items():
+        name = name.split(".lrlora_layer.")[0]  # under PEFT (lrlora.peft) the library layer sits one level down
         tf = layer.transfer
         L = tf.spec.L
         x = torch.linspace(-L, L, points)

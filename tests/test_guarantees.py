@@ -70,8 +70,10 @@ def template(tmp_path_factory):
     (part / "run.json").write_text(json.dumps({**meta, "status": "running"}))
     model, kw = tiny("lora")
     apply_adapter(model, name="lora", **kw).save(root / "lora_adapter")
+    model, kw = tiny("lrlora")  # the library's own format (the harness saves LR-LoRA in PEFT's, lrlora.peft)
+    save_adapter(apply_lrlora(model, LRLoRAConfig(**kw)), root / "lrlora_adapter")
     model, kw = tiny("lrlora")
-    apply_adapter(model, name="lrlora", **kw).save(root / "lrlora_adapter")
+    apply_adapter(model, name="lrlora", **kw).save(root / "lrlora_run_adapter")  # as a harness run saves it
     (root / "notes").mkdir()
     (root / "notes" / "todo.txt").write_text("my notes\n")
     (root / "afile").write_text("a file\n")
@@ -328,7 +330,7 @@ CASES = [
     ("para out = a trained adapter", _para("--adapter", "@lora_adapter", "--keep-energy", "0.9", "--out",
                                           "@lrlora_adapter"), r"^error: .*lrlora_adapter is not empty and was not "
                                                               r"written as a PARA adapter folder"),
-    ("para lrlora no base", _para("--adapter", "@lrlora_adapter", "--keep-energy", "0.9", "--out", "@p"),
+    ("para lrlora no base", _para("--adapter", "@lrlora_run_adapter", "--keep-energy", "0.9", "--out", "@p"),
      r"^error: .* holds a 'lrlora' adapter, not a plain LoRA: pass --base-model"),
     ("para non-adapter", _para("--adapter", "@notes", "--keep-energy", "0.9", "--out", "@p"),
      r"^error: .*notes is not an adapter folder"),

@@ -1,0 +1,493 @@
+"""LR-LoRA as a Hugging Face PEFT method: ``import lrlora.peft`` registers it under the name ``lrlora``.
+
+    import lrlora.peft                                           # registers the method with PEFT
+    from lrlora.peft import LRLoRAPeftConfig
+    from peft import get_peft_model, PeftModel
+    model = get_peft_model(model, LRLoRAPeftConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    model.print_trainable_parameters(); ...train (Trainer, TRL, your loop)...; model.save_pretrained("out")
+    model = PeftModel.from_pretrained(base, "out").merge_and_unload()
+
+Everything PEFT does for LoRA works here: several named adapters (``add_adapter``/``set_adapter``),
+``disable_adapter()``, ``merge_adapter``/``unmerge_adapter``, ``merge_and_unload``, ``unload``,
+``modules_to_save`` (a new task head), ``PeftModel.from_pretrained``, and ``peft.tuners.lora.convert_to_lora``.
+
+The work is the library's own: ``LRLoRAPeftConfig`` has exactly ``lrlora.LRLoRAConfig``'s fields and defaults
+(documented there) and is validated by it; which modules are adapted, how σ and A, B are built and shared, the
+forward, ΔW, merge and unmerge are ``lrlora.apply_lrlora`` and ``LRLoRALinear``'s. The PEFT layer holds one
+``LRLoRALinear`` per adapter name (without registering the shared base layer inside it), so with one active
+adapter its output is the library layer's, bit for bit.
+
+Saved folder: PEFT's ``adapter_config.json`` (``peft_type: LRLORA``) and ``adapter_model.safetensors``, whose
+tensors are the library's (``lrlora.save_adapter``) under PEFT's key scheme; ``library_to_peft`` and
+``peft_to_library`` convert between the two folders exactly, without a base model
+(``python -m lrlora.peft to-peft LIBRARY_DIR OUT`` / ``to-library PEFT_DIR OUT``).
+
+Only this module imports peft: ``import lrlora`` alone still needs torch and safetensors only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+    _maybe_include_all_linear_layers,
+    check_adapters_to_merge,
+)
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, register_peft_method
+from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.peft_types import PeftType
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lrlora.config import LRLoRAConfig
+from lrlora.io import CONFIG as LIB_CONFIG
+from lrlora.io import FORMAT as LIB_FORMAT
+from lrlora.io import WEIGHTS as LIB_WEIGHTS
+from lrlora.io import atomic_directory, read_adapter_config
+from lrlora.layer import LRLoRALinear
+from lrlora.model import apply_lrlora, lrlora_modules
+
+if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # the save/load hooks this module overrides
+    raise ImportError("lrlora.peft needs peft>=0.21 (tested with 0.21.2): pip install 'peft>=0.21,<0.22'")
+
+NAME = "lrlora"
+PREFIX = "lrlora_"
+LAYER_ATTR = "lrlora_layer"  # the per-adapter ModuleDict on every PEFT layer; saved keys are …{module}.lrlora_layer.{param}
+PEFT_KEY_PREFIX = "base_model.model."
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+# --- the PeftType member ------------------------------------------------------------------------------------------
+def _add_peft_type(name: str) -> PeftType:
+    """Add a member to PEFT's ``PeftType`` enum: ``register_peft_method`` only accepts names that are members, and
+    PEFT offers no public way for an outside package to add one (PeftType is a closed ``str`` Enum)."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_, member._value_ = name, name
+    member.__objclass__ = PeftType
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    if not isinstance(PeftType(name), enum.Enum) or PeftType[name] is not member:
+        raise RuntimeError(f"could not add {name!r} to peft.PeftType; this PEFT version is not supported")
+    return member
+
+
+LRLORA = _add_peft_type(NAME.upper())
+
+
+# --- config -------------------------------------------------------------------------------------------------------
+def _library_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    """LRLoRAConfig's fields with their defaults: one source of truth, so the two configs cannot drift apart."""
+    out = []
+    for f in dataclasses.fields(LRLoRAConfig):
+        if f.default is not dataclasses.MISSING:
+            new = dataclasses.field(default=f.default, metadata={"help": "see lrlora.LRLoRAConfig"})
+        else:
+            new = dataclasses.field(default_factory=f.default_factory, metadata={"help": "see lrlora.LRLoRAConfig"})
+        out.append((f.name, f.type, new))
+    return out
+
+
+LIBRARY_FIELDS = tuple(f.name for f in dataclasses.fields(LRLoRAConfig))
+
+
+def _post_init(self) -> None:
+    PeftConfig.__post_init__(self)
+    self.peft_type = LRLORA
+    if self.modules_to_save is None:  # PEFT's "none" (from JSON or a user); the library's is []
+        self.modules_to_save = []
+    if isinstance(self.target_modules, (set, tuple)):
+        self.target_modules = sorted(self.target_modules)
+    self.to_lrlora()  # every check of LRLoRAConfig, with its message
+
+
+def _to_lrlora(self, **overrides) -> LRLoRAConfig:
+    """The library config with the same values (``target_modules=None`` is checked as PEFT fills it in later)."""
+    values = {name: getattr(self, name) for name in LIBRARY_FIELDS}
+    values["modules_to_save"] = list(values["modules_to_save"] or [])
+    if values["target_modules"] is None:
+        values["target_modules"] = ["<filled in by PEFT from the model type>"]
+    values.update(overrides)
+    return LRLoRAConfig(**values)
+
+
+LRLoRAPeftConfig = dataclasses.make_dataclass(
+    "LRLoRAPeftConfig",
+    _library_fields(),
+    bases=(PeftConfig,),
+    namespace={
+        "__post_init__": _post_init,
+        "to_lrlora": _to_lrlora,
+        "__module__": __name__,
+        "__doc__": (
+            "PEFT config of LR-LoRA: exactly ``lrlora.LRLoRAConfig``'s fields and defaults (each documented there, "
+            "with its source in the paper), plus PEFT's own (``task_type``, ``base_model_name_or_path``, "
+            "``inference_mode``, ...). ``target_modules`` and ``layers_to_transform`` follow the library's rules "
+            "(which accept PEFT's forms); ``target_modules=None`` takes PEFT's LoRA default for the model type."
+        ),
+    },
+)
+
+
+def peft_config_from(config: LRLoRAConfig, **peft_kwargs) -> LRLoRAPeftConfig:
+    """The PEFT config for a library config (``peft_kwargs``: ``task_type``, ``base_model_name_or_path``, ...)."""
+    return LRLoRAPeftConfig(**{name: getattr(config, name) for name in LIBRARY_FIELDS}, **peft_kwargs)
+
+
+# --- planning: the library decides which modules to adapt and builds their layers ------------------------------
+def _original_tree(model: nn.Module) -> nn.Module:
+    """A module tree with the model's module names whose leaves are the model's own (unwrapped) modules, shared by
+    reference: ``apply_lrlora`` runs on it to plan one adapter without touching the model."""
+    root = nn.Module()
+    wrapped: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if not name or name.startswith(wrapped):
+            continue
+        if isinstance(module, BaseTunerLayer):  # already adapted by another adapter: plan on its base layer
+            leaf, wrapped = module.get_base_layer(), wrapped + (name + ".",)
+        elif isinstance(module, AuxiliaryTrainingWrapper):  # a modules_to_save copy: its original
+            leaf, wrapped = getattr(module, "original_module", module), wrapped + (name + ".",)
+        elif next(module.children(), None) is None:
+            leaf = module
+        else:
+            leaf = nn.Module()
+        parent, _, child = name.rpartition(".")
+        (root.get_submodule(parent) if parent else root).add_module(child, leaf)
+    return root
+
+
+def _detach_base(layer: LRLoRALinear) -> LRLoRALinear:
+    """Keep the shared base layer reachable from the library layer but not registered in it: the PEFT layer owns
+    it (as ``base_layer``), so it is neither saved, nor trained, nor moved twice."""
+    base = layer.base_layer
+    for key, child in list(layer._modules.items()):
+        if child is base:
+            del layer._modules[key]
+            object.__setattr__(layer, key, base)
+    base_params = {id(p) for p in base.parameters()}
+    if any(id(p) in base_params for p in layer.parameters()):
+        raise RuntimeError("LRLoRALinear keeps its base weights as its own parameters; lrlora.peft needs updating")
+    return layer
+
+
+def plan_adapter(model: nn.Module, config: LRLoRAPeftConfig) -> dict[str, LRLoRALinear]:
+    """Module name -> a new library layer (base detached), exactly as ``apply_lrlora`` would adapt ``model``."""
+    target_modules = config.target_modules
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        target_modules = sorted(_maybe_include_all_linear_layers(dataclasses.replace(config), model).target_modules)
+    lib_config = config.to_lrlora(target_modules=target_modules, modules_to_save=[])
+    tree = _original_tree(model)
+    # apply_lrlora freezes what it sees; those are the model's own parameters, whose trainability PEFT manages
+    grads = [(p, p.requires_grad) for p in tree.parameters()]
+    try:
+        apply_lrlora(tree, lib_config)
+    finally:
+        for p, g in grads:
+            p.requires_grad_(g)
+    return {name: _detach_base(layer) for name, layer in lrlora_modules(tree).items()}
+
+
+# --- the PEFT layer -------------------------------------------------------------------------------------------------
+class LRLoRALayer(BaseTunerLayer):
+    """A base nn.Linear plus one library ``LRLoRALinear`` per adapter name (in ``lrlora_layer``)."""
+
+    adapter_layer_names = (LAYER_ATTR,)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.lrlora_layer = nn.ModuleDict({})
+        # parameters the library creates frozen (e.g. ρ with learn_bandwidth=False): PEFT's set_adapter would
+        # otherwise switch every parameter of an active adapter to requires_grad=True
+        self._lrlora_frozen: dict[str, list[str]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, layer: LRLoRALinear, inference_mode: bool = False) -> None:
+        if layer.base_layer is not self.get_base_layer():
+            raise ValueError("the library layer was planned on another base layer than this PEFT layer wraps")
+        self._lrlora_frozen[adapter_name] = [n for n, p in layer.named_parameters() if not p.requires_grad]
+        self.lrlora_layer[adapter_name] = layer
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # Device only: the library keeps A, B and σ's parameters in fp32 whatever the base dtype (σ in fp32).
+        if adapter_name not in self.lrlora_layer:
+            return
+        weight = self.get_base_layer().weight
+        target = device if device is not None else weight.device
+        if target.type != "meta" and not any(p.device.type == "meta" for p in self.lrlora_layer[adapter_name].parameters()):
+            self.lrlora_layer[adapter_name].to(target)
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
+        super()._freeze_non_trainable_peft_weights(adapter_names)
+        if adapter_names is None:
+            adapter_names = list(self._lrlora_frozen)
+        elif isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        for name in adapter_names:
+            if name in self.lrlora_layer:
+                for param in self._lrlora_frozen.get(name, ()):
+                    self.lrlora_layer[name].get_parameter(param).requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._lrlora_frozen.pop(adapter_name, None)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW = post_scale · σ(pre_scale · BA) (fp32, d_out × d_in) of one adapter, from the library layer."""
+        return self.lrlora_layer[adapter].delta_weight()
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # ΔW is a dense matrix added to W0, so peft.tuners.lora.convert_to_lora's truncated SVD applies.
+        return True
+
+
+class Linear(nn.Module, LRLoRALayer):
+    """LR-LoRA on an nn.Linear (the only layer type the method adapts)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, layer: LRLoRALinear, inference_mode: bool = False,
+                 **kwargs) -> None:
+        super().__init__()
+        LRLoRALayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, layer, inference_mode=inference_mode)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W0 ← W0 + ΔW for the given (default: active) adapters, through the library layer's merge."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.lrlora_layer:
+                continue
+            layer = self.lrlora_layer[name]
+            if safe_merge:
+                weight = self.get_base_layer().weight
+                with torch.no_grad():
+                    if not torch.isfinite(weight + layer.delta_weight().to(weight.dtype)).all():
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            layer.merge()
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.lrlora_layer:
+                self.lrlora_layer[name].unmerge()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.lrlora_layer]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) == 1:  # the library layer's own forward: W0 and ΔW in one matmul (or two with dropout)
+            return self.lrlora_layer[active[0]](x)
+        base = self.base_layer(x, *args, **kwargs)
+        return base + sum(self.lrlora_layer[name](x) - base for name in active)
+
+    def __repr__(self) -> str:
+        return "lrlora." + super().__repr__()
+
+
+# --- the tuner model --------------------------------------------------------------------------------------------------
+class LRLoRAModel(BaseTuner):
+    """Creates an LR-LoRA model (ΔW = σ(BA), arXiv 2606.04325) from a model; built by ``peft.get_peft_model``."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = LRLoRALayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        config = self.peft_config[adapter_name]
+        if config.target_modules is None:  # PEFT's default for the model type, as for LoRA
+            config = self._prepare_adapter_config(config, self.get_model_config(model))
+        self._plan = plan_adapter(model, config)
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        finally:
+            self._plan = None
+
+    def _check_target_module_exists(self, config, key: str):
+        # PEFT's rule first: a modules_to_save module is never also adapted; then the library's plan
+        for m in config.modules_to_save or ():
+            if key == m or key.endswith("." + m) or f".{m}." in f".{key}.":
+                return _ExcludedModule()
+        plan = getattr(self, "_plan", None)
+        if plan is None:
+            raise RuntimeError("LRLoRAModel matches targets only while injecting an adapter")
+        return key in plan
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key=None, **kwargs):
+        if current_key not in self._plan:
+            raise ValueError(f"LR-LoRA did not plan module {current_key!r}; adapt it through target_modules")
+        layer = self._plan[current_key]
+        if isinstance(target, LRLoRALayer):
+            target.update_layer(adapter_name, layer, inference_mode=config.inference_mode)
+            return
+        new_module = Linear(target, adapter_name, layer, inference_mode=config.inference_mode)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    # Saved tensors: the parameters only (as lrlora.save_adapter), each tied parameter once (under its first name);
+    # loading puts a tied tensor back under every name, so the folder maps 1:1 onto the library's.
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        params = {n.removeprefix("_fsdp_wrapped_module.") for n, _ in model.named_parameters()}
+        return {k: v for k, v in selected.items() if k in params}
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # …q_proj.lrlora_layer.default.transfer.a -> …q_proj.lrlora_layer.transfer.a (PEFT's rule only removes
+        # the name when it is the last or second-to-last part)
+        return key.replace(f".{LAYER_ATTR}.{adapter_name}.", f".{LAYER_ATTR}.", 1)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        groups = defaultdict(list)
+        for n, p in model.named_parameters(remove_duplicate=False):
+            groups[id(p)].append(n)
+        for names in groups.values():
+            present = [n for n in names if n in remapped]
+            for n in names if present else ():
+                remapped.setdefault(n, remapped[present[0]])
+        # buffers (σ's fixed grid) follow from the config and are not saved, as in the library: keep the model's
+        param_names = {n for names in groups.values() for n in names}
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        for k, v in _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes).items():
+            if k not in param_names:
+                remapped.setdefault(k, v)
+        return remapped
+
+
+if LRLORA not in __import__("peft").mapping.PEFT_TYPE_TO_CONFIG_MAPPING:  # importing twice registers once
+    register_peft_method(name=NAME, config_cls=LRLoRAPeftConfig, model_cls=LRLoRAModel, prefix=PREFIX)
+
+
+# --- conversion between the library's folder and PEFT's, exact and without a base model -----------------------------
+def _peft_key(library_key: str, modules: list[str]) -> str:
+    owner = max((m for m in modules if library_key.startswith(m + ".")), key=len, default=None)
+    if owner is None:  # a modules_to_save tensor
+        return PEFT_KEY_PREFIX + library_key
+    return f"{PEFT_KEY_PREFIX}{owner}.{LAYER_ATTR}.{library_key[len(owner) + 1:]}"
+
+
+def _library_key(peft_key: str) -> str:
+    key = peft_key.removeprefix(PEFT_KEY_PREFIX)
+    owner, sep, param = key.rpartition(f".{LAYER_ATTR}.")
+    return f"{owner}.{param}" if sep else key
+
+
+def library_to_peft(src: str | os.PathLike, out: str | os.PathLike, **peft_kwargs) -> Path:
+    """A library adapter folder (``lrlora.save_adapter``) -> a PEFT folder ``PeftModel.from_pretrained`` loads.
+
+    ``peft_kwargs`` go to the PEFT config, e.g. ``base_model_name_or_path=...``, ``task_type="SEQ_CLS"``."""
+    meta = read_adapter_config(src)
+    config = peft_config_from(LRLoRAConfig.from_dict(meta["config"]), **peft_kwargs)
+    modules = list(meta["modules"])
+    state = load_file(str(Path(src) / LIB_WEIGHTS))
+    with atomic_directory(out) as tmp:
+        save_file({_peft_key(k, modules): v for k, v in state.items()}, str(tmp / PEFT_WEIGHTS),
+                  metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+    return Path(out)
+
+
+def peft_to_library(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A PEFT folder of this method (``save_pretrained``) -> a library folder that ``lrlora.load_adapter`` loads."""
+    src = Path(src)
+    if not (src / PEFT_CONFIG).is_file() or not (src / PEFT_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{src} lacks {PEFT_CONFIG} or {PEFT_WEIGHTS}: is it a folder save_pretrained wrote?")
+    raw = json.loads((src / PEFT_CONFIG).read_text())
+    if raw.get("peft_type") != LRLORA.value:
+        raise ValueError(f"{src} holds a {raw.get('peft_type')!r} adapter, not an LR-LoRA one ({LRLORA.value!r})")
+    config = LRLoRAPeftConfig.from_pretrained(str(src)).to_lrlora()
+    state = load_file(str(src / PEFT_WEIGHTS))
+    library = {_library_key(k): v for k, v in state.items()}
+    # the module shapes the library checks on load: B is d_out × r, A is r × d_in (the library's own key names)
+    owners = sorted({_library_key(k).rsplit(".", 1)[0] for k in state if k.endswith(f".{LAYER_ATTR}.lora_A")})
+    modules = {m: [library[f"{m}.lora_B"].shape[0], library[f"{m}.lora_A"].shape[1]] for m in owners}
+    meta = {"format": LIB_FORMAT, "config": config.to_dict(), "modules": modules}
+    with atomic_directory(out) as tmp:
+        save_file(library, str(tmp / LIB_WEIGHTS), metadata={"format": LIB_FORMAT})
+        (tmp / LIB_CONFIG).write_text(json.dumps(meta, indent=2))
+    return Path(out)
+
+
+def main(argv=None) -> Path:
+    """python -m lrlora.peft to-peft LIBRARY_DIR OUT [--task-type SEQ_CLS] | to-library PEFT_DIR OUT"""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m lrlora.peft", description="Convert LR-LoRA adapter folders "
+                                 "between the library's format (lrlora.save_adapter) and PEFT's, exactly.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    to_peft = sub.add_parser("to-peft", help="library folder -> PEFT folder")
+    to_peft.add_argument("src")
+    to_peft.add_argument("out")
+    to_peft.add_argument("--task-type", help="PEFT task type, e.g. SEQ_CLS or CAUSAL_LM")
+    to_peft.add_argument("--base-model-name-or-path", help="recorded in adapter_config.json")
+    to_library = sub.add_parser("to-library", help="PEFT folder -> library folder")
+    to_library.add_argument("src")
+    to_library.add_argument("out")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "to-peft":
+            out = library_to_peft(args.src, args.out, task_type=args.task_type,
+                                  base_model_name_or_path=args.base_model_name_or_path)
+        else:
+            out = peft_to_library(args.src, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "LRLORA",
+    "LRLoRALayer",
+    "LRLoRAModel",
+    "LRLoRAPeftConfig",
+    "Linear",
+    "library_to_peft",
+    "main",
+    "peft_config_from",
+    "peft_to_library",
+    "plan_adapter",
+]
