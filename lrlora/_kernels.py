@@ -25,33 +25,34 @@ import warnings
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <vector>
 
 namespace {
 
-// Cell index and fraction of one element, branch-free so the loops vectorise; clamped so t outside
-// [lo, hi] extrapolates the end cells exactly as the PyTorch path does. A non-finite t is handled by
-// the caller (the fraction of NaN is NaN, which propagates).
-inline int64_t locate(double x, double lo, double inv, double last, double& f) {
-  double pos = (x - lo) * inv;
-  pos = pos > 0.0 ? pos : 0.0;              // also maps NaN to 0 (the caller restores NaN)
-  double fl = (double)(int64_t)pos;          // pos >= 0: truncation is floor
-  fl = fl < last ? fl : last;
-  double fr = pos - fl;
-  f = fr < 1.0 ? fr : 1.0;
-  return (int64_t)fl;
-}
+// Cell index (int32: tables hold at most 2^21 points) and fraction of element x, branch-free so the
+// loops vectorise (-fno-trapping-math); clamped so t outside [lo, hi] extrapolates the end cells as
+// the PyTorch path does. NaN lands in cell 0; callers restore NaN in the outputs.
+#define LOCATE(x, j, f)                                   \
+  double pos = ((x) - lo) * inv;                          \
+  pos = pos > 0.0 ? pos : 0.0;                            \
+  pos = pos < top ? pos : top;                            \
+  int j = (int)pos;                                       \
+  j = j < last ? j : last;                                \
+  double fr_ = pos - (double)j;                           \
+  double f = fr_ < 1.0 ? fr_ : 1.0;
 
 template <typename T>
-void interp_impl(const T* t, T* out, int64_t n, const double* tab, int64_t m, double lo, double inv) {
-  const double last = (double)(m - 2);
+void interp_impl(const T* __restrict t, T* __restrict out, int64_t n, const double* __restrict tab, int64_t m,
+                 double lo, double inv) {
+  const int last = (int)(m - 2);
+  const double top = (double)(m - 1);
   at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       double x = (double)t[i];
-      double f;
-      int64_t j = locate(x, lo, inv, last, f);
+      LOCATE(x, j, f)
       double v = tab[j] + f * (tab[j + 1] - tab[j]);
       out[i] = (T)(x - x == 0.0 ? v : x);  // x − x ≠ 0 exactly when x is ±inf or NaN
     }
@@ -59,33 +60,38 @@ void interp_impl(const T* t, T* out, int64_t n, const double* tab, int64_t m, do
 }
 
 template <typename T>
-void backward_impl(const T* t, const T* g, int64_t n, const double* tab, const double* dtab, int64_t m,
-                   double lo, double inv, T* grad_t, T* val, double* hist) {
-  const double last = (double)(m - 2);
+void backward_impl(const T* __restrict t, const T* __restrict g, int64_t n, const double* __restrict tab,
+                   const double* __restrict dtab, int64_t m, double lo, double inv, T* __restrict grad_t,
+                   T* __restrict val, double* __restrict hist) {
+  const int last = (int)(m - 2);
+  const double top = (double)(m - 1);
   std::mutex mu;
   at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-    // Two private histograms, alternating by element: neighbouring elements often hit the same cell,
-    // and one copy would serialise on its store-to-load dependency.
-    std::vector<double> h(hist ? 2 * m : 0, 0.0);
-    double* h0 = h.data();
-    double* h1 = h.data() + m;
+    // The histogram as pairs (Σ g, Σ g·f) per cell: one 16-byte update per element; node m then gets
+    // Σ_cell m (g − g·f) + Σ_cell m−1 g·f. Two private copies, alternating by element (neighbours often
+    // hit the same cell, and one copy would serialise on its store-to-load dependency); summed at the end.
+    std::vector<double> h(hist ? 4 * m : 0, 0.0);
     for (int64_t i = b; i < e; ++i) {
       double x = (double)t[i];
-      double f;
-      int64_t j = locate(x, lo, inv, last, f);
+      LOCATE(x, j, f)
       double gi = (double)g[i];
-      if (grad_t) grad_t[i] = (T)(gi * (dtab[j] + f * (dtab[j + 1] - dtab[j])));
-      if (val) val[i] = (T)(tab[j] + f * (tab[j + 1] - tab[j]));
+      bool ok = x - x == 0.0;
+      if (grad_t) grad_t[i] = (T)(ok ? gi * (dtab[j] + f * (dtab[j + 1] - dtab[j])) : x - x);
+      if (val) val[i] = (T)(ok ? tab[j] + f * (tab[j + 1] - tab[j]) : x);
       if (hist) {
-        double* hh = (i & 1) ? h1 : h0;
-        double gf = gi * f;
-        hh[j] += gi - gf;
-        hh[j + 1] += gf;
+        double* c = h.data() + ((i & 1) ? 2 * m : 0) + 2 * (int64_t)j;
+        c[0] += gi;
+        c[1] += gi * f;
       }
     }
     if (hist) {
       std::lock_guard<std::mutex> lock(mu);
-      for (int64_t k = 0; k < m; ++k) hist[k] += h0[k] + h1[k];
+      for (int64_t k = 0; k < m; ++k) {
+        const double* h0 = h.data();
+        const double* h1 = h.data() + 2 * m;
+        hist[k] += h0[2 * k] + h1[2 * k] - h0[2 * k + 1] - h1[2 * k + 1];
+        if (k > 0) hist[k] += h0[2 * k - 1] + h1[2 * k - 1];
+      }
     }
   });
 }
@@ -138,10 +144,10 @@ def get():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name="lrlora_sigma_kernels_v3",
+            name="lrlora_sigma_kernels_v6",
             cpp_sources=_SOURCE,
             functions=["interp", "interp_backward"],
-            extra_cflags=["-O3", "-fopenmp", "-march=native"],
+            extra_cflags=["-O3", "-fopenmp", "-march=native", "-fno-trapping-math", "-fno-tree-vectorize"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
