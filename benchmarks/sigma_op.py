@@ -1,6 +1,12 @@
 """σ-op benchmark: forward + backward at the Qwen2-0.5B adapted shapes, naive vs exact vs fast.
 
     make bench                                  # or: python benchmarks/sigma_op.py [--device cuda] [--repeats 5]
+    python benchmarks/sigma_op.py --quick       # down_proj only, the two fast paths
+
+Paths: ``naive`` (broadcast over K), ``exact`` (the reference), ``fast`` (the table with the fused
+compiled kernels, lrlora._kernels, on CPU), ``fast_torch`` (the same table in pure PyTorch, as taken
+without a compiler or on CUDA). Each worker also times one elementwise pass over the matrix (``t * 2``,
+read one matrix, write one) in the same process: ``x_elementwise`` is the op's time over that.
 
 For each shape (d_out × d_in) and path it reports the median wall time of one forward + backward
 (gradients for t, a and ρ) and the peak extra memory above the inputs (t, the upstream gradient and
@@ -38,7 +44,7 @@ SHAPES = {  # Qwen2-0.5B: hidden 896, 2 KV heads × 64, MLP 4864
     "gate_proj/up_proj": (4864, 896),
     "down_proj": (896, 4864),
 }
-PATHS = ("naive", "exact", "fast")
+PATHS = ("naive", "exact", "fast", "fast_torch")
 K = 50
 # Bytes the naive form needs per element of t, per basis function: autograd keeps w(t − x_k), its sinc
 # and the product with a (fp32) alive for backward, and backward makes as many again.
@@ -76,9 +82,15 @@ def _step(path, tf, t, g):
     if path == "naive":
         y = sigma_naive(t, tf)
     else:
-        y = sigma(t, tf, mode="table" if path == "fast" else "exact")
+        y = sigma(t, tf, mode="exact" if path == "exact" else "table")
     y.backward(g)
     return y
+
+
+def _kernels_loaded() -> bool:
+    from lrlora import _kernels
+
+    return _kernels.get() is not None
 
 
 def worker(shape, path, device, repeats) -> dict:
@@ -108,8 +120,17 @@ def worker(shape, path, device, repeats) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    elementwise = []
+    for _ in range(max(repeats, 5)):
+        t0 = time.perf_counter()
+        t.detach().mul(2.0)
+        if cuda:
+            torch.cuda.synchronize()
+        elementwise.append(time.perf_counter() - t0)
+    ew = statistics.median(elementwise)
     matrix = t.numel() * t.element_size()
-    return {"median_s": statistics.median(times), "first_call_s": first, "times_s": times,
+    return {"elementwise_s": ew, "x_elementwise": statistics.median(times) / ew,
+            "extension": path != "fast" or _kernels_loaded(), "median_s": statistics.median(times), "first_call_s": first, "times_s": times,
             "peak_extra_bytes": int(peak), "peak_extra_x_matrix": peak / matrix, "matrix_bytes": matrix}
 
 
@@ -118,6 +139,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="down_proj only, fast and fast_torch")
     ap.add_argument("--worker", nargs=3, metavar=("ROWS", "COLS", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -130,10 +152,13 @@ def main():
                "cpu": platform.processor() or platform.machine(), "K": K, "repeats": args.repeats, "cases": []}
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name(0)
-    print(f"{'module':<18} {'shape':>10} {'path':>6} {'median ms':>10} {'extra mem ×matrix':>18} {'speed-up vs naive':>18}")
-    for module, shape in SHAPES.items():
+    print(f"{'module':<18} {'shape':>10} {'path':>10} {'median ms':>10} {'× elementwise':>14} {'extra mem ×matrix':>18} {'speed-up vs naive':>18}")
+    shapes = {"down_proj": SHAPES["down_proj"]} if args.quick else SHAPES
+    paths = ("fast", "fast_torch") if args.quick else PATHS
+    results["load_average_before"] = os.getloadavg()
+    for module, shape in shapes.items():
         naive_s = None
-        for path in PATHS:
+        for path in paths:
             case = {"module": module, "shape": list(shape), "path": path}
             need = shape[0] * shape[1] * K * NAIVE_BYTES_PER_ELEMENT_K
             budget = (torch.cuda.mem_get_info()[0] if args.device.startswith("cuda") else _available_bytes()) * 0.8
@@ -147,7 +172,8 @@ def main():
                 capture_output=True, text=True,
                 # glibc otherwise raises its mmap threshold after the first large free and keeps freed
                 # blocks resident, so peak RSS would measure the allocator's caching, not the op.
-                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)},
+                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17),
+                     **({"LRLORA_NO_EXTENSION": "1"} if path == "fast_torch" else {})},
             )
             if proc.returncode != 0:
                 case["skipped"] = f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
@@ -160,8 +186,10 @@ def main():
             else:
                 case["speedup_vs_naive"] = naive_s / case["median_s"] if naive_s else None
             sp = f"{case['speedup_vs_naive']:.1f}×" if case.get("speedup_vs_naive") else "-"
-            print(f"{module:<18} {str(shape):>10} {path:>6} {case['median_s'] * 1e3:>10.1f} {case['peak_extra_x_matrix']:>18.2f} {sp:>18}")
+            print(f"{module:<18} {str(shape):>10} {path:>10} {case['median_s'] * 1e3:>10.1f} {case['x_elementwise']:>14.1f} "
+                  f"{case['peak_extra_x_matrix']:>18.2f} {sp:>18}")
             results["cases"].append(case)
+    results["load_average_after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2))

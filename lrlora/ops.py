@@ -33,8 +33,8 @@ _MAX_TABLE = 1 << 21
 # On CUDA the table size cannot depend on t's range without reading it on the host (a sync per layer),
 # so it is fixed: _CUDA_TABLE points over [min t, max t], accurate (≤ ~1e-6) while range × scale ≤ 32.
 _CUDA_TABLE = 1 << 16
-# Table points per pass when building the table: bounds its (points × K) temporaries.
-_TABLE_CHUNK = 2048
+# Table points per pass when building the table: bounds its (points × K) float64 temporaries (~6 MB at K = 50).
+_TABLE_CHUNK = 1 << 14
 
 
 class Table:
@@ -57,7 +57,10 @@ class Table:
     @property
     def dvals(self) -> torch.Tensor:
         if self._dvals is None:
-            self._dvals = _table_derivative(self.spec, self.s, *self.params)
+            # One autograd pass gives σ' and, for free, σ (its forward).
+            self._dvals, vals = _table_derivative(self.spec, self.s, *self.params)
+            if self._vals is None:
+                self._vals = vals
         return self._dvals
 
     def interp(self, t: torch.Tensor) -> torch.Tensor:
@@ -189,16 +192,18 @@ def _table_values(spec: BasisSpec, s, a, rho, grid) -> torch.Tensor:
     return torch.cat([evaluate(spec, s[c], a, rho, grid) for c in _table_chunks(s)])
 
 
-def _table_derivative(spec: BasisSpec, s, a, rho, grid) -> torch.Tensor:
-    """σ'(s), float64. σ(s_m) depends on s_m alone, so the gradient of a chunk's sum is σ' elementwise."""
+def _table_derivative(spec: BasisSpec, s, a, rho, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ'(s), σ(s)), float64. σ(s_m) depends on s_m alone, so the gradient of a chunk's sum is σ' elementwise."""
     a, rho, grid = a.detach().double(), rho.detach().double(), grid.detach().double()
-    out = []
+    out, vals = [], []
     for c in _table_chunks(s):
         sc = s[c].detach().requires_grad_()
         with torch.enable_grad():
-            (d,) = torch.autograd.grad(evaluate(spec, sc, a, rho, grid).sum(), sc)
+            v = evaluate(spec, sc, a, rho, grid)
+            (d,) = torch.autograd.grad(v.sum(), sc)
         out.append(d)
-    return torch.cat(out)
+        vals.append(v.detach())
+    return torch.cat(out), torch.cat(vals)
 
 
 def _table_param_grads(spec: BasisSpec, s, hist, params, needs):
