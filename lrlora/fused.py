@@ -10,11 +10,12 @@ layer for the whole depth. This function saves only the input x, the dropout mas
 and references to the parameters; its backward recomputes BA, σ and σ'. The extra memory is then a few
 dense matrices of the one layer being differentiated, whatever the depth.
 
-Backward, table path (the default for large matrices), in this order so that at most three fp32
-d_out × d_in matrices are alive at once:
-  1. t = pre·BA; σ(t) → W_eff = W0 + ΔW; grad_x = G W_eff (two-path: G W0 + m ⊙ (G ΔW)/(1 − p)); free.
-  2. G_ΔW = post · Gᵀ X̃ (X̃ the dropped input), the inherent dense gradient (App. C).
-  3. one fused pass over t: grad_t = pre · G_ΔW ⊙ σ'(t), and the histogram that gives a, ρ (grid) grads.
+Backward, table path (the default for large matrices), with at most three fp32 d_out × d_in matrices
+alive at once (t, G_ΔW, grad_t):
+  1. t = pre·BA; G_ΔW = post · Gᵀ X̃ (X̃ the dropped input), the inherent dense gradient (App. C).
+  2. one fused pass over t: grad_t = pre · G_ΔW ⊙ σ'(t), the histogram that gives the a, ρ (grid)
+     gradients, and σ(t) written over G_ΔW once read.
+  3. ΔW → W_eff = W0 + ΔW in place; grad_x = G W_eff (two-path: G W0 + m ⊙ (G ΔW)/(1 − p)).
   4. grad_B = grad_t Aᵀ, grad_A = Bᵀ grad_t.
 Where the table cannot serve (mode "exact", small matrices under "auto", a range too wide on CPU), the
 backward recomputes ΔW through the σ op under autograd instead (same values, more transient memory).
@@ -127,17 +128,18 @@ class LRLoRALinearFunction(torch.autograd.Function):
             t = _lowrank(A, B, ds)
             table = make_table(t, ds.spec, a.detach(), rho.detach(), grid.detach(), ds.table_size) if ds.mode != "exact" else None
             if use_table(t, table, ds.mode):
-                if need_x:
-                    dw = _finish_delta(table.interp(t), a, rho, grid, ds)
-                    grad_x = _grad_input(g2, weight, dw, mask, drop_scale, cdt)
-                    del dw
                 if need_sigma:
-                    gdw = (g2.t() @ xd.to(cdt)).float()  # the dense ΔW gradient, as autograd makes it
+                    gdw = (g2.t() @ xd.to(cdt)).to(t.dtype).contiguous()  # the dense ΔW gradient, as autograd makes it
                     if ds.post_scale != 1.0:
                         gdw.mul_(ds.post_scale)
-                    grad_t, hist = table.backward(t, gdw, need_t=need_A or need_B, need_hist=any(needs_p))
                     total = gdw.sum(dtype=torch.float64) if ds.center and any(needs_p) else None
-                    del gdw, t
+                    # One pass over t: σ'·G_ΔW, the histogram, and σ(t) written over G_ΔW for grad_x.
+                    grad_t, hist = table.backward(t, gdw, need_t=need_A or need_B, need_hist=any(needs_p),
+                                                  val_into_g=need_x)
+                    del t
+                    if need_x:
+                        grad_x = _grad_input(g2, weight, _finish_delta(gdw, a, rho, grid, ds), mask, drop_scale, cdt)
+                    del gdw
                     if hist is not None:
                         grads_p = table.param_grads(hist, needs_p)
                         if total is not None:
@@ -147,6 +149,9 @@ class LRLoRALinearFunction(torch.autograd.Function):
                             grad_t.mul_(ds.pre_scale)
                         grad_A = B.t() @ grad_t if need_A else None
                         grad_B = grad_t @ A.t() if need_B else None
+                elif need_x:
+                    grad_x = _grad_input(g2, weight, _finish_delta(table.interp(t), a, rho, grid, ds), mask,
+                                         drop_scale, cdt)
             else:
                 grad_x, grad_A, grad_B, grads_p = _backward_autograd(g2, xd, weight, A, B, a, rho, grid, ds, mask,
                                                                      drop_scale, cdt, ctx.needs_input_grad)

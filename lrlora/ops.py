@@ -70,16 +70,22 @@ class Table:
             return k.interp(t.contiguous(), self.vals, self.lo, self.inv).view(t.shape)
         return _interp_torch(t, self.vals, self.lo, self.inv, self.m)
 
-    def backward(self, t: torch.Tensor, g: torch.Tensor, need_t: bool = True, need_hist: bool = True):
-        """(g·σ'(t) or None, weighted histogram h_m = Σ g·λ_m(t) in float64 or None), in one pass."""
-        g = g.to(t.dtype)
+    def backward(self, t: torch.Tensor, g: torch.Tensor, need_t: bool = True, need_hist: bool = True,
+                 val_into_g: bool = False):
+        """(g·σ'(t) or None, weighted histogram h_m = Σ g·λ_m(t) in float64 or None), in one pass.
+        val_into_g: also overwrite g (t's dtype, contiguous, the caller's own) with σ(t)."""
         k = _kernels_for(t)
         if k is not None:
+            if not val_into_g:
+                g = g.to(t.dtype).contiguous()
             dtab = self.dvals if need_t else self.vals  # an unused argument when need_t is False
-            grad_t, _, hist = k.interp_backward(t.contiguous(), g.contiguous(), self.vals, dtab, self.lo, self.inv,
-                                                need_t, False, need_hist)
+            grad_t, _, hist = k.interp_backward(t.contiguous(), g, self.vals, dtab, self.lo, self.inv,
+                                                need_t, val_into_g, need_hist)
             return (grad_t.view(t.shape) if need_t else None), (hist if need_hist else None)
-        return _backward_torch(t, g, self.dvals if need_t else None, self.lo, self.inv, self.m, need_hist)
+        out = _backward_torch(t, g.to(t.dtype), self.dvals if need_t else None, self.lo, self.inv, self.m, need_hist)
+        if val_into_g:
+            g.copy_(self.interp(t))
+        return out
 
     def param_grads(self, hist: torch.Tensor, needs):
         """Σ_m hist_m ∂σ(s_m)/∂θ for θ in (a, rho, grid), None where not needed."""
