@@ -22,7 +22,6 @@ from torch import nn
 from baselines.core import alpha_or_default, register
 from baselines.layers import AdapterLinear, SelfWrittenAdapted, kaiming_
 
-
 # Bases drawn per group: bounds the transient memory to _GROUP bases of one factor.
 _GROUP = 8
 
