@@ -2,6 +2,7 @@
 
     make bench                                  # or: python benchmarks/sigma_op.py [--device cuda] [--repeats 5]
     python benchmarks/sigma_op.py --quick       # down_proj only, the two fast paths
+    python benchmarks/sigma_op.py --paths fast fast_torch   # every shape, skipping the slow naive/exact
 
 Paths: ``naive`` (broadcast over K), ``exact`` (the reference), ``fast`` (the table with the fused
 compiled kernels, lrlora._kernels, on CPU), ``fast_torch`` (the same table in pure PyTorch, as taken
@@ -140,6 +141,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="down_proj only, fast and fast_torch")
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=None, help="a subset of the paths")
     ap.add_argument("--worker", nargs=3, metavar=("ROWS", "COLS", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -154,7 +156,7 @@ def main():
         results["gpu"] = torch.cuda.get_device_name(0)
     print(f"{'module':<18} {'shape':>10} {'path':>10} {'median ms':>10} {'× elementwise':>14} {'extra mem ×matrix':>18} {'speed-up vs naive':>18}")
     shapes = {"down_proj": SHAPES["down_proj"]} if args.quick else SHAPES
-    paths = ("fast", "fast_torch") if args.quick else PATHS
+    paths = args.paths or (("fast", "fast_torch") if args.quick else PATHS)
     results["load_average_before"] = os.getloadavg()
     for module, shape in shapes.items():
         naive_s = None

@@ -33,6 +33,8 @@ _MAX_TABLE = 1 << 21
 # On CUDA the table size cannot depend on t's range without reading it on the host (a sync per layer),
 # so it is fixed: _CUDA_TABLE points over [min t, max t], accurate (≤ ~1e-6) while range × scale ≤ 32.
 _CUDA_TABLE = 1 << 16
+# Tests only: take the CUDA form (no host reads, fixed table, pure PyTorch) on CPU, where it can be checked.
+DEVICE_SIDE_TABLE_ON_CPU = False
 # Table points per pass when building the table: bounds its (points × K) float64 temporaries (~6 MB at K = 50).
 _TABLE_CHUNK = 1 << 14
 
@@ -93,7 +95,7 @@ class Table:
 
 
 def _kernels_for(t: torch.Tensor):
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or DEVICE_SIDE_TABLE_ON_CPU:
         return None
     return _kernels.get()
 
@@ -103,7 +105,7 @@ def make_table(t: torch.Tensor, spec: BasisSpec, a, rho, grid, table_size: int) 
     would need more than _MAX_TABLE points): the caller then takes the exact path."""
     if t.numel() == 0:
         return None
-    if t.device.type == "cuda":
+    if t.device.type != "cpu" or DEVICE_SIDE_TABLE_ON_CPU:
         # Everything stays on the device: lo/inv are tensors, M is fixed. A NaN/inf in t makes the
         # whole table NaN (so ΔW is NaN, as it would be naively: training has diverged anyway).
         lo, hi = torch.aminmax(t.detach().double())

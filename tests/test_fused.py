@@ -195,3 +195,31 @@ def test_table_matches_exact_on_small_and_large_tables(spread):
         out[mode] = (y.detach(), tt.grad, tf.a.grad, tf.rho.grad, tf.grid.grad)
     for name, f, e in zip(("value", "t", "a", "rho", "grid"), out["table"], out["exact"]):
         assert rel_err(f, e) < 1e-5, f"{name}: {rel_err(f, e):.2e}"
+
+
+def test_cuda_form_reads_nothing_on_the_host_and_matches_exact(monkeypatch):
+    """The CUDA form of the table (range and step as device tensors, fixed size, index_add_ histogram) run
+    on CPU: no tensor is read on the host (.item/float/bool/tolist would sync a GPU per layer), and the fused
+    layer still matches the reference's exact path."""
+    import lrlora.ops as ops
+
+    monkeypatch.setattr(ops, "DEVICE_SIDE_TABLE_ON_CPU", True)
+    layer = make_layer(256, 192, scale=0.25)
+    x = torch.randn(3, 256)
+    reads = []
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **k):
+            reads.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    y_f, g_f = run(layer, x, None, 0.0, fused=True)
+    monkeypatch.undo()
+    assert reads == [], f"host reads in the CUDA form: {reads}"
+    layer.fast = False  # the reference through the exact σ op
+    y_r, g_r = run(layer, x, None, 0.0, fused=False)
+    assert rel_err(y_f, y_r) < 1e-5
+    for k in g_r:
+        assert rel_err(g_f[k], g_r[k]) < 1e-5, k
