@@ -133,6 +133,7 @@ class LRLoRALinearFunction(torch.autograd.Function):
                     if ds.post_scale != 1.0:
                         gdw.mul_(ds.post_scale)
                     total = gdw.sum(dtype=torch.float64) if ds.center and any(needs_p) else None
+                    table.prepare_backward(needs_p)
                     # One pass over t: σ'·G_ΔW, the histogram, and σ(t) written over G_ΔW for grad_x.
                     grad_t, hist = table.backward(t, gdw, need_t=need_A or need_B, need_hist=any(needs_p),
                                                   val_into_g=need_x)
