@@ -24,9 +24,12 @@ Methods (all seven projections adapted, r = 16, α = 32):
                (by default only at the smallest --tokens)
   full         every parameter trains
 
-Every case runs in its own subprocess (``--worker``), one after another, so peaks do not leak between
-cases and the ratios compare runs taken minutes apart on the same machine. Per case: median step time
-over ``--repeats`` steps after one warm-up step, tokens/s, and peak memory above the model: on CPU the
+Step times: one subprocess per (model, layers, tokens) builds every method's model and runs one step of
+each in turn, ``--repeats`` rounds after a warm-up round, so that on a shared, noisy CPU the ratios
+compare steps taken seconds apart (``median_step_s``; ``--no-interleave`` keeps the per-case times).
+Memory: every case in its own subprocess (``--worker``), one after another, so peaks do not leak between
+cases; it also times its own ``--repeats`` steps after a warm-up (``median_step_s_isolated``) and
+records peak memory above the model: on CPU the
 process's peak RSS (VmHWM, reset after the model and optimizer are built; glibc's mmap threshold pinned so
 freed blocks leave the RSS) minus its RSS then; on CUDA max_memory_allocated minus memory_allocated.
 The AdamW state is created in the warm-up step and counts as memory above the model.
@@ -121,13 +124,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def worker(args) -> dict:
+def make_step(args, method):
+    """(model, trainable parameters, step function) for one case: a step is fwd, bwd and AdamW."""
     device = args.device
-    cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model, layers = args.case_model, args.case_layers
-    m = build_model(model, layers, args.vocab, dtype, device)
-    m, params, embeds_grad = adapt(m, args.case_method)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    m = build_model(args.case_model, args.case_layers, args.vocab, dtype, device)
+    m, params, embeds_grad = adapt(m, method)
     m.train()
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     batch = args.case_tokens // SEQ
@@ -146,6 +148,14 @@ def worker(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return float(loss)
+
+    return m, params, step
+
+
+def worker(args) -> dict:
+    device = args.device
+    cuda = device.startswith("cuda")
+    m, params, step = make_step(args, args.case_method)
 
     # Memory above the model: after the model is built (and adapted), before the first step.
     _sync(device)
@@ -172,6 +182,22 @@ def worker(args) -> dict:
     return {"median_step_s": med, "tokens_per_s": args.case_tokens / med, "first_step_s": first, "times_s": times,
             "peak_above_model_bytes": int(peak), "model_bytes": int(before), "trainable_params": trainable,
             "first_loss": loss0}
+
+
+def interleaved_worker(args) -> dict:
+    """Step times of every method in ONE process, one step of each in turn, ``--repeats`` rounds after a
+    warm-up round: on a shared, noisy machine the ratios then compare steps taken seconds apart."""
+    cases = {method: make_step(args, method)[2] for method in args.case_methods}
+    times = {method: [] for method in cases}
+    for rnd in range(args.repeats + 1):
+        for method, step in cases.items():
+            _sync(args.device)
+            t0 = time.perf_counter()
+            step()
+            _sync(args.device)
+            if rnd > 0:
+                times[method].append(time.perf_counter() - t0)
+    return {"median_step_s": {k: statistics.median(v) for k, v in times.items()}, "times_s": times}
 
 
 def inference_worker(args) -> dict:
@@ -208,7 +234,10 @@ def inference_worker(args) -> dict:
 
 def run_case(args, model, layers, tokens, method) -> dict:
     case = {"model": model, "layers": layers, "tokens": tokens, "method": method, "load_average_before": os.getloadavg()}
-    cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--vocab", str(args.vocab),
+    # With interleaved timing, a memory case needs only its warm-up step and one more.
+    timed_here = method.startswith("interleaved") or method == "inference" or args.no_interleave or method == "lrlora_ref"
+    repeats = args.repeats if timed_here else 1
+    cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(repeats), "--vocab", str(args.vocab),
            "--threads", str(args.threads), "--worker", model, str(layers), str(tokens), method]
     env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -256,6 +285,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="qwen2_0.5b:2, 512 tokens, the main methods, 2 repeats")
     ap.add_argument("--no-inference", action="store_true")
+    ap.add_argument("--no-interleave", action="store_true", help="step times from the per-case processes only")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", nargs=4, metavar=("MODEL", "LAYERS", "TOKENS", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -263,7 +293,11 @@ def main():
     if args.worker:
         args.case_model, layers, tokens, args.case_method = args.worker
         args.case_layers, args.case_tokens = int(layers), int(tokens)
-        res = inference_worker(args) if args.case_method == "inference" else worker(args)
+        if args.case_method.startswith("interleaved:"):
+            args.case_methods = args.case_method.split(":", 1)[1].split(",")
+            res = interleaved_worker(args)
+        else:
+            res = inference_worker(args) if args.case_method == "inference" else worker(args)
         print(json.dumps(res))
         return
 
@@ -294,25 +328,37 @@ def main():
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
                "load_average_start": os.getloadavg(), "cases": [], "inference": []}
     print(f"{'model':<11} {'L':>2} {'tokens':>6} {'method':<11} {'step s':>8} {'tok/s':>8} {'mem above model MB':>19}")
-    for model, layers in parsed:
-        for tok in tokens:
-            for method in methods:
-                if method == "lrlora_ref" and tok != min(tokens) and not args.methods:
-                    continue  # the reference layer shows its memory growth at the smallest size; saves time
-                c = run_case(args, model, layers, tok, method)
-                results["cases"].append(c)
-                if "failed" in c:
-                    print(f"{model:<11} {layers:>2} {tok:>6} {method:<11}   failed: {c['failed']}")
-                else:
-                    print(f"{model:<11} {layers:>2} {tok:>6} {method:<11} {c['median_step_s']:>8.3f} "
-                          f"{c['tokens_per_s']:>8.0f} {c['peak_above_model_bytes'] / 2**20:>19.0f}", flush=True)
-                results["summary"] = summarise(results["cases"])
-                write_json_atomic(results, out)  # partial results survive an interrupted run
-            if not args.no_inference:
-                c = run_case(args, model, layers, tok, "inference")
-                results["inference"].append(c)
-                if "failed" not in c:
-                    print(f"{model:<11} {layers:>2} {tok:>6} inference: merged / base forward = {c['merged_over_base']:.3f}")
+    groups = [(m, l, t) for m, l in parsed for t in tokens]
+    if not (args.models or args.tokens or args.quick or cuda):
+        # CPU default: 4 layers at the smallest size only (memory growth with depth); saves ~half the time.
+        groups = [(m, l, t) for m, l, t in groups if l <= 2 or t == min(tokens)]
+    for model, layers, tok in groups:
+        it = {}
+        if not args.no_interleave:
+            c = run_case(args, model, layers, tok, "interleaved:" + ",".join(m for m in methods if m != "lrlora_ref"))
+            results.setdefault("timing", []).append(c)
+            if "failed" in c:
+                print(f"{model:<11} {layers:>2} {tok:>6} interleaved timing failed: {c['failed']}")
+            it = c.get("median_step_s", {})
+        for method in methods:
+            c = run_case(args, model, layers, tok, method)
+            if method in it:  # the step time measured side by side with the other methods
+                c["median_step_s_isolated"] = c.get("median_step_s")
+                c["median_step_s"] = it[method]
+                c["tokens_per_s"] = tok / it[method]
+            results["cases"].append(c)
+            if "failed" in c:
+                print(f"{model:<11} {layers:>2} {tok:>6} {method:<11}   failed: {c['failed']}")
+            else:
+                print(f"{model:<11} {layers:>2} {tok:>6} {method:<11} {c['median_step_s']:>8.3f} "
+                      f"{c['tokens_per_s']:>8.0f} {c['peak_above_model_bytes'] / 2**20:>19.0f}", flush=True)
+            results["summary"] = summarise(results["cases"])
+            write_json_atomic(results, out)  # partial results survive an interrupted run
+        if not args.no_inference:
+            c = run_case(args, model, layers, tok, "inference")
+            results["inference"].append(c)
+            if "failed" not in c:
+                print(f"{model:<11} {layers:>2} {tok:>6} inference: merged / base forward = {c['merged_over_base']:.3f}")
     results["summary"] = summarise(results["cases"])
     for model, _ in parsed:
         results.setdefault("largest_adapted_matrix_bytes", {})[model] = largest_adapted_matrix_bytes(model)
