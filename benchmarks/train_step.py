@@ -267,6 +267,8 @@ def summarise(cases: list[dict]) -> list[dict]:
         if method not in pairs or (model, layers, tokens, pairs[method]) not in by:
             continue
         ref = by[(model, layers, tokens, pairs[method])]
+        if ("median_step_s_isolated" in c) != ("median_step_s_isolated" in ref):
+            continue  # one timed side by side, the other alone: not comparable
         out.append({"model": model, "layers": layers, "tokens": tokens, "method": method, "vs": pairs[method],
                     "step_time_ratio": c["median_step_s"] / ref["median_step_s"],
                     "memory_above_vs_bytes": c["peak_above_model_bytes"] - ref["peak_above_model_bytes"]})
