@@ -21,7 +21,6 @@ Methods (all seven projections adapted, r = 16, α = 32):
   lrlora       LR-LoRA (lrlora.apply_lrlora, sinc, K = 50), dropout 0, the fused layer
   lrlora_d05   the same with dropout 0.05
   lrlora_ref   LR-LoRA through plain autograd (``layer.fused = False``): the layer before the fused function
-               (by default only at the smallest --tokens)
   full         every parameter trains
 
 Step times: one subprocess per (model, layers, tokens) builds every method's model and runs one step of
@@ -236,7 +235,7 @@ def inference_worker(args) -> dict:
 def run_case(args, model, layers, tokens, method) -> dict:
     case = {"model": model, "layers": layers, "tokens": tokens, "method": method, "load_average_before": os.getloadavg()}
     # With interleaved timing, a memory case needs only its warm-up step and one more.
-    timed_here = method.startswith("interleaved") or method == "inference" or args.no_interleave or method == "lrlora_ref"
+    timed_here = method.startswith("interleaved") or method == "inference" or args.no_interleave
     repeats = args.repeats if timed_here else 1
     cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(repeats), "--vocab", str(args.vocab),
            "--threads", str(args.threads), "--worker", model, str(layers), str(tokens), method]
@@ -341,7 +340,7 @@ def main():
     for model, layers, tok in groups:
         it = {}
         if not args.no_interleave:
-            c = run_case(args, model, layers, tok, "interleaved:" + ",".join(m for m in methods if m != "lrlora_ref"))
+            c = run_case(args, model, layers, tok, "interleaved:" + ",".join(methods))
             results.setdefault("timing", []).append(c)
             if "failed" in c:
                 print(f"{model:<11} {layers:>2} {tok:>6} interleaved timing failed: {c['failed']}")
