@@ -174,12 +174,19 @@ def test_dropout_mask_is_drawn_in_training_only():
     assert torch.allclose(layer(x), layer.forward_reference(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("spread", [0.05, 0.8, 3.0])
-def test_table_matches_exact_on_small_and_large_tables(spread):
+def test_table_matches_exact_on_small_and_large_tables(spread, compiled, monkeypatch):
     """Small tables (≤ 2^14 points) take float positions in the compiled kernel, large ones float64:
-    both stay within 1e-5 of the exact σ op for values and every gradient (sinc, learnable grid)."""
+    both stay within 1e-5 of the exact σ op for values and every gradient (sinc, learnable grid); so does
+    the pure-PyTorch path taken without a compiler."""
+    import lrlora._kernels
     from lrlora import sigma
 
+    if compiled and lrlora._kernels.get() is None:
+        pytest.skip("no compiler: the compiled kernels are unavailable here")
+    if not compiled:
+        monkeypatch.setattr(lrlora._kernels, "get", lambda: None)
     torch.manual_seed(3)
     tf = TransferFunction("sinc", K=50, amplitude_init="random", amplitude_init_std=0.5, learn_grid=True)
     t = torch.randn(256, 384) * spread
@@ -223,3 +230,24 @@ def test_cuda_form_reads_nothing_on_the_host_and_matches_exact(monkeypatch):
     assert rel_err(y_f, y_r) < 1e-5
     for k in g_r:
         assert rel_err(g_f[k], g_r[k]) < 1e-5, k
+
+
+def test_compiled_kernels_build_where_a_compiler_exists():
+    """Where g++ and ninja exist the fast path must not fall back silently to the slower PyTorch form."""
+    import shutil
+
+    import lrlora._kernels
+
+    if not (shutil.which("g++") and shutil.which("ninja")):
+        pytest.skip("no g++/ninja")
+    assert lrlora._kernels.get() is not None
+
+
+def test_fused_layer_without_the_compiled_kernels(monkeypatch):
+    import lrlora._kernels
+
+    monkeypatch.setattr(lrlora._kernels, "get", lambda: None)
+    layer = make_layer(256, 192, scale=0.25, center=True)
+    x = torch.randn(3, 256)
+    check_agree(layer, x, None, 0.0)
+    check_agree(layer, x, torch.rand(x.shape) > 0.3, 0.3)
