@@ -4,14 +4,16 @@ in O(t.numel()) memory (never an elements × K tensor).
 Two paths, one interface (``sigma(t, transfer, mode=...)``; "auto" picks the cheaper):
 
 * **fast** (default): σ is one scalar function per module, so each call tabulates σ and σ' on a
-  uniform grid over [min t, max t] in float64 (2048 points per unit of range × σ's frequency scale,
-  at least ``table_size``) and interpolates linearly per element. The parameter gradients go
+  uniform grid over [min t, max t] in float64 (1024 points per unit of range × σ's frequency scale,
+  at least ``table_size``; on CUDA a fixed size, see make_table) and interpolates linearly per element. The parameter gradients go
   through a weighted histogram of t: h_m = Σ_ij G_ij λ_m(t_ij) (λ the interpolation hat weights),
   then ∂L/∂θ = Σ_m h_m ∂σ(s_m)/∂θ, by autograd on the small table. This is the exact gradient of
   the interpolated σ, and works unchanged for every basis.
 * **exact**: chunked over k, recomputed in backward. The reference the fast path is tested against.
 
-Both save only t for backward, and work on CPU and CUDA alike.
+Both save only t for backward, and work on CPU and CUDA alike. The fast path's per-element passes run
+in compiled CPU kernels where a compiler exists (lrlora._kernels), else in pure PyTorch (also on CUDA,
+where nothing is read on the host). The fused LR-LoRA layer (lrlora.fused) drives the same ``Table``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from lrlora.transfer import _EXACT_CHUNK_ELEMENTS, BasisSpec, TransferFunction, 
 # Elements per chunk of the pure-PyTorch interpolation: bounds its index/weight temporaries.
 _CHUNK = 1 << 20
 # Table points per unit of (range × resolution scale); 1024 keeps the fast path within ~1e-6 of the
-# exact one for values and gradients, every basis (measured; 512 gives ~6e-6, 2048 ~2e-7). On CPU a range that would need more than _MAX_TABLE points takes the
-# exact path instead: slower, but never silently inaccurate.
+# exact one for values and gradients, every basis (measured; 512 gives ~6e-6, 2048 ~2e-7). On CPU a
+# range that would need more than _MAX_TABLE points takes the exact path instead: slower, but never
+# silently inaccurate.
 _POINTS_PER_UNIT = 1024
 _MAX_TABLE = 1 << 21
 # On CUDA the table size cannot depend on t's range without reading it on the host (a sync per layer),
