@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets test test-slow test-gpu lint demo bench clean reproduce-table1 reproduce tables figures
+.PHONY: help setup assets test test-slow test-gpu lint demo bench bench-quick clean reproduce-table1 reproduce tables figures
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-16s\033[0m %s\n",$$1,$$2}'
@@ -47,8 +47,13 @@ lint: $(STAMP)  ## ruff
 demo: $(STAMP)  ## the main job: LoRA vs LR-LoRA, MiniLM-L6 on BBC News, offline
 	$(PY) -m experiments.demo
 
-bench: $(STAMP)  ## σ-op speed/memory benchmark -> benchmarks/results/sigma_op.json
-	$(PY) benchmarks/sigma_op.py
+bench: $(STAMP)  ## σ op + training-step benchmarks (CPU, ~40 min) -> benchmarks/results/{sigma_op,train_step}.json
+	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/train_step.py
+
+bench-quick: $(STAMP)  ## a few-minute subset of `make bench` (down_proj σ op; 2 Qwen2 layers, 512 tokens)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op.py --quick --out benchmarks/results/sigma_op_quick.json
+	OMP_NUM_THREADS=1 $(PY) benchmarks/train_step.py --quick --out benchmarks/results/train_step_quick.json
 
 # From runs to the paper's tables and figures (analysis/): SCALE=smoke (tiny random models, CPU, minutes) |
 # mini (SmolLM2-135M on commonsense_bb) | paper (the paper's grid: GPU + LLM-Adapters data).

@@ -3,10 +3,12 @@
     handle = apply_adapter(model, name="nola", r=8, num_basis_A=64, num_basis_B=64, target_modules=[...])
 
 A = Σ_i α_i A_i (A_i ∈ R^{r×d_in}), B = Σ_j β_j B_j (B_j ∈ R^{d_out×r}), ΔW = (α/r)·BA
-(UCDvision/NOLA). Bases: kaiming-uniform, regenerated from `seed` and the module name (so not
-saved); β = 0 at init so ΔW = 0, α ~ U(±1/√k). Trainable per module: num_basis_A + num_basis_B.
-The bases are kept in memory (k·r·(d_in + d_out) floats per module); the official code regenerates
-them chunk by chunk to save memory, which this version does not do.
+(UCDvision/NOLA). Bases: kaiming-uniform, never stored: like the official code, every forward and
+every backward regenerates them from the seed, `_GROUP` bases at a time, so a module holds only its
+k_A + k_B coefficients and at most `_GROUP` bases exist at once (at Qwen2-0.5B scale, r = 8, k = 64,
+storing them would take ~1.6 GB). Each group has its own seed derived from `seed`, the module name,
+the factor and the group index, so the bases do not depend on the device or on how often they are
+drawn. β = 0 at init so ΔW = 0, α ~ U(±1/√k). Trainable per module: num_basis_A + num_basis_B.
 """
 
 from __future__ import annotations
@@ -20,25 +22,74 @@ from torch import nn
 from baselines.core import alpha_or_default, register
 from baselines.layers import AdapterLinear, SelfWrittenAdapted, kaiming_
 
+# Bases drawn per group: bounds the transient memory to _GROUP bases of one factor.
+_GROUP = 8
+
+
+def _group_seed(seed: int, factor: int, group: int) -> int:
+    return (int(seed) * 1_000_003 + factor * 7_919 + group) % 2**63
+
+
+def _basis_group(seed: int, factor: int, group: int, count: int, shape, device, dtype) -> torch.Tensor:
+    """Bases group·_GROUP … group·_GROUP + count − 1 of one factor: [count, *shape], kaiming-uniform."""
+    gen = torch.Generator(device=device).manual_seed(_group_seed(seed, factor, group))
+    return kaiming_(torch.empty(count, *shape, device=device), gen).to(dtype)
+
+
+class _MixedBasis(torch.autograd.Function):
+    """Σ_i c_i · basis_i, the bases regenerated from the seed in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, coef, seed, factor, shape):
+        out = torch.zeros(shape, device=coef.device, dtype=coef.dtype)
+        for g0 in range(0, coef.numel(), _GROUP):
+            c = coef[g0 : g0 + _GROUP]
+            bases = _basis_group(seed, factor, g0 // _GROUP, c.numel(), shape, coef.device, coef.dtype)
+            out += torch.tensordot(c, bases, dims=1)
+        ctx.seed, ctx.factor, ctx.shape = seed, factor, shape
+        ctx.save_for_backward(coef)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (coef,) = ctx.saved_tensors
+        parts = []
+        for g0 in range(0, coef.numel(), _GROUP):
+            n = min(_GROUP, coef.numel() - g0)
+            bases = _basis_group(ctx.seed, ctx.factor, g0 // _GROUP, n, ctx.shape, coef.device, coef.dtype)
+            parts.append(torch.tensordot(bases, grad.to(coef.dtype), dims=len(ctx.shape)))
+        return torch.cat(parts), None, None, None
+
 
 class NoLALinear(AdapterLinear):
     def __init__(self, base_layer, r, num_basis_A, num_basis_B, lora_alpha=None, dropout=0.0, seed=0):
         super().__init__(base_layer, dropout)
         self.r, self.scaling = r, alpha_or_default(r, lora_alpha) / r
+        self.seed = int(seed)
         w = base_layer.weight
-        gen = torch.Generator().manual_seed(int(seed))
-        basis_a = kaiming_(torch.empty(num_basis_A, r, self.in_features), gen)
-        basis_b = kaiming_(torch.empty(num_basis_B, self.out_features, r), gen)
-        self.register_buffer("basis_A", basis_a.to(w.device, w.dtype), persistent=False)
-        self.register_buffer("basis_B", basis_b.to(w.device, w.dtype), persistent=False)
+        gen = torch.Generator().manual_seed(self.seed)
         bound = num_basis_A**-0.5
         coef_a = torch.empty(num_basis_A).uniform_(-bound, bound, generator=gen)
         self.nola_alpha = nn.Parameter(coef_a.to(w.device, w.dtype))
         self.nola_beta = nn.Parameter(torch.zeros(num_basis_B, device=w.device, dtype=w.dtype))
 
+    def _all_bases(self, factor: int, k: int, shape) -> torch.Tensor:
+        p = self.nola_alpha
+        return torch.cat([_basis_group(self.seed, factor, g0 // _GROUP, min(_GROUP, k - g0), shape, p.device, p.dtype)
+                          for g0 in range(0, k, _GROUP)])
+
+    @property
+    def basis_A(self) -> torch.Tensor:
+        """The A bases [k_A, r, d_in], regenerated (for inspection; training never materialises them all)."""
+        return self._all_bases(0, self.nola_alpha.numel(), (self.r, self.in_features))
+
+    @property
+    def basis_B(self) -> torch.Tensor:
+        return self._all_bases(1, self.nola_beta.numel(), (self.out_features, self.r))
+
     def factors(self):
-        a = torch.einsum("k,kri->ri", self.nola_alpha, self.basis_A)
-        b = torch.einsum("k,kor->or", self.nola_beta, self.basis_B)
+        a = _MixedBasis.apply(self.nola_alpha, self.seed, 0, (self.r, self.in_features))
+        b = _MixedBasis.apply(self.nola_beta, self.seed, 1, (self.out_features, self.r))
         return a, b
 
     def delta_weight(self):

@@ -1,11 +1,21 @@
 """σ-op benchmark: forward + backward at the Qwen2-0.5B adapted shapes, naive vs exact vs fast.
 
     make bench                                  # or: python benchmarks/sigma_op.py [--device cuda] [--repeats 5]
+    python benchmarks/sigma_op.py --quick       # down_proj only, the two fast paths
+    python benchmarks/sigma_op.py --paths fast fast_torch   # every shape, skipping the slow naive/exact
+
+Paths: ``naive`` (broadcast over K), ``exact`` (the reference), ``fast`` (the table with the fused
+compiled kernels, lrlora._kernels, on CPU), ``fast_torch`` (the same table in pure PyTorch, as taken
+without a compiler or on CUDA). Each worker also times one elementwise pass over the matrix (``t * 2``,
+read one matrix, write a new one) in the same process, alternating with the op: ``x_elementwise`` is the
+op's time over that (in these workers every large allocation is a fresh mmap, so that pass includes page
+faults, as the op's own outputs do); ``x_elementwise_into_buffer`` is over ``torch.mul(t, 2, out=buf)``,
+the pass without allocation.
 
 For each shape (d_out × d_in) and path it reports the median wall time of one forward + backward
 (gradients for t, a and ρ) and the peak extra memory above the inputs (t, the upstream gradient and
-the parameters), as a multiple of the matrix itself. Every (shape, path) runs in a fresh subprocess so
-peaks do not leak between cases, after a warm-up call on a 64×64 matrix: on CPU the peak is the
+the parameters), as a multiple of the matrix itself. Every (shape, path) runs in two fresh subprocesses
+(one for memory, one for time; see below) so peaks do not leak between cases, after a warm-up call on a 64×64 matrix: on CPU the peak is the
 process's peak RSS minus its RSS before the call (glibc's mmap threshold pinned so freed blocks leave
 the RSS); on CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the call.
 The naive broadcast builds a d_out × d_in × K tensor (and autograd keeps several): where that would not
@@ -30,6 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import MALLOC_ENV, available_bytes, rss_bytes  # noqa: E402
 from lrlora import TransferFunction, sigma, sigma_naive  # noqa: E402
 
 SHAPES = {  # Qwen2-0.5B: hidden 896, 2 KV heads × 64, MLP 4864
@@ -38,34 +49,22 @@ SHAPES = {  # Qwen2-0.5B: hidden 896, 2 KV heads × 64, MLP 4864
     "gate_proj/up_proj": (4864, 896),
     "down_proj": (896, 4864),
 }
-PATHS = ("naive", "exact", "fast")
+PATHS = ("naive", "exact", "fast", "fast_torch")
 K = 50
 # Bytes the naive form needs per element of t, per basis function: autograd keeps w(t − x_k), its sinc
 # and the product with a (fp32) alive for backward, and backward makes as many again.
 NAIVE_BYTES_PER_ELEMENT_K = 4 * 6
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+SPREAD = 0.8  # --spread
 
 
 def _inputs(shape, device):
     torch.manual_seed(0)
     tf = TransferFunction("sinc", K=K, L=3.0, amplitude_init="random", amplitude_init_std=0.1).to(device)
-    # A trained BA is small; this spread also reaches past [−L, L] in the tails.
-    t = (torch.randn(shape, device=device) * 0.8).requires_grad_()
+    # A trained BA is small; the default spread 0.8 also reaches past [−L, L] in the tails (a table of
+    # ~8k points); --spread 0.05 is the range of BA at a LoRA-style init (the 1,024-point minimum table).
+    t = (torch.randn(shape, device=device) * SPREAD).requires_grad_()
     g = torch.randn(shape, device=device)
     return tf, t, g
 
@@ -76,9 +75,15 @@ def _step(path, tf, t, g):
     if path == "naive":
         y = sigma_naive(t, tf)
     else:
-        y = sigma(t, tf, mode="table" if path == "fast" else "exact")
+        y = sigma(t, tf, mode="exact" if path == "exact" else "table")
     y.backward(g)
     return y
+
+
+def _kernels_loaded() -> bool:
+    from lrlora import _kernels
+
+    return _kernels.get() is not None
 
 
 def worker(shape, path, device, repeats) -> dict:
@@ -92,7 +97,7 @@ def worker(shape, path, device, repeats) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = _rss_bytes()
+        before = rss_bytes()
     t0 = time.perf_counter()
     _step(path, tf, t, g)
     if cuda:
@@ -101,15 +106,32 @@ def worker(shape, path, device, repeats) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     first = time.perf_counter() - t0
-    times = []
+    # The op and the elementwise pass alternate, so both see the same load on a shared machine.
+    times, elementwise, into_buffer = [], [], []
+    buf = torch.empty_like(t.detach())
     for _ in range(repeats):
         t0 = time.perf_counter()
         _step(path, tf, t, g)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            t.detach().mul(2.0)
+            if cuda:
+                torch.cuda.synchronize()
+            elementwise.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            torch.mul(t.detach(), 2.0, out=buf)
+            if cuda:
+                torch.cuda.synchronize()
+            into_buffer.append(time.perf_counter() - t0)
+    ew = statistics.median(elementwise)
     matrix = t.numel() * t.element_size()
-    return {"median_s": statistics.median(times), "first_call_s": first, "times_s": times,
+    ewb = statistics.median(into_buffer)
+    return {"elementwise_s": ew, "x_elementwise": statistics.median(times) / ew,
+            "elementwise_into_buffer_s": ewb, "x_elementwise_into_buffer": statistics.median(times) / ewb,
+            "extension": path != "fast" or _kernels_loaded(), "median_s": statistics.median(times), "first_call_s": first, "times_s": times,
             "peak_extra_bytes": int(peak), "peak_extra_x_matrix": peak / matrix, "matrix_bytes": matrix}
 
 
@@ -118,8 +140,13 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="down_proj only, fast and fast_torch")
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=None, help="a subset of the paths")
+    ap.add_argument("--spread", type=float, default=0.8, help="t ~ spread · N(0, 1)")
     ap.add_argument("--worker", nargs=3, metavar=("ROWS", "COLS", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global SPREAD
+    SPREAD = args.spread
     if args.worker:
         rows, cols, path = args.worker
         print(json.dumps(worker((int(rows), int(cols)), path, args.device, args.repeats)))
@@ -127,41 +154,53 @@ def main():
 
     out = Path(args.out or Path(__file__).parent / "results" / f"sigma_op{'' if args.device == 'cpu' else '_' + args.device.split(':')[0]}.json")
     results = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu": platform.processor() or platform.machine(), "K": K, "repeats": args.repeats, "cases": []}
+               "cpu": platform.processor() or platform.machine(), "K": K, "repeats": args.repeats, "spread": args.spread,
+               "cases": []}
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name(0)
-    print(f"{'module':<18} {'shape':>10} {'path':>6} {'median ms':>10} {'extra mem ×matrix':>18} {'speed-up vs naive':>18}")
-    for module, shape in SHAPES.items():
+    print(f"{'module':<18} {'shape':>10} {'path':>10} {'median ms':>10} {'× elementwise':>14} {'extra mem ×matrix':>18} {'speed-up vs naive':>18}")
+    shapes = {"down_proj": SHAPES["down_proj"]} if args.quick else SHAPES
+    paths = args.paths or (("fast", "fast_torch") if args.quick else PATHS)
+    results["load_average_before"] = os.getloadavg()
+    for module, shape in shapes.items():
         naive_s = None
-        for path in PATHS:
+        for path in paths:
             case = {"module": module, "shape": list(shape), "path": path}
             need = shape[0] * shape[1] * K * NAIVE_BYTES_PER_ELEMENT_K
-            budget = (torch.cuda.mem_get_info()[0] if args.device.startswith("cuda") else _available_bytes()) * 0.8
+            budget = (torch.cuda.mem_get_info()[0] if args.device.startswith("cuda") else available_bytes()) * 0.8
             if path == "naive" and need > budget:
                 case["skipped"] = f"needs ~{need / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB available"
                 print(f"{module:<18} {str(shape):>10} {path:>6}   skipped: {case['skipped']}")
                 results["cases"].append(case)
                 continue
-            proc = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats), "--worker", str(shape[0]), str(shape[1]), path],
-                capture_output=True, text=True,
-                # glibc otherwise raises its mmap threshold after the first large free and keeps freed
-                # blocks resident, so peak RSS would measure the allocator's caching, not the op.
-                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)},
-            )
+            cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats),
+                   "--spread", str(args.spread), "--worker", str(shape[0]), str(shape[1]), path]
+            extension = {"LRLORA_NO_EXTENSION": "1"} if path == "fast_torch" else {}
+            # Memory with glibc's mmap threshold pinned (else freed blocks stay resident and peak RSS
+            # measures the allocator's caching); time without it (pinned, every large allocation is a
+            # fresh mmap whose pages fault in, which no training process pays).
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, **MALLOC_ENV, **extension})
+            timing = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **extension})
+            if proc.returncode == 0 and timing.returncode != 0:
+                proc = timing
             if proc.returncode != 0:
                 case["skipped"] = f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
                 print(f"{module:<18} {str(shape):>10} {path:>6}   {case['skipped']}")
                 results["cases"].append(case)
                 continue
-            case.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            mem = json.loads(proc.stdout.strip().splitlines()[-1])
+            case.update(json.loads(timing.stdout.strip().splitlines()[-1]))
+            case.update({k: mem[k] for k in ("peak_extra_bytes", "peak_extra_x_matrix")})
             if path == "naive":
                 naive_s = case["median_s"]
             else:
                 case["speedup_vs_naive"] = naive_s / case["median_s"] if naive_s else None
             sp = f"{case['speedup_vs_naive']:.1f}×" if case.get("speedup_vs_naive") else "-"
-            print(f"{module:<18} {str(shape):>10} {path:>6} {case['median_s'] * 1e3:>10.1f} {case['peak_extra_x_matrix']:>18.2f} {sp:>18}")
+            print(f"{module:<18} {str(shape):>10} {path:>10} {case['median_s'] * 1e3:>10.1f} {case['x_elementwise']:>14.1f} "
+                  f"{case['peak_extra_x_matrix']:>18.2f} {sp:>18}")
             results["cases"].append(case)
+    results["load_average_after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     from lrlora._atomic import atomic_json
 

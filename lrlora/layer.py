@@ -4,6 +4,10 @@ Forward (METHOD.md, App. C):
   * dropout p = 0, or eval:   y = x (W0 + ΔW)ᵀ + b                 one merged matmul
   * p > 0 in training:        y = x W0ᵀ + b + dropout(x) ΔWᵀ       two matmuls; dropout stays input-side
 σ is always computed in fp32 (A, B and the transfer parameters are fp32 whatever the base dtype).
+
+The forward runs through one autograd function (lrlora.fused) that saves only x (and the dropout
+mask) and recomputes BA, σ and σ' in backward, so the memory above LoRA does not grow with depth;
+``layer.fused = False`` takes plain autograd through the σ op (``forward_reference``) instead.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrlora.fused import DeltaSpec, LRLoRALinearFunction
 from lrlora.transfer import TransferFunction
 
 
@@ -49,6 +54,8 @@ class LRLoRALinear(nn.Module):
         self.r, self.center, self.pre_scale, self.post_scale = r, center, pre_scale, post_scale
         self.fast, self.table_size = fast, table_size
         self.merged = False
+        # The fused autograd function (lrlora.fused) by default; False: plain autograd (the reference).
+        self.fused = True
 
     @property
     def in_features(self) -> int:
@@ -84,10 +91,29 @@ class LRLoRALinear(nn.Module):
             dw = dw * self.post_scale
         return dw
 
+    def delta_spec(self) -> DeltaSpec:
+        return DeltaSpec(self.transfer.spec, float(self.pre_scale), float(self.post_scale), bool(self.center),
+                         "auto" if self.fast else "exact", int(self.table_size))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
         if self.merged:
-            return base(x)
+            return self.base_layer(x)
+        if not self.fused:
+            return self.forward_reference(x)
+        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        # The mask as a bool tensor (1 byte per element), which is all the backward keeps of dropout.
+        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p) if p > 0 else None
+        return self.forward_fused(x, mask, p)
+
+    def forward_fused(self, x: torch.Tensor, mask: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
+        """The memory-lean form (lrlora.fused); ``mask`` the dropout keep-mask (None: merged form)."""
+        base, tf = self.base_layer, self.transfer
+        return LRLoRALinearFunction.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, tf.a, tf.rho, tf.grid,
+                                          self.delta_spec(), mask, 1.0 / (1.0 - p))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain autograd through the σ op: keeps BA and W0 + ΔW per layer for backward (the reference)."""
+        base = self.base_layer
         dw = self.delta_weight()
         if self.training and isinstance(self.dropout, nn.Dropout):
             return base(x) + F.linear(self.dropout(x), dw.to(x.dtype))

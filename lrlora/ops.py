@@ -4,14 +4,16 @@ in O(t.numel()) memory (never an elements × K tensor).
 Two paths, one interface (``sigma(t, transfer, mode=...)``; "auto" picks the cheaper):
 
 * **fast** (default): σ is one scalar function per module, so each call tabulates σ and σ' on a
-  uniform grid over [min t, max t] in float64 (2048 points per unit of range × σ's frequency scale,
-  at least ``table_size``) and interpolates linearly per element. The parameter gradients go
+  uniform grid over [min t, max t] in float64 (1024 points per unit of range × σ's frequency scale,
+  at least ``table_size``; on CUDA a fixed size, see make_table) and interpolates linearly per element. The parameter gradients go
   through a weighted histogram of t: h_m = Σ_ij G_ij λ_m(t_ij) (λ the interpolation hat weights),
   then ∂L/∂θ = Σ_m h_m ∂σ(s_m)/∂θ, by autograd on the small table. This is the exact gradient of
   the interpolated σ, and works unchanged for every basis.
 * **exact**: chunked over k, recomputed in backward. The reference the fast path is tested against.
 
-Both save only t for backward, and work on CPU and CUDA alike.
+Both save only t for backward, and work on CPU and CUDA alike. The fast path's per-element passes run
+in compiled CPU kernels where a compiler exists (lrlora._kernels), else in pure PyTorch (also on CUDA,
+where nothing is read on the host). The fused LR-LoRA layer (lrlora.fused) drives the same ``Table``.
 """
 
 from __future__ import annotations
@@ -20,22 +22,125 @@ import math
 
 import torch
 
+from lrlora import _kernels
 from lrlora.transfer import _EXACT_CHUNK_ELEMENTS, BasisSpec, TransferFunction, _terms, evaluate
 
-# Elements per chunk of the interpolation: bounds the index/weight temporaries (int64 + fp32).
-_CHUNK = 1 << 18
-# Table points per unit of (range × resolution scale); 2048 keeps linear-interpolation error of a
-# unit-amplitude sinc near 1e-7. A range that would need more than _MAX_TABLE points takes the exact
-# path instead: slower, but never silently inaccurate.
-_POINTS_PER_UNIT = 2048
+# Elements per chunk of the pure-PyTorch interpolation: bounds its index/weight temporaries.
+_CHUNK = 1 << 20
+# Table points per unit of (range × resolution scale); 1024 keeps the fast path within ~1e-6 of the
+# exact one for values and gradients, every basis (measured; 512 gives ~6e-6, 2048 ~2e-7). On CPU a
+# range that would need more than _MAX_TABLE points takes the exact path instead: slower, but never
+# silently inaccurate.
+_POINTS_PER_UNIT = 1024
 _MAX_TABLE = 1 << 21
-# Table points per pass when building the table: bounds its (points × K) temporaries to ~1 MB.
-_TABLE_CHUNK = 2048
+# On CUDA the table size cannot depend on t's range without reading it on the host (a sync per layer),
+# so it is fixed: _CUDA_TABLE points over [min t, max t], accurate (≤ ~1e-6) while range × scale ≤ 32.
+_CUDA_TABLE = 1 << 16
+# Tests only: take the CUDA form (no host reads, fixed table, pure PyTorch) on CPU, where it can be checked.
+DEVICE_SIDE_TABLE_ON_CPU = False
+# Table points per pass when building the table: bounds its (points × K) float64 temporaries (~6 MB at K = 50).
+_TABLE_CHUNK = 1 << 14
 
 
-def _table_grid(t: torch.Tensor, spec: BasisSpec, rho: torch.Tensor, table_size: int):
-    """The float64 abscissae s_0..s_{M-1} covering [min t, max t]; None if t is not finite or its range
-    would need more than _MAX_TABLE points."""
+class Table:
+    """σ (and lazily σ') tabulated in float64 on the uniform grid s_0..s_{M-1} = lo + m/inv.
+
+    ``lo`` and ``inv`` are Python floats on CPU and 0-dim device tensors on CUDA (no host sync)."""
+
+    def __init__(self, spec: BasisSpec, a, rho, grid, s, lo, inv):
+        self.spec, self.params, self.s, self.lo, self.inv = spec, (a, rho, grid), s, lo, inv
+        self.m = s.numel()
+        self._vals = self._dvals = None
+
+    @property
+    def vals(self) -> torch.Tensor:
+        if self._vals is None:
+            with torch.no_grad():
+                self._vals = _table_values(self.spec, self.s, *self.params)
+        return self._vals
+
+    @property
+    def dvals(self) -> torch.Tensor:
+        if self._dvals is None:
+            # One autograd pass gives σ' and, for free, σ (its forward).
+            self._dvals, vals = _table_derivative(self.spec, self.s, *self.params)
+            if self._vals is None:
+                self._vals = vals
+        return self._dvals
+
+    def interp(self, t: torch.Tensor) -> torch.Tensor:
+        """σ(t) (t's dtype for float32/float64 t)."""
+        k = _kernels_for(t)
+        if k is not None:
+            return k.interp(t.contiguous(), self.vals, self.lo, self.inv).view(t.shape)
+        return _interp_torch(t, self.vals, self.lo, self.inv, self.m)
+
+    def backward(self, t: torch.Tensor, g: torch.Tensor, need_t: bool = True, need_hist: bool = True,
+                 val_into_g: bool = False):
+        """(g·σ'(t) or None, weighted histogram h_m = Σ g·λ_m(t) in float64 or None), in one pass.
+        val_into_g: also overwrite g (t's dtype, contiguous, the caller's own) with σ(t)."""
+        k = _kernels_for(t)
+        if k is not None:
+            if not val_into_g:
+                g = g.to(t.dtype).contiguous()
+            dtab = self.dvals if need_t else self.vals  # an unused argument when need_t is False
+            grad_t, _, hist = k.interp_backward(t.contiguous(), g, self.vals, dtab, self.lo, self.inv,
+                                                need_t, val_into_g, need_hist)
+            return (grad_t.view(t.shape) if need_t else None), (hist if need_hist else None)
+        out = _backward_torch(t, g.to(t.dtype), self.dvals if need_t else None, self.lo, self.inv, self.m, need_hist)
+        if val_into_g:
+            g.copy_(self.interp(t))
+        return out
+
+    def prepare_backward(self, needs) -> None:
+        """σ' (and σ) now, keeping the small graph of one table-sized evaluation so that ``param_grads``
+        reuses it instead of evaluating the basis again (only when the table fits one chunk)."""
+        if self._dvals is not None or self.m > _TABLE_CHUNK or not any(needs):
+            return
+        s_leaf = self.s.detach().requires_grad_()
+        leaves = [p.detach().double().requires_grad_(bool(n)) for p, n in zip(self.params, needs)]
+        with torch.enable_grad():
+            v = evaluate(self.spec, s_leaf, *leaves)
+            (self._dvals,) = torch.autograd.grad(v.sum(), s_leaf, retain_graph=True)
+        self._vals = v.detach() if self._vals is None else self._vals
+        self._graph = (v, leaves, tuple(bool(n) for n in needs))
+
+    def param_grads(self, hist: torch.Tensor, needs):
+        """Σ_m hist_m ∂σ(s_m)/∂θ for θ in (a, rho, grid), None where not needed."""
+        graph = getattr(self, "_graph", None)
+        if graph is not None and graph[2] == tuple(bool(n) for n in needs):
+            v, leaves, _ = graph
+            self._graph = None
+            wanted = [x for x in leaves if x.requires_grad]
+            grads = iter(torch.autograd.grad(v, wanted, hist, allow_unused=True))
+            out = []
+            for p, x in zip(self.params, leaves):
+                gx = next(grads) if x.requires_grad else None
+                out.append(None if not x.requires_grad else (torch.zeros_like(p) if gx is None else gx.to(p.dtype)))
+            return out
+        return _table_param_grads(self.spec, self.s, hist, self.params, needs)
+
+
+def _kernels_for(t: torch.Tensor):
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or DEVICE_SIDE_TABLE_ON_CPU:
+        return None
+    return _kernels.get()
+
+
+def make_table(t: torch.Tensor, spec: BasisSpec, a, rho, grid, table_size: int) -> Table | None:
+    """The table for this t, or None where it cannot serve (CPU only: t not finite, or its range
+    would need more than _MAX_TABLE points): the caller then takes the exact path."""
+    if t.numel() == 0:
+        return None
+    if t.device.type != "cpu" or DEVICE_SIDE_TABLE_ON_CPU:
+        # Everything stays on the device: lo/inv are tensors, M is fixed. A NaN/inf in t makes the
+        # whole table NaN (so ΔW is NaN, as it would be naively: training has diverged anyway).
+        lo, hi = torch.aminmax(t.detach().double())
+        pad = 1e-6 * torch.maximum(torch.ones_like(lo), torch.maximum(lo.abs(), hi.abs()))
+        lo, hi = lo - pad, hi + pad
+        m = max(table_size, _CUDA_TABLE)
+        s = lo + (hi - lo) * torch.linspace(0.0, 1.0, m, dtype=torch.float64, device=t.device)
+        return Table(spec, a, rho, grid, s, lo, (m - 1) / (hi - lo))
     lo, hi = torch.aminmax(t.detach())
     lo, hi = float(lo), float(hi)
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -48,50 +153,100 @@ def _table_grid(t: torch.Tensor, spec: BasisSpec, rho: torch.Tensor, table_size:
     if want > _MAX_TABLE:
         return None
     m = max(table_size, want)
-    return torch.linspace(lo, hi, m, dtype=torch.float64, device=t.device)
+    s = torch.linspace(lo, hi, m, dtype=torch.float64, device=t.device)
+    # The step as linspace made it, so positions land on the table's own nodes.
+    return Table(spec, a, rho, grid, s, lo, (m - 1) / (hi - lo))
 
 
-def _locate(tc: torch.Tensor, lo: float, step: float, m: int):
+def use_table(t: torch.Tensor, table: Table | None, mode: str) -> bool:
+    """mode "table": whenever a table can serve; "auto": only when t has more than four times as many
+    elements as the table (the table costs M·K basis evaluations whatever the size of t)."""
+    return table is not None and (mode == "table" or t.numel() > 4 * table.m)
+
+
+def _locate(tc: torch.Tensor, lo, inv, m: int):
     """Cell index and fractional position of each element of a chunk of t."""
     # float64 even for float32 t: a float32 position is off by up to ~1e-2 of a cell on the large
     # tables of the finer bases (B-spline, Fourier), which costs σ' about 1e-5 relative.
-    pos = tc.double().sub_(lo).mul_(1.0 / step)
+    pos = tc.double().sub_(lo).mul_(inv)
     idx = pos.floor().clamp_(0, m - 2)
     frac = pos.sub_(idx).clamp_(0.0, 1.0).to(tc.dtype)
     return idx.long(), frac
 
 
-def _interp(table: torch.Tensor, slope: torch.Tensor, idx: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
-    return table[idx] + frac * slope[idx]
+def _chunks(n: int):
+    for i in range(0, n, _CHUNK):
+        yield slice(i, i + _CHUNK)
+
+
+def _interp_torch(t, vals, lo, inv, m):
+    cdt = torch.float64 if t.dtype == torch.float64 else torch.float32
+    table, slope = vals.to(cdt), (vals[1:] - vals[:-1]).to(cdt)
+    out = torch.empty_like(t, dtype=cdt)
+    flat_t, flat_o = t.reshape(-1), out.view(-1)
+    for c in _chunks(flat_t.numel()):
+        idx, frac = _locate(flat_t[c], lo, inv, m)
+        flat_o[c] = torch.addcmul(table[idx], frac, slope[idx])
+    # NaN/inf elements propagate as they would naively (their clamped position is meaningless).
+    return torch.where(torch.isfinite(t), out, t.to(cdt)).to(t.dtype)
+
+
+def _backward_torch(t, g, dvals, lo, inv, m, need_hist):
+    cdt = torch.float64 if t.dtype == torch.float64 else torch.float32
+    grad_t = hist = None
+    if dvals is not None:
+        dtab, dslope = dvals.to(cdt), (dvals[1:] - dvals[:-1]).to(cdt)
+        grad_t = torch.empty_like(t, dtype=cdt)
+    if need_hist:
+        hist = torch.zeros(m, dtype=torch.float64, device=t.device)
+    flat_t, flat_g = t.reshape(-1), g.reshape(-1)
+    for c in _chunks(flat_t.numel()):
+        idx, frac = _locate(flat_t[c], lo, inv, m)
+        gc = flat_g[c].to(cdt)
+        if grad_t is not None:
+            grad_t.view(-1)[c] = gc * torch.addcmul(dtab[idx], frac, dslope[idx])
+        if hist is not None:
+            # Weighted histogram: each element spreads its upstream gradient onto its two nodes (float64
+            # sums: a node gathers up to millions of terms). index_add_ rather than bincount: bincount
+            # reads max(idx) on the host, a sync on CUDA.
+            gf = (gc * frac).double()
+            hist.index_add_(0, idx, gc.double() - gf)
+            hist.index_add_(0, idx + 1, gf)
+    return (grad_t.to(t.dtype) if grad_t is not None else None), hist
 
 
 def _table_chunks(s: torch.Tensor):
-    for i in range(0, s.numel(), _TABLE_CHUNK):
-        yield slice(i, i + _TABLE_CHUNK)
+    step = _TABLE_CHUNK if s.device.type == "cpu" else 1 << 15  # few launches on CUDA
+    for i in range(0, s.numel(), step):
+        yield slice(i, i + step)
 
 
 def _table_values(spec: BasisSpec, s, a, rho, grid) -> torch.Tensor:
     """σ(s) on the table's abscissae, float64, streamed over chunks of s."""
-    a, rho, grid = a.double(), rho.double(), grid.double()
+    a, rho, grid = a.detach().double(), rho.detach().double(), grid.detach().double()
     return torch.cat([evaluate(spec, s[c], a, rho, grid) for c in _table_chunks(s)])
 
 
-def _table_derivative(spec: BasisSpec, s, a, rho, grid) -> torch.Tensor:
-    """σ'(s), float64. σ(s_m) depends on s_m alone, so the gradient of a chunk's sum is σ' elementwise."""
+def _table_derivative(spec: BasisSpec, s, a, rho, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ'(s), σ(s)), float64. σ(s_m) depends on s_m alone, so the gradient of a chunk's sum is σ' elementwise."""
     a, rho, grid = a.detach().double(), rho.detach().double(), grid.detach().double()
-    out = []
+    out, vals = [], []
     for c in _table_chunks(s):
         sc = s[c].detach().requires_grad_()
         with torch.enable_grad():
-            (d,) = torch.autograd.grad(evaluate(spec, sc, a, rho, grid).sum(), sc)
+            v = evaluate(spec, sc, a, rho, grid)
+            (d,) = torch.autograd.grad(v.sum(), sc)
         out.append(d)
-    return torch.cat(out)
+        vals.append(v.detach())
+    return torch.cat(out), torch.cat(vals)
 
 
 def _table_param_grads(spec: BasisSpec, s, hist, params, needs):
     """Σ_m hist_m ∂σ(s_m)/∂θ for θ in (a, rho, grid): autograd on the table, streamed over chunks of s."""
-    leaves = [p.detach().double().requires_grad_(n) for p, n in zip(params, needs)]
+    leaves = [p.detach().double().requires_grad_(bool(n)) for p, n in zip(params, needs)]
     wanted = [x for x in leaves if x.requires_grad]
+    if not wanted:
+        return [None] * len(params)
     acc = [torch.zeros_like(x) for x in wanted]
     for c in _table_chunks(s):
         with torch.enable_grad():
@@ -105,49 +260,19 @@ def _table_param_grads(spec: BasisSpec, s, hist, params, needs):
 
 class _SigmaTable(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, spec, s, a, rho, grid):
-        with torch.no_grad():
-            vals = _table_values(spec, s, a, rho, grid)
-        lo, step, m = float(s[0]), float(s[1] - s[0]), s.numel()
-        cdt = torch.float64 if t.dtype == torch.float64 else torch.float32
-        table, slope = vals.to(cdt), (vals[1:] - vals[:-1]).to(cdt)
-        out = torch.empty_like(t, dtype=cdt)
-        flat_t, flat_o = t.reshape(-1), out.view(-1)
-        for i in range(0, flat_t.numel(), _CHUNK):
-            idx, frac = _locate(flat_t[i : i + _CHUNK], lo, step, m)
-            flat_o[i : i + _CHUNK] = _interp(table, slope, idx, frac)
-        ctx.save_for_backward(t, a, rho, grid)
-        ctx.spec, ctx.s = spec, s
-        return out.to(t.dtype)
+    def forward(ctx, t, table, a, rho, grid):
+        ctx.save_for_backward(t)
+        ctx.table = table
+        return table.interp(t)
 
     @staticmethod
     def backward(ctx, g):
-        t, a, rho, grid = ctx.saved_tensors
-        spec, s = ctx.spec, ctx.s
-        need_t = ctx.needs_input_grad[0]
-        needs_p = ctx.needs_input_grad[3:]
-        lo, step, m = float(s[0]), float(s[1] - s[0]), s.numel()
-        cdt = torch.float64 if t.dtype == torch.float64 else torch.float32
-        if need_t:
-            dvals = _table_derivative(spec, s, a, rho, grid)
-            dtab, dslope = dvals.to(cdt), (dvals[1:] - dvals[:-1]).to(cdt)
-            grad_t = torch.empty_like(t, dtype=cdt)
-            flat_gt = grad_t.view(-1)
-        hist = torch.zeros(m, dtype=torch.float64, device=t.device) if any(needs_p) else None
-        flat_t, flat_g = t.reshape(-1), g.reshape(-1)
-        for i in range(0, flat_t.numel(), _CHUNK):
-            idx, frac = _locate(flat_t[i : i + _CHUNK], lo, step, m)
-            gc = flat_g[i : i + _CHUNK].to(cdt)
-            if need_t:
-                flat_gt[i : i + _CHUNK] = gc * _interp(dtab, dslope, idx, frac)
-            if hist is not None:
-                gf = gc * frac
-                # Weighted histogram: each element spreads its upstream gradient onto its two nodes
-                # (float64 weights: a node sums up to millions of terms).
-                hist += torch.bincount(idx, weights=(gc - gf).double(), minlength=m)
-                hist[1:] += torch.bincount(idx, weights=gf.double(), minlength=m)[:-1]
-        grads_p = _table_param_grads(spec, s, hist, (a, rho, grid), needs_p) if hist is not None else [None] * 3
-        return (grad_t.to(t.dtype) if need_t else None), None, None, *grads_p
+        (t,) = ctx.saved_tensors
+        needs_p = ctx.needs_input_grad[2:]
+        ctx.table.prepare_backward(needs_p)
+        grad_t, hist = ctx.table.backward(t, g, need_t=ctx.needs_input_grad[0], need_hist=any(needs_p))
+        grads_p = ctx.table.param_grads(hist, needs_p) if hist is not None else [None] * 3
+        return grad_t, None, *grads_p
 
 
 class _SigmaExact(torch.autograd.Function):
@@ -198,15 +323,19 @@ def sigma(t: torch.Tensor, transfer: TransferFunction, mode: str = "auto", table
 
     mode: "table" (fast path), "exact" (reference), or "auto": the table when t has more elements
     than a few tables (the table costs M·K basis evaluations whatever the size of t), else exact.
-    A non-finite t, or one whose range would need an oversized table, always takes the exact path
-    (so NaN/inf propagate as they would naively).
+    On CPU a non-finite t, or one whose range would need an oversized table, always takes the exact
+    path (so NaN/inf propagate as they would naively).
     """
+    return sigma_with(t, transfer.spec, transfer.a, transfer.rho, transfer.grid, mode, table_size)
+
+
+def sigma_with(t, spec: BasisSpec, a, rho, grid, mode: str = "auto", table_size: int = 1024) -> torch.Tensor:
+    """``sigma`` with the transfer function's parameters passed explicitly (the fused layer's form)."""
     if mode not in ("auto", "table", "exact"):
         raise ValueError(f"mode must be 'auto', 'table' or 'exact', got {mode!r}")
-    spec, a, rho, grid = transfer.spec, transfer.a, transfer.rho, transfer.grid
-    s = _table_grid(t, spec, rho, table_size) if mode != "exact" and t.numel() > 0 else None
-    if s is not None and (mode == "table" or t.numel() > 4 * s.numel()):
-        return _SigmaTable.apply(t, spec, s, a, rho, grid)
+    table = make_table(t, spec, a, rho, grid, table_size) if mode != "exact" else None
+    if use_table(t, table, mode):
+        return _SigmaTable.apply(t, table, a, rho, grid)
     return _SigmaExact.apply(t, spec, a, rho, grid)
 
 

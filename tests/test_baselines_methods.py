@@ -120,3 +120,25 @@ def test_table1_pairings_on_qwen2_shapes():
     for r, target in ((r16, lora16), (r32, lora32)):
         assert budget_percent(model, "randlora", DECODER_TARGETS, r=r) == pytest.approx(target, rel=0.1)
     assert parameter_count(model, "lora", DECODER_TARGETS, r=16) == 24 * 16 * (2 * 1792 + 2 * 1024 + 3 * 5760)
+
+
+def test_nola_regenerates_its_bases_and_matches_the_stored_form():
+    """NoLA keeps no bases: A = Σ α_i A_i from regenerated bases, with the gradient of the stored form."""
+    h = apply_adapter(tiny_encoder(), name="nola", r=2, num_basis_A=11, num_basis_B=9, target_modules=ENCODER_TARGETS)
+    layer = next(iter(h.layers().values()))
+    assert not any(b.numel() > 0 for b in layer.buffers())  # nothing stored besides the coefficients
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.nola_beta.normal_()
+    basis_a, basis_b = layer.basis_A, layer.basis_B
+    assert basis_a.shape == (11, 2, layer.in_features) and torch.equal(basis_a, layer.basis_A)  # same every time
+    alpha = layer.nola_alpha.detach().clone().requires_grad_()
+    beta = layer.nola_beta.detach().clone().requires_grad_()
+    ref = layer.scaling * torch.einsum("k,kor->or", beta, basis_b) @ torch.einsum("k,kri->ri", alpha, basis_a)
+    dw = layer.delta_weight()
+    assert torch.allclose(dw, ref, atol=1e-6)
+    g = torch.randn_like(ref)
+    (dw * g).sum().backward()
+    (ref * g).sum().backward()
+    assert torch.allclose(layer.nola_alpha.grad, alpha.grad, atol=1e-5)
+    assert torch.allclose(layer.nola_beta.grad, beta.grad, atol=1e-5)
