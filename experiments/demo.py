@@ -38,7 +38,7 @@ def table(results: dict[str, dict]) -> str:
             "|---|---|---|---|---|---|"]
     for method, r in results.items():
         m, p, sr = r["metrics"], r["params"], r["stable_ranks"]["all"]
-        rows.append(f"| {method} (r={r['r']}) | {m['test_accuracy']:.3f} | {m['best_val_accuracy']:.3f} | "
+        rows.append(f"| {method} (r={r['r']}) | {m['glue']['accuracy']:.3f} | {m['train']['best_val']:.3f} | "
                     f"{p['trainable']:,} ({p['trainable_percent']:.2f}%) | {sr['mean']:.2f} ± {sr['std']:.2f} | "
                     f"{r['timing']['train_s']:.0f} s |")
     return "\n".join(rows)
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     r0 = results["LoRA"]
     scale = (f"{r0['backbone']} on {r0['regime']}: {r0['config']['regime']['n_train']} train / "
              f"{r0['config']['regime']['n_test']} test articles, {r0['config']['regime']['max_length']} tokens, "
-             f"{r0['metrics']['steps']} steps; wall time {wall:.0f} s for both runs "
+             f"{r0['metrics']['train']['steps']} steps; wall time {wall:.0f} s for both runs "
              f"({r0['torch_threads']} torch threads; 1-min load average {load0:.1f} at start, "
              f"{os.getloadavg()[0]:.1f} at end, on {os.cpu_count()} cores)")
     (out / "table.md").write_text(f"{text}\n\n{scale}\n")

@@ -13,7 +13,7 @@ def fake_results(method, acc, ranks):
                                                             "shape": [4, 4]}
                  for i in range(len(ranks)) for t in ("query", "value")}
     return {"r": 4, "backbone": "minilm_l6", "regime": "bbc_news",
-            "metrics": {"test_accuracy": acc, "best_val_accuracy": acc + 0.01},
+            "metrics": {"glue": {"accuracy": acc}, "train": {"best_val": acc + 0.01, "best_val_metric": "accuracy"}},
             "params": {"trainable": 1234, "trainable_percent": 0.5},
             "stable_ranks": {"all": {"mean": sum(ranks) / len(ranks), "std": 0.5},
                              "by_type": {"query": {}, "value": {}}, "per_layer": per_layer},
@@ -41,5 +41,5 @@ def test_demo_pipeline_on_a_small_slice(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "stable_ranks.png").exists() and (tmp_path / "table.md").exists()
     for r in results.values():
         on_disk = json.loads((tmp_path / "results" / f"{r['run_name']}.json").read_text())
-        assert on_disk["metrics"]["steps"] == 3 and on_disk["backbone"] == "minilm_l6"
+        assert on_disk["metrics"]["train"]["steps"] == 3 and on_disk["backbone"] == "minilm_l6"
         assert len(on_disk["stable_ranks"]["per_layer"]) == 36  # 6 layers x 6 module types
