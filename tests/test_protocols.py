@@ -110,3 +110,33 @@ def test_merged_model_scores_like_the_adapter(tiny_decoder):
         after = merged_model(ctx)(input_ids=x).logits
     assert ctx._merged and merged_model(ctx) is ctx.model
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+
+
+def test_lm_eval_scores_local_tasks_offline(tiny_decoder, tmp_path, monkeypatch):
+    """lm-eval's HFLM on the in-memory model, task YAMLs generated from the test examples, no hub."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = tiny_decoder
+    test = [{"task": t, "question": f"question {i} of {t}?", "choices": ["yes", "no", "it depends"][: 2 + i % 2],
+             "gold": i % 2, "answer": "answer1", "prompt": "p"} for t in ("a", "b") for i in range(5)]
+    ctx = EvalContext(model=model, processor=tok, regime=OmegaConf.create({"task": "causal_lm"}), test=test,
+                      batch_size=4, out_dir=tmp_path)
+    m = run_protocol("lm_eval", ctx, protocol_config("lm_eval", {"limit": 4}))
+    rows = [json.loads(line) for line in open(m["predictions"])]
+    assert m["task_source"] == "local" and m["n"] == 8 and len(rows) == 8
+    assert (tmp_path / "lm_eval_tasks" / "a.yaml").exists()
+    for task in ("a", "b"):
+        t = m["tasks"][task]
+        mine = [int(np.argmax(r["loglikelihoods"]) == r["gold"]) for r in rows if r["task"] == task]
+        assert t["n"] == 4 and t["acc"] == pytest.approx(np.mean(mine)) and t["acc_stderr"] > 0
+        assert 0 <= t["acc_norm"] <= 1
+    assert m["acc"] == pytest.approx((m["tasks"]["a"]["acc"] + m["tasks"]["b"]["acc"]) / 2)
+    assert [len(r["loglikelihoods"]) for r in rows if r["task"] == "a"] == [2, 3, 2, 3]
+
+
+def test_lm_eval_without_options_says_what_to_do(tiny_decoder, tmp_path):
+    model, tok = tiny_decoder
+    ctx = EvalContext(model=model, processor=tok, regime=OmegaConf.create({"task": "causal_lm"}),
+                      test=[{"prompt": "p", "answer": "true", "task": "boolq"}], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="protocol.tasks="):
+        run_protocol("lm_eval", ctx, protocol_config("lm_eval"))
