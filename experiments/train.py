@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.backbones import BackboneMissing, build_backbone
 from experiments.data import DatasetMissing, load_splits, make_collate
+from experiments.evaluate import provenance
 from experiments.loop import train
 from experiments.protocols import EvalContext, UnknownProtocol, protocol_config, protocol_names, run_protocol
 from experiments.results import git_info, package_versions, peak_memory, rank_stats, write_results
@@ -148,7 +149,7 @@ def run(cfg: DictConfig) -> dict:
         for name in protocol_names(cfg):
             pcfg = protocol_config(name, (cfg.get("eval") or {}).get("settings", {}).get(name))
             metrics[name] = run_protocol(name, ctx, pcfg)
-            protocols[name] = OmegaConf.to_container(pcfg, resolve=True)
+            protocols[name] = provenance("experiments.train", OmegaConf.to_container(pcfg, resolve=True))
             accelerator.print(f"[{cfg.run_name}] {name}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in metrics[name].items() if isinstance(v, float)))
 

@@ -140,3 +140,47 @@ def test_lm_eval_without_options_says_what_to_do(tiny_decoder, tmp_path):
                       test=[{"prompt": "p", "answer": "true", "task": "boolq"}], out_dir=tmp_path)
     with pytest.raises(ValueError, match="protocol.tasks="):
         run_protocol("lm_eval", ctx, protocol_config("lm_eval"))
+
+
+def test_evaluate_rescores_a_finished_run(tmp_path, monkeypatch):
+    """experiments.evaluate reloads the saved adapter and reproduces the training run's own test metrics,
+    merging them into the results file without touching anything else."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from experiments.evaluate import evaluate_run
+    from experiments.train import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "backbone=tiny_encoder", "regime=bbc_news", "adapter=lrlora", "adapter.r=2", "logger=none",
+            "trainer.max_steps=2", "trainer.progress=false", "trainer.num_threads=1", f"paths.root={tmp_path}",
+            "regime.n_train=16", "regime.n_val=8", "regime.n_test=8", "regime.max_length=32",
+            "regime.train.batch_size=8"])
+    trained = run(cfg)
+    path = tmp_path / "results" / f"{trained['run_name']}.json"
+    before = json.loads(path.read_text())
+    assert before["protocols"]["glue"]["by"] == "experiments.train"
+
+    m = evaluate_run(str(tmp_path / "runs" / trained["run_name"]), protocol_config("glue"), tmp_path / "results")
+    after = json.loads(path.read_text())
+    assert m["accuracy"] == before["metrics"]["glue"]["accuracy"]
+    assert m["loss"] == pytest.approx(before["metrics"]["glue"]["loss"], rel=1e-5)
+    assert after["protocols"]["glue"]["by"] == "experiments.evaluate"
+    assert {k: v for k, v in after.items() if k != "protocols"} == {
+        k: v for k, v in before.items() if k != "protocols"} | {"metrics": {**before["metrics"], "glue": m}}
+
+    # the command line: a run name, a protocol setting, and a one-line error for a run that does not exist
+    cmd = [sys.executable, "-m", "experiments.evaluate", f"run={trained['run_name']}", "protocol=glue",
+           "protocol.limit=4", f"paths.root={tmp_path}", "num_threads=1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(path.read_text())["metrics"]["glue"]["n"] == 4
+    p = subprocess.run([*cmd[:3], "run=nope", "protocol=glue", f"paths.root={tmp_path}"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode != 0 and "error: no results file for run 'nope'" in p.stderr and "Traceback" not in p.stderr
