@@ -100,7 +100,7 @@ def test_merged_model_scores_like_the_adapter(tiny_decoder):
     model, tok = tiny_model("decoder", "causal_lm", 2)
     handle = apply_adapter(model, name="lrlora", r=2, target_modules=["q_proj", "v_proj"])
     with torch.no_grad():
-        for n, p in handle.model.named_parameters():
+        for p in handle.model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     x = torch.randint(5, 100, (2, 7))
