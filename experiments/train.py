@@ -117,6 +117,10 @@ def run(cfg: DictConfig) -> dict:
                       f"({100 * trainable / total:.3f}%), head {head:,}")
     collate = make_collate(regime, processor, cfg.backbone.get("image_size", 32))
 
+    # the protocols' settings now: an unknown protocol fails before training, not after
+    settings = (cfg.get("eval") or {}).get("settings") or {}
+    eval_cfgs = {name: protocol_config(name, settings.get(name)) for name in protocol_names(cfg)}
+
     # loop
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker = Tracker(cfg, out_dir, config, enabled=accelerator.is_main_process)
@@ -129,6 +133,7 @@ def run(cfg: DictConfig) -> dict:
     if accelerator.is_main_process:
         handle.save(adapter_dir)
     ranks = rank_stats(handle.delta_weights(), kwargs["target_modules"]) if cfg.trainer.compute_ranks else {}
+    adapter_extra = handle.extra_results()
     if accelerator.is_main_process and cfg.logger.get("log_transfer_plot", True):
         fig = plot_transfer_functions(model, out_dir / "transfer_functions.png", kwargs["target_modules"])
         if fig:
@@ -146,8 +151,7 @@ def run(cfg: DictConfig) -> dict:
                           collate=collate, device=accelerator.device, autocast=accelerator.autocast,
                           batch_size=loop["micro_batch_size"] * 2, out_dir=out_dir, run_name=cfg.run_name,
                           adapter=handle)
-        for name in protocol_names(cfg):
-            pcfg = protocol_config(name, (cfg.get("eval") or {}).get("settings", {}).get(name))
+        for name, pcfg in eval_cfgs.items():
             metrics[name] = run_protocol(name, ctx, pcfg)
             protocols[name] = provenance("experiments.train", OmegaConf.to_container(pcfg, resolve=True))
             accelerator.print(f"[{cfg.run_name}] {name}: " + ", ".join(
@@ -163,7 +167,7 @@ def run(cfg: DictConfig) -> dict:
                    "head": head},
         "stable_ranks": ranks,
         "adapter_dir": str(adapter_dir),
-        "adapter_extra": handle.extra_results(),
+        "adapter_extra": adapter_extra,
         "timing": {"wall_s": wall, "train_s": loop["train_time"],
                    "tokens_per_s": loop["tokens"] / loop["train_time"] if loop["train_time"] else None,
                    "samples_per_s": loop["samples"] / loop["train_time"] if loop["train_time"] else None},
@@ -190,7 +194,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
-    except (DatasetMissing, BackboneMissing, TargetModuleError, UnknownProtocol) as e:  # the user's to fix: no stack trace
+    except (DatasetMissing, BackboneMissing, TargetModuleError, UnknownProtocol) as e:  # the user's to fix: no trace
         sys.exit(f"error: {e}")
     return results["metrics"]["train"]["best_val"]  # for Hydra sweepers
 

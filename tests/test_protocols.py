@@ -72,6 +72,15 @@ def test_batched_generation_equals_batch_one(tiny_decoder, num_beams):
     single = generate(model, tok, PROMPTS, num_beams, 12, batch_size=1)
     assert batched == single
     assert len({len(tok(p)["input_ids"]) for p in PROMPTS}) == len(PROMPTS)  # the batch really was padded
+    if num_beams == 1:
+        return
+    # the same left-padded batch attending to its padding (no mask) continues differently: the test can fail
+    side, tok.padding_side = tok.padding_side, "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = side
+    out = model.generate(input_ids=enc["input_ids"], attention_mask=torch.ones_like(enc["input_ids"]),
+                         num_beams=num_beams, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True) != single
     assert all(batched), "a random model still generates tokens"
 
 
@@ -184,3 +193,32 @@ def test_evaluate_rescores_a_finished_run(tmp_path, monkeypatch):
     p = subprocess.run([*cmd[:3], "run=nope", "protocol=glue", f"paths.root={tmp_path}"], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode != 0 and "error: no results file for run 'nope'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_every_regime_names_registered_protocols():
+    """Each regime's default protocols exist as a function and a YAML; each YAML has its function."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from experiments.protocols import CONF_DIR, PROTOCOLS, _load_all
+
+    _load_all()
+    assert {p.stem for p in CONF_DIR.glob("*.yaml")} <= set(PROTOCOLS)
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        for path in sorted((conf / "regime").glob("[!_]*.yaml")):
+            regime = compose("train", overrides=[f"regime={path.stem}"]).regime
+            for name in regime.protocols:
+                assert name in PROTOCOLS and protocol_config(name).name == name, (path.stem, name)
+
+
+def test_unknown_protocol_fails_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "experiments.train", "backbone=tiny_encoder", "regime=bbc_news", "logger=none",
+           "eval.protocols=[glue,nope]", f"paths.root={tmp_path}", "trainer.num_threads=1", "regime.n_train=8"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "error: unknown protocol 'nope'" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("state.pt"))
