@@ -222,3 +222,14 @@ def test_unknown_protocol_fails_before_training(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "error: unknown protocol 'nope'" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("state.pt"))
+
+
+def test_lm_eval_hub_tasks_offline_say_what_to_do(tiny_decoder, tmp_path, monkeypatch):
+    from experiments.data import DatasetMissing
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = tiny_decoder
+    ctx = EvalContext(model=model, processor=tok, regime=OmegaConf.create({"task": "causal_lm"}), out_dir=tmp_path)
+    with pytest.raises(DatasetMissing, match="need the Hugging Face hub.*regime=commonsense_bb"):
+        run_protocol("lm_eval", ctx, protocol_config("lm_eval", {"tasks": ["boolq"], "limit": 2}))

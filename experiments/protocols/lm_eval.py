@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.data import DatasetMissing
 from experiments.protocols import EvalContext, merged_model, protocol
 from experiments.protocols.commonsense_gen import write_jsonl
 
@@ -81,9 +82,17 @@ def lm_eval(ctx: EvalContext, cfg) -> dict:
     try:
         lm = HFLM(pretrained=model, tokenizer=ctx.processor, batch_size=cfg.get("batch_size") or ctx.batch_size,
                   device=str(ctx.device), max_length=cfg.get("max_length"))
-        res = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=cfg.get("limit"),
-                              num_fewshot=cfg.get("num_fewshot"), log_samples=True,
-                              random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        try:
+            res = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=cfg.get("limit"),
+                                  num_fewshot=cfg.get("num_fewshot"), log_samples=True,
+                                  random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        except (ConnectionError, OSError, ValueError, KeyError) as e:
+            if not tasks:
+                raise
+            raise DatasetMissing(
+                f"lm-eval tasks {names} could not be loaded: they need the Hugging Face hub (or its cache) and "
+                f"known task names. Offline, score regime=commonsense_bb, whose test sets run as local tasks."
+                f"\n  ({type(e).__name__}: {str(e)[:200]})") from None
     finally:
         model.train(was_training)
 
