@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets test test-slow test-gpu lint demo bench bench-quick clean reproduce-table1 reproduce tables figures
+.PHONY: help setup assets data test test-slow test-gpu lint demo bench bench-quick clean reproduce-table1 reproduce tables figures
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-16s\033[0m %s\n",$$1,$$2}'
@@ -74,3 +74,6 @@ figures: $(STAMP)  ## every figure from the existing results -> $(OUTPUTS)/analy
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun runs .pytest_cache .ruff_cache
+
+data: $(STAMP)  ## build the offline commonsense suite data/commonsense_bb/ from BIG-bench (~360 MB download once)
+	$(PY) scripts/make_commonsense_bb.py --out $${LRLORA_DATA:-data}/commonsense_bb --check

@@ -50,18 +50,27 @@ def loader(name):
 
 def load_splits(cfg, data_dir: str = "data") -> Splits:
     splits = LOADERS[cfg.loader](cfg, Path(data_dir))
-    key = "answer" if cfg.task == "causal_lm" else "label"
-    return Splits(*(stratified_cap(s, cfg.get(f"n_{n}"), key) for s, n in
+    # multi-task test sets (the commonsense suites) are capped round-robin over tasks: the first n/tasks of each
+    key = (lambda ex: ex.get("task") or ex.get("answer")) if cfg.task == "causal_lm" else "label"
+
+    def cap(s, n):
+        if n is not None and len(s) and "group" in s[0]:  # option pairs: keep whole questions, n of them
+            groups = list(dict.fromkeys(ex["group"] for ex in s))[:n]
+            keep = set(groups)
+            return [ex for ex in s if ex["group"] in keep]
+        return stratified_cap(s, n, key)
+    return Splits(*(cap(s, cfg.get(f"n_{n}")) for s, n in
                     zip((splits.train, splits.val, splits.test), ("train", "val", "test"))))
 
 
-def stratified_cap(examples: list, n: int | None, key: str = "label") -> list:
-    """The first n examples taken round-robin over classes (order inside a class kept): a fixed subset."""
+def stratified_cap(examples: list, n: int | None, key="label") -> list:
+    """The first n examples taken round-robin over classes (order inside a class kept): a fixed subset.
+    `key` names the class field, or is a function of the example."""
     if n is None or n >= len(examples):
         return examples
     by_class = defaultdict(list)
     for ex in examples:
-        by_class[ex.get(key)].append(ex)
+        by_class[key(ex) if callable(key) else ex.get(key)].append(ex)
     queues, out = [by_class[c] for c in sorted(by_class, key=str)], []
     i = 0
     while len(out) < n:
@@ -123,15 +132,15 @@ def _bbc_news_gen(cfg, data_dir):
     return Splits(*([ex(t, topic) for t, _, topic in part] for part in _bbc_articles(cfg.split_seed)))
 
 
-# --- commonsense (LLM-Adapters JSON, user-supplied) --------------------------------------------------
+# --- commonsense (LLM-Adapters JSON: user-supplied, or the offline BIG-bench suite of `make data`) -------
 class DataFileError(UserError, ValueError):
     """A data file is malformed, empty, or lacks a field; the message names the file and the field."""
 
 
-def _read_json(path: Path, what: str, fields: tuple[str, ...] = ()):
+def _read_json(path: Path, what: str, fields: tuple[str, ...] = (), hint: str | None = None):
     """A JSON list of objects, each with `fields` (non-null); DataFileError naming the file, row and field."""
     if not path.exists():
-        raise DatasetMissing(f"{what} not found at {path}. {_COMMONSENSE_HINT}")
+        raise DatasetMissing(f"{what} not found at {path}. {hint or _COMMONSENSE_HINT}")
     try:
         rows = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -151,26 +160,57 @@ _COMMONSENSE_HINT = ("Get the LLM-Adapters data (github.com/AGI-Edgerunners/LLM-
                      "commonsense_170k.json and commonsense_15k.json, dataset/<task>/test.json) and put it under "
                      "<paths.data_dir>/commonsense/ (data_dir defaults to ./data, env LRLORA_DATA), or pass "
                      "regime.data_path=/path/to/commonsense_170k.json regime.eval_dir=/path/to/dataset")
+_BB_HINT = ("The offline commonsense suite is built from BIG-bench's task files by `make data` "
+            "(python scripts/make_commonsense_bb.py --out <paths.data_dir>/commonsense_bb; ~360 MB from PyPI once).")
 
 
 def _llm_adapters_example(row, task=None):
-    return {"prompt": alpaca_prompt(row["instruction"], row.get("input", "")), "target": row["output"],
-            "answer": row.get("answer"), "task": task}
+    ex = {"prompt": alpaca_prompt(row["instruction"], row.get("input", "")), "target": row["output"],
+          "answer": row.get("answer"), "task": task}
+    if "choices" in row:  # the offline suite also keeps the options, for log-likelihood scoring (lm_eval)
+        ex.update(question=row["question"], choices=row["choices"], gold=row["label"])
+    return ex
 
 
 @loader("commonsense")
 def _commonsense(cfg, data_dir):
-    path = Path(cfg.data_path or data_dir / "commonsense" / f"{cfg.name}.json")
-    rows = _read_json(path, f"{cfg.name} training data", ("instruction", "output"))
+    folder = data_dir / cfg.get("folder", "commonsense")
+    hint = _BB_HINT if cfg.get("folder") == "commonsense_bb" else None
+    path = Path(cfg.data_path or folder / f"{cfg.get('train_file') or cfg.name}.json")
+    rows = _read_json(path, f"{cfg.name} training data", ("instruction", "output"), hint)
     random.Random(42).shuffle(rows)  # RandLoRA harness: train_test_split(test_size=120, seed=42)
     n_val = cfg.n_val or 0
     train = [_llm_adapters_example(r) for r in rows[n_val:]]
     val = [_llm_adapters_example(r) for r in rows[:n_val]]
-    eval_dir = Path(cfg.eval_dir or data_dir / "commonsense" / "dataset")
+    eval_dir = Path(cfg.eval_dir or folder / "dataset")
     test = [_llm_adapters_example(r, task) for task in cfg.eval_tasks
             for r in _read_json(eval_dir / task / "test.json", f"the {task} test set",
-                                ("instruction", "output", "answer"))]
+                                ("instruction", "output", "answer"), hint)]
     return Splits(train, val, test)
+
+
+@loader("bb_task")
+def _bb_task(cfg, data_dir):
+    """One task of the offline suite for encoders: a binary task with fixed labels (yes/no, plausible/...)
+    is text -> label; a task with per-question options becomes (question, option) pairs labelled 1 for the
+    right option, `group` tying a question's pairs (the glue protocol adds choice_accuracy over them)."""
+    folder = Path(cfg.eval_dir or data_dir / "commonsense_bb" / "dataset") / cfg.bb_task
+    fields = ("question", "label") + (("choices",) if cfg.pairs else ())
+    train_rows = _read_json(folder / "train.json", f"the {cfg.bb_task} training set", fields, _BB_HINT)
+    test_rows = _read_json(folder / "test.json", f"the {cfg.bb_task} test set", fields, _BB_HINT)
+    questions = sorted({r["question"] for r in train_rows})
+    random.Random(cfg.split_seed).shuffle(questions)  # validation: a fixed share of the training questions
+    val_q = set(questions[: round(cfg.val_fraction * len(questions))])
+
+    def examples(rows, offset):
+        if not cfg.pairs:
+            return [{"text": r["question"], "label": r["label"]} for r in rows]
+        return [{"text": r["question"], "text_pair": c, "label": int(k == r["label"]), "group": offset + i}
+                for i, r in enumerate(rows) for k, c in enumerate(r["choices"])]
+
+    train = [r for r in train_rows if r["question"] not in val_q]
+    val = [r for r in train_rows if r["question"] in val_q]
+    return Splits(examples(train, 0), examples(val, len(train)), examples(test_rows, len(train_rows)))
 
 
 # --- through `datasets` (needs the hub or a local HF cache) -----------------------------------------

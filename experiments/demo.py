@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     r0 = results["LoRA"]
     scale = (f"{r0['backbone']} on {r0['regime']}: {r0['config']['regime']['n_train']} train / "
              f"{r0['config']['regime']['n_test']} test articles, {r0['config']['regime']['max_length']} tokens, "
-             f"{(r0['metrics'].get('train') or r0['metrics'])['steps']} steps; wall time {wall:.0f} s for both runs "
+             f"{r0['metrics']['train']['steps']} steps; wall time {wall:.0f} s for both runs "
              f"({r0['torch_threads']} torch threads; 1-min load average {load0:.1f} at start, "
              f"{os.getloadavg()[0]:.1f} at end, on {os.cpu_count()} cores)")
     from lrlora._atomic import atomic_json, atomic_write

@@ -117,6 +117,8 @@ def validate_config(cfg: DictConfig) -> None:
     for k in ("n_train", "n_val", "n_test"):
         _int(cfg, f"regime.{k}", optional=True)
     metrics = TASK_METRICS.get(cfg.regime.task)
+    if metrics and cfg.regime.get("pairs"):  # (question, option) pairs: also the per-question accuracy
+        metrics = (*metrics, "choice_accuracy")
     if metrics and cfg.regime.train.metric not in metrics:
         raise ConfigError(f"regime.train.metric={cfg.regime.train.metric!r} is not measured for the "
                           f"{cfg.regime.task} task; choose one of {', '.join(metrics)}")
@@ -136,7 +138,8 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"adapter: {e}; see lrlora/config.py for the fields") from None
 
 
-# The validation metrics experiments.evaluation.evaluate gives per task (f1: binary classification only).
+# The validation metrics experiments.protocols.forward.evaluate gives per task (f1: binary classification only;
+# choice_accuracy as well for the pair regimes, regime.pairs=true).
 TASK_METRICS = {"classification": ("accuracy", "matthews", "f1", "loss"), "regression": ("pearson", "spearman", "loss"),
                 "causal_lm": ("loss",), "image_classification": ("accuracy", "matthews", "loss")}
 

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from experiments.evaluation import evaluate
+from experiments.protocols.forward import evaluate
 from lrlora._atomic import atomic_directory, dumps_strict, recover_interrupted_swap
 from lrlora.errors import CheckpointError, ConfigError, NonFiniteError
 

@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from experiments import guard
 from experiments.backbones import build_backbone
 from experiments.data import load_splits, make_collate
-from experiments.evaluation import evaluate, generate_and_score
+from experiments.evaluate import provenance
 from experiments.loop import train, truncate_metrics
+from experiments.protocols import EvalContext, protocol_config, protocol_names, run_protocol
 from experiments.results import git_info, package_versions, peak_memory, rank_stats, write_results
 from experiments.tracking import SigmaSnapshots, Tracker, plot_transfer_functions
 from lrlora.errors import UserError
@@ -99,6 +100,8 @@ def run(cfg: DictConfig) -> dict:
 
     # Checks before anything slow or anything on disk: config, data, then whether this run folder is ours.
     guard.validate_config(cfg)
+    settings = (cfg.get("eval") or {}).get("settings") or {}  # an unknown protocol fails now, not after training
+    eval_cfgs = {name: protocol_config(name, settings.get(name)) for name in protocol_names(cfg)}
     regime = cfg.regime
     data = load_splits(regime, cfg.paths.data_dir)  # a missing dataset fails before minutes of backbone loading
     guard.check_splits(regime, data)
@@ -158,37 +161,47 @@ def run(cfg: DictConfig) -> dict:
         raise
     model = handle.model
 
-    # evaluation of the best-by-validation weights
-    test = {}
-    if data.test and regime.task == "causal_lm" and regime.get("generation") and data.test[0].get("answer"):
-        g = regime.generation
-        test = generate_and_score(accelerator.unwrap_model(model), processor, data.test, g.num_beams,
-                                  g.max_new_tokens, device=accelerator.device)
-    elif data.test:
-        test = evaluate(model, data.test, collate, regime.task, loop["micro_batch_size"] * 2,
-                        accelerator.device, accelerator.autocast)
-    test = {f"test_{k}": v for k, v in test.items()}
-
     # The best-by-validation adapter, loadable with baselines.load_adapted and the input of
     # `python -m baselines.para --adapter {output_dir}/adapter` (atomic, like every save here).
     adapter_dir = out_dir / "adapter"
     if accelerator.is_main_process:
         handle.save(adapter_dir)
-
     ranks = rank_stats(handle.delta_weights(), kwargs["target_modules"]) if cfg.trainer.compute_ranks else {}
+    adapter_extra = handle.extra_results()
+    if accelerator.is_main_process and cfg.logger.get("log_transfer_plot", True):
+        fig = plot_transfer_functions(model, out_dir / "transfer_functions.png", kwargs["target_modules"])
+        if fig:
+            tracker.log_figure("transfer_functions", fig)
+
+    # Evaluation of the best-by-validation weights: the regime's protocols (conf/protocol/, or eval.protocols),
+    # each adding metrics.<protocol>; `python -m experiments.evaluate` runs the same code on a saved run.
+    # Last, because a protocol may merge the adapter into the weights.
+    metrics = {"train": {"best_val": loop["best"], "best_val_metric": regime.train.metric,
+                         "best_step": loop["best_step"], "final_train_loss": loop["last_loss"],
+                         "steps": loop["step"], "stopped_early": loop["stopped_early"]}}
+    protocols = {}
+    if accelerator.is_main_process:
+        ctx = EvalContext(model=accelerator.unwrap_model(model), processor=processor, regime=regime, test=data.test,
+                          collate=collate, device=accelerator.device, autocast=accelerator.autocast,
+                          batch_size=loop["micro_batch_size"] * 2, out_dir=out_dir, run_name=cfg.run_name,
+                          adapter=handle)
+        for name, pcfg in eval_cfgs.items():
+            metrics[name] = run_protocol(name, ctx, pcfg)
+            protocols[name] = provenance("experiments.train", OmegaConf.to_container(pcfg, resolve=True))
+            accelerator.print(f"[{cfg.run_name}] {name}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in metrics[name].items() if isinstance(v, float)))
+
     wall = time.perf_counter() - t_start
     results = {
         "run_name": cfg.run_name, "backbone": cfg.backbone.name, "adapter": cfg.adapter.name,
         "regime": regime.name, "r": cfg.adapter.get("r"), "seed": cfg.seed, "tags": list(cfg.get("tags") or []),
-        "metrics": {**{k: v for k, v in test.items() if k != "test_samples"},
-                    f"best_val_{regime.train.metric}": loop["best"], "best_step": loop["best_step"],
-                    "final_train_loss": loop["last_loss"], "steps": loop["step"],
-                    "stopped_early": loop["stopped_early"]},
+        "metrics": metrics,
+        "protocols": protocols,
         "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total,
                    "head": head},
         "stable_ranks": ranks,
         "adapter_dir": str(adapter_dir),
-        "adapter_extra": handle.extra_results(),
+        "adapter_extra": adapter_extra,
         "timing": {"wall_s": wall, "train_s": loop["train_time"],
                    "tokens_per_s": loop["tokens"] / loop["train_time"] if loop["train_time"] else None,
                    "samples_per_s": loop["samples"] / loop["train_time"] if loop["train_time"] else None},
@@ -198,18 +211,14 @@ def run(cfg: DictConfig) -> dict:
         "device": str(accelerator.device), "precision": accelerator.mixed_precision,
         "world_size": accelerator.num_processes, "torch_threads": torch.get_num_threads(),
         "git": git_info(), "versions": package_versions(), "config": config,
-        "samples": test.get("test_samples"),
     }
     if accelerator.is_main_process:
         path = write_results(results, cfg.paths.results_dir)
-        tracker.summary({k: v for k, v in results["metrics"].items() if isinstance(v, (int, float))})
+        tracker.summary({f"{p}/{k}": v for p, m in metrics.items() for k, v in m.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if ranks:
             tracker.log_table("stable_ranks", ["module", "type", "layer", "stable_rank"],
                               [[n, r["type"], r["layer"], r["stable_rank"]] for n, r in ranks["per_layer"].items()])
-        if cfg.logger.get("log_transfer_plot", True):
-            fig = plot_transfer_functions(model, out_dir / "transfer_functions.png", kwargs["target_modules"])
-            if fig:
-                tracker.log_figure("transfer_functions", fig)
         accelerator.print(f"[{cfg.run_name}] results -> {path} ({wall:.1f} s)")
     tracker.finish()
     if accelerator.is_main_process:
@@ -232,7 +241,7 @@ def main(cfg: DictConfig) -> float | None:
     except UserError as e:  # the user's to fix: one line, no stack trace
         _remove_if_empty(Path(cfg.paths.output_dir))
         sys.exit(f"error: {e}")
-    return results["metrics"].get(f"best_val_{cfg.regime.train.metric}")  # for Hydra sweepers
+    return results["metrics"]["train"]["best_val"]  # for Hydra sweepers
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ results file (docs/RESULTS.md) per adapter and threshold under benchmarks/result
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import tempfile

@@ -52,6 +52,5 @@ def test_demo_pipeline_on_a_small_slice(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "fig_layer_ranks.png").exists() and (tmp_path / "table.md").exists()
     for r in results.values():
         on_disk = json.loads((tmp_path / "results" / f"{r['run_name']}.json").read_text())
-        steps = (on_disk["metrics"].get("train") or on_disk["metrics"])["steps"]  # contract or legacy layout
-        assert steps == 3 and on_disk["backbone"] == "minilm_l6"
+        assert on_disk["metrics"]["train"]["steps"] == 3 and on_disk["backbone"] == "minilm_l6"
         assert len(on_disk["stable_ranks"]["per_layer"]) == 36  # 6 layers x 6 module types

@@ -66,13 +66,17 @@ def test_reproduce_runs_only_what_is_missing_or_stale(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 to run" in out and "written by commit ffffffff" in out
     assert json.loads(path.read_text())["git"]["commit"] != "f" * 40
-    # ... and so is one written from another config under the same name (e.g. a changed YAML default)
+    # ... and so is one written from another config under the same name (e.g. a changed YAML default); that
+    # one is another configuration's output, so it is reported and refused, never overwritten (experiments/guard)
     d = json.loads(path.read_text())
     d["config"]["regime"]["n_val"] = 99
     path.write_text(json.dumps(d))
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "1 to run" in out and "written from another config (regime.n_val)" in out
+    before = path.read_bytes()
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "1 to run" in captured.out and "written from another config (regime.n_val)" in captured.out
+    assert "holds the results of another configuration; nothing was changed" in captured.err
+    assert path.read_bytes() == before
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lrlora.errors import UserError
+
 PROTOCOLS: dict[str, Callable[..., dict]] = {}
 
 
@@ -42,6 +44,48 @@ class EvalContext:
     batch_size: int = 8
     out_dir: Path | None = None     # the run folder: predictions JSONL and other audit files go here
     run_name: str = ""
+    adapter: Any = None             # the baselines.AdaptedModel handle of `model` (None: model is already plain)
+    _merged: bool = False
+
+
+def merged_model(ctx: EvalContext):
+    """The model with its adapter folded into the weights, as the paper's commonsense evaluation scores it
+    (RandLoRA merges before evaluating). Merges once, in place: the protocols that want a merged model share
+    it, and nothing may use the adapter handle afterwards (the harness runs these last)."""
+    if ctx.adapter is not None and not ctx._merged:
+        ctx.model = ctx.adapter.merge_and_unload()
+        ctx._merged = True
+    return ctx.model
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "protocol"
+
+
+class UnknownProtocol(UserError, KeyError):
+    """A protocol name with no registered function or no conf/protocol/ YAML."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
+def protocol_config(name: str, overrides=None):
+    """conf/protocol/<name>.yaml with `overrides` (a dict) merged over it."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+        raise UnknownProtocol(f"unknown protocol {name!r}: there is no {path}. Known protocols: {known}")
+    cfg = OmegaConf.load(path)
+    return OmegaConf.merge(cfg, overrides) if overrides else cfg
+
+
+def protocol_names(cfg) -> list[str]:
+    """The protocols a training run ends with: `eval.protocols`, else the regime's `protocols`."""
+    names = cfg.get("eval", {}).get("protocols")
+    if names is None:
+        names = cfg.regime.get("protocols") or []
+    return list(names)
 
 
 def _load_all() -> None:
@@ -52,6 +96,6 @@ def _load_all() -> None:
 def run_protocol(name: str, ctx: EvalContext, cfg) -> dict:
     _load_all()
     if name not in PROTOCOLS:
-        raise KeyError(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)} "
+        raise UnknownProtocol(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)} "
                        f"(add one with @protocol in experiments/protocols/ and conf/protocol/{name}.yaml)")
     return PROTOCOLS[name](ctx, cfg)

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from experiments.data import DatasetMissing
-from experiments.protocols import EvalContext, protocol
+from experiments.protocols import EvalContext, merged_model, protocol
+from lrlora.errors import UserError
 
 # FastChat fastchat/llm_judge/common.py: temperature_config, NEED_REF_CATS, the two rating patterns.
 CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
@@ -57,7 +58,7 @@ WHERE = ("download them from FastChat (https://github.com/lm-sys/FastChat, folde
          "and pass protocol.data_dir=/that/folder (default $LRLORA_DATA/mt_bench, i.e. data/mt_bench)")
 
 
-class MTBenchError(RuntimeError):
+class MTBenchError(UserError, RuntimeError):
     """MT-Bench cannot run as configured (no chat template, judge unreachable, nothing parsable); says the fix."""
 
 
@@ -144,7 +145,8 @@ def generate_answers(ctx: EvalContext, questions: list[dict], cfg) -> list[dict]
         raise MTBenchError("the backbone's tokenizer has no chat template, and MT-Bench answers are generated "
                            "with one: use a chat model (e.g. backbone=smollm2_135m) or set "
                            "protocol.chat_template='<a Jinja chat template>'")
-    model = ctx.model
+    # merged (ctx.model becomes the merged model): an unmerged LR-LoRA would recompute σ(BA) at every token
+    model = merged_model(ctx) if cfg.get("merge", True) else ctx.model
     was_training, side = model.training, tok.padding_side
     model.eval()
     tok.padding_side = "left"  # every prompt continues from its own last token
