@@ -55,16 +55,23 @@ def _by_layer(per_layers, group: str, field: str = "stable_rank") -> dict[int, l
     return out
 
 
+def _per_column_grid(df: pd.DataFrame):
+    """The methods' frame, its columns (backbone x data), and one row of (attention, MLP) axes per column."""
+    d = _methods_frame(df)
+    columns = _ordered_columns(d) if len(d) else []
+    if not columns:
+        return d, columns, None, None
+    fig, axes = _plt().subplots(len(columns), 2, figsize=(9, 3.2 * len(columns)), squeeze=False)
+    return d, columns, fig, axes
+
+
 @target("fig2", "figure", "Figure 2")
 def fig2(df: pd.DataFrame, ctx) -> list[Path]:
     """Per-layer stable rank of ΔW by depth, attention and MLP apart, one line per method (mean over the
     modules of the group at that layer and over seeds)."""
-    d = _methods_frame(df)
-    columns = _ordered_columns(d) if len(d) else []
+    d, columns, fig, axes = _per_column_grid(df)
     if not columns:
         return []
-    plt = _plt()
-    fig, axes = plt.subplots(len(columns), 2, figsize=(9, 3.2 * len(columns)), squeeze=False)
     for i, c in enumerate(columns):
         for j, g in enumerate(GROUPS):
             ax = axes[i][j]
@@ -106,12 +113,9 @@ def fig_layer_ranks(df: pd.DataFrame, ctx) -> list[Path]:
 def fig_spectra(df: pd.DataFrame, ctx) -> list[Path]:
     """Normalised singular values σ_i/σ_1 of ΔW (the first 64, kept in the results file), median over the
     modules of each group and over seeds, per method (App. G.2's aggregation)."""
-    d = _methods_frame(df)
-    columns = _ordered_columns(d) if len(d) else []
+    d, columns, fig, axes = _per_column_grid(df)
     if not columns:
         return []
-    plt = _plt()
-    fig, axes = plt.subplots(len(columns), 2, figsize=(9, 3.2 * len(columns)), squeeze=False)
     drawn = False
     for i, c in enumerate(columns):
         for j, g in enumerate(GROUPS):
