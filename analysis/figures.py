@@ -203,12 +203,12 @@ def fig_landscape(_df, ctx) -> list[Path]:
     parameters around the run's saved adapter: L(θ + αd₁) and L(θ + αd₁ + βd₂), α, β in [-1, 1], on the
     first `examples` training examples (option, default 64). Qualitative, within one method only (App. H.1)."""
     import torch
-    from experiments.protocols.forward import evaluate
     from omegaconf import OmegaConf
 
     from baselines import load_adapted
     from experiments.backbones import build_backbone
     from experiments.data import load_splits, make_collate
+    from experiments.protocols.forward import evaluate
 
     run = ctx.run
     results = run.parent.parent / "results" / f"{run.name}.json"
