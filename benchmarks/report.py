@@ -40,14 +40,16 @@ def train_tables(d: dict) -> str:
 
 
 def sigma_table(d: dict) -> str:
-    out = ["| module | shape | path | median fwd+bwd | × elementwise pass (allocating / into a buffer) | extra memory (× matrix) |",
+    out = ["| module | shape | path | median fwd+bwd (range over processes) | × elementwise pass (allocating / into a buffer) | extra memory (× matrix) |",
            "|---|---|---|---|---|---|"]
     for c in d["cases"]:
         if "median_s" not in c:
             continue
         ew = (f"{c['x_elementwise']:.1f}× / {c['x_elementwise_into_buffer']:.1f}×"
               if "x_elementwise_into_buffer" in c else "—")
-        out.append(f"| {c['module']} | {c['shape'][0]}×{c['shape'][1]} | {c['path']} | {c['median_s'] * 1e3:,.1f} ms | "
+        runs = c.get("median_s_per_process", [])
+        spread = f" ({min(runs) * 1e3:,.1f}–{max(runs) * 1e3:,.1f})" if len(runs) > 1 else ""
+        out.append(f"| {c['module']} | {c['shape'][0]}×{c['shape'][1]} | {c['path']} | {c['median_s'] * 1e3:,.1f} ms{spread} | "
                    f"{ew} | {c['peak_extra_x_matrix']:.2f} |")
     return "\n".join(out)
 

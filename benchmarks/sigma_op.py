@@ -14,8 +14,8 @@ the pass without allocation.
 
 For each shape (d_out × d_in) and path it reports the median wall time of one forward + backward
 (gradients for t, a and ρ) and the peak extra memory above the inputs (t, the upstream gradient and
-the parameters), as a multiple of the matrix itself. Every (shape, path) runs in two fresh subprocesses
-(one for memory, one for time; see below) so peaks do not leak between cases, after a warm-up call on a 64×64 matrix: on CPU the peak is the
+the parameters), as a multiple of the matrix itself. Every (shape, path) runs in fresh subprocesses
+(one for memory, ``--processes`` for time, the median one kept; see below) so peaks do not leak between cases, after a warm-up call on a 64×64 matrix: on CPU the peak is the
 process's peak RSS minus its RSS before the call (glibc's mmap threshold pinned so freed blocks leave
 the RSS); on CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before the call.
 The naive broadcast builds a d_out × d_in × K tensor (and autograd keeps several): where that would not
@@ -142,6 +142,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="down_proj only, fast and fast_torch")
     ap.add_argument("--paths", nargs="+", choices=PATHS, default=None, help="a subset of the paths")
+    ap.add_argument("--processes", type=int, default=3, help="timing processes per case (the median one is kept)")
     ap.add_argument("--spread", type=float, default=0.8, help="t ~ spread · N(0, 1)")
     ap.add_argument("--worker", nargs=3, metavar=("ROWS", "COLS", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -155,6 +156,7 @@ def main():
     out = Path(args.out or Path(__file__).parent / "results" / f"sigma_op{'' if args.device == 'cpu' else '_' + args.device.split(':')[0]}.json")
     results = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpu": platform.processor() or platform.machine(), "K": K, "repeats": args.repeats, "spread": args.spread,
+               "timing_processes": args.processes,
                "cases": []}
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name(0)
@@ -181,8 +183,14 @@ def main():
             # fresh mmap whose pages fault in, which no training process pays).
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   env={**os.environ, **MALLOC_ENV, **extension})
-            timing = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **extension})
-            if proc.returncode == 0 and timing.returncode != 0:
+            # Time in several fresh processes and keep the one with the median time: on this shared machine
+            # a process's time is bimodal (whether its large outputs come back as fresh, faulting pages or
+            # not), so one process can land in either mode; every process's median is recorded.
+            runs = [subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **extension})
+                    for _ in range(args.processes)]
+            ok = [json.loads(r.stdout.strip().splitlines()[-1]) for r in runs if r.returncode == 0]
+            timing = next((r for r in runs if r.returncode != 0), runs[0])
+            if proc.returncode == 0 and len(ok) < len(runs):
                 proc = timing
             if proc.returncode != 0:
                 case["skipped"] = f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
@@ -190,7 +198,10 @@ def main():
                 results["cases"].append(case)
                 continue
             mem = json.loads(proc.stdout.strip().splitlines()[-1])
-            case.update(json.loads(timing.stdout.strip().splitlines()[-1]))
+            ok.sort(key=lambda r: r["median_s"])
+            case.update(ok[len(ok) // 2])
+            case["median_s_per_process"] = [r["median_s"] for r in ok]
+            case["x_elementwise_per_process"] = [r["x_elementwise"] for r in ok]
             case.update({k: mem[k] for k in ("peak_extra_bytes", "peak_extra_x_matrix")})
             if path == "naive":
                 naive_s = case["median_s"]

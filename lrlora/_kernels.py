@@ -88,6 +88,23 @@ void backward_loop(const T* __restrict t, const T* g, int64_t n, const P* __rest
   }
 }
 
+// The common case (σ(t) not wanted, g·σ'(t) wanted) with every pointer restrict: with val possibly
+// aliasing g the loop above may not vectorise.
+template <typename T, typename P>
+void backward_loop_grad(const T* __restrict t, const T* __restrict g, int64_t n, const P* __restrict dtab,
+                        const P* __restrict dslope, int last, P top, P lo, P inv, T* __restrict grad_t,
+                        int* __restrict jb, P* __restrict gb, P* __restrict gfb) {
+  for (int64_t k = 0; k < n; ++k) {
+    P x = (P)t[k];
+    LOCATE(x, j, f)
+    P gi = (P)g[k];
+    grad_t[k] = (T)(x - x == P(0) ? gi * (dtab[j] + f * dslope[j]) : x - x);
+    jb[k] = j;
+    gb[k] = gi;
+    gfb[k] = gi * f;
+  }
+}
+
 template <typename T, typename P>
 void interp_impl(const T* __restrict t, T* __restrict out, int64_t n, const double* tab_d, int64_t m,
                  double lo_d, double inv_d) {
@@ -126,8 +143,11 @@ void backward_impl(const T* __restrict t, const T* g, int64_t n, const double* t
     for (int64_t b0 = b; b0 < e; b0 += kBlock) {
       const int64_t len = std::min(kBlock, e - b0);
       // Vectorised: positions, σ', σ, and the histogram's cells and weights into block buffers.
-      backward_loop<T, P>(t + b0, g + b0, len, tab, slope, dtab, dslope, last, top, lo, inv,
-                          grad_t ? grad_t + b0 : nullptr, val ? val + b0 : nullptr, jb, gb, gfb);
+      if (grad_t && !val)
+        backward_loop_grad<T, P>(t + b0, g + b0, len, dtab, dslope, last, top, lo, inv, grad_t + b0, jb, gb, gfb);
+      else
+        backward_loop<T, P>(t + b0, g + b0, len, tab, slope, dtab, dslope, last, top, lo, inv,
+                            grad_t ? grad_t + b0 : nullptr, val ? val + b0 : nullptr, jb, gb, gfb);
       if (hist) {  // the scatter: scalar
         double* h0 = h.data();
         for (int64_t k = 0; k < len; ++k) {
@@ -227,7 +247,7 @@ def get():
         from torch.utils.cpp_extension import load_inline
 
         _module = load_inline(
-            name=f"lrlora_sigma_kernels_v9_{_cpu_tag()}",
+            name=f"lrlora_sigma_kernels_v10_{_cpu_tag()}",
             cpp_sources=_SOURCE,
             functions=["interp", "interp_backward"],
             extra_cflags=["-O3", "-fopenmp", "-march=native", "-fno-trapping-math", "-mprefer-vector-width=256"],
