@@ -265,8 +265,10 @@ def test_hydra_multirun_from_the_command_line(tmp_path):
            "backbone=tiny_encoder", f"regime={regime}", "logger=none", "trainer.max_steps=1", "adapter.r=2",
            "trainer.progress=false", f"paths.root={tmp_path}", *overrides]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
-    names = sorted(p.name for p in (tmp_path / "results").glob("*.json"))
-    assert names == [f"tiny_encoder__{a}__bbc_news__r2__s{s}.json" for a in ("lora", "lrlora") for s in (1, 2)]
+    names = sorted(p.name for p in (tmp_path / "results").glob("*.json"))  # + the overrides' suffix
+    assert [n.split("__cfg-")[0] for n in names] == [f"tiny_encoder__{a}__bbc_news__r2__s{s}"
+                                                     for a in ("lora", "lrlora") for s in (1, 2)]
+    assert len({n.split("__cfg-")[1] for n in names}) == 1  # the same overrides: the same suffix for all four
 
 
 def test_cli_missing_dataset_is_a_message_not_a_stack_trace(tmp_path):
