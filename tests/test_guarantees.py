@@ -531,17 +531,20 @@ def test_kill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
                 "adapter.r=2", "trainer.max_steps=16", "trainer.save_every=1", "trainer.eval_every=4", "trainer.log_every=1",
                 "trainer.progress=false", "trainer.num_threads=1", f"paths.root={root}", "regime.n_train=16",
                 "regime.n_val=8", "regime.n_test=8", "regime.max_length=32", "regime.train.batch_size=8",
-                "regime.adapter_dropout=0.1"]
+                "regime.adapter_dropout=0.1", f"run_name={RUN}"]
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
     subprocess.run(cmd(tmp_path / "a"), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+    duration = time.perf_counter() - t0  # start-up + 16 steps with 16 saves: kill somewhere inside that
     full = json.loads((tmp_path / "a" / "results" / f"{RUN}.json").read_text())
-    rng, kills = random.Random(0), 0
+    rng, kills, mid_run = random.Random(0), 0, 0
     for _ in range(30):
         p = subprocess.Popen(cmd(tmp_path / "b"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(4.0, 9.0))  # start-up is ~4 s here; the 16 steps with 16 saves take a few more
+        time.sleep(rng.uniform(0.4, 0.95) * duration)
         if p.poll() is None:
+            mid_run += (tmp_path / "b" / "runs" / RUN / "checkpoint").exists()  # killed after a checkpoint
             p.send_signal(signal.SIGKILL)
             kills += 1
         p.wait()
@@ -550,7 +553,7 @@ def test_kill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     out = subprocess.run(cmd(tmp_path / "b"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     resumed = json.loads((tmp_path / "b" / "results" / f"{RUN}.json").read_text())
-    assert kills >= 1
+    assert kills >= 1 and mid_run >= 1, (kills, mid_run)
     assert resumed["metrics"] == full["metrics"]
     rows = (tmp_path / "b" / "runs" / RUN / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(r)["step"] for r in rows if "train_loss" in r]
