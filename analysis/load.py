@@ -95,6 +95,8 @@ def headline_score(row: dict) -> float | None:
         if v is not None:
             return 100 * v
     if row.get("metrics.glue.n") is not None or row.get("metrics.glue.accuracy") is not None:
+        if row.get("metrics.glue.choice_accuracy") is not None:  # (question, option) pairs (bb_<task> regimes):
+            return 100 * row["metrics.glue.choice_accuracy"]     # the task's accuracy, not the pairs' (mostly 0s)
         task = str(row.get("regime", ""))
         v = row.get(f"metrics.glue.{GLUE_METRIC.get(task, 'accuracy')}")
         return None if v is None else 100 * v

@@ -3,6 +3,7 @@
     python -m analysis.reproduce table1 --scale smoke          # = make reproduce-table1 SCALE=smoke
     python -m analysis.reproduce table3 --scale mini           # = make reproduce TABLE=table3 SCALE=mini
     python -m analysis.reproduce table1 --scale paper --dry-run   # list what would run, run nothing
+    python -m analysis.reproduce reproduction --root results/reproduction   # = make reproduction (issue 12's grid)
 
 The grid is analysis/scales.yaml: a scale's columns (backbone + data, each standing in for a paper column) x
 the table's variants (Table 1: the nine methods; ablation tables: the product of their conf/sweep file) x
@@ -11,6 +12,13 @@ its run name, folder and results file are the ones a hand-run command gives. A r
 was written from another config (its result-affecting settings differ) or by another git commit
 (`--any-commit` accepts any commit). Runs go one after another in this process (`experiments.train.run`);
 on a cluster, launch the printed commands with `hydra/launcher=slurm` instead and re-run this to build.
+
+`reproduction` is not a table but the ordered list of (table, scale, columns, seeds) steps under `reproduction:`
+in analysis/scales.yaml: the grid that tests the paper's claims (results/reproduction/README.md). Its cells run
+in that order, a cell shared by two steps once; results from any commit count as done (the grid spans sessions
+and the results files are committed as they land), a failing cell is reported and the next one runs, and a cell
+killed midway resumes from its checkpoint on the next call. No table is built: `python -m analysis <table>
+--results <root>/results` builds each from the files.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import itertools
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +63,9 @@ def sweep_grid(name: str, replace: dict | None = None) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(keys, combo)] + tags for combo in itertools.product(*values)]
 
 
-def plan(table: str, scale: str, seeds=None, variants=None) -> list[Cell]:
+def plan(table: str, scale: str, seeds=None, variants=None, columns=None, extra=()) -> list[Cell]:
+    """The table's cells at this scale; `columns` keeps the scale's columns with one of these regimes, `extra`
+    overrides go last in every cell (a `reproduction` step's)."""
     spec = paper.scales()
     if scale not in spec["scales"]:
         raise ReproduceError(f"unknown scale {scale!r}; choose one of {', '.join(spec['scales'])}")
@@ -77,13 +88,77 @@ def plan(table: str, scale: str, seeds=None, variants=None) -> list[Cell]:
         if unknown:
             raise ReproduceError(f"unknown variant(s) {sorted(unknown)} for {table}; choose from {sorted(named)}")
         named = {k: v for k, v in named.items() if k in variants}
+    cols = sc["columns"]
+    if columns:
+        cols = [c for c in cols if any(f"regime={r}" in c["overrides"] for r in columns)]
+        if len(cols) != len(set(columns)):
+            raise ReproduceError(f"scale {scale!r} has no column for some of the regimes {list(columns)}")
     cells = []
-    for col in sc["columns"]:
+    for col in cols:
         for name, ov in named.items():
             for seed in seeds or spec["seeds"]:
                 cells.append(Cell(col["paper"], name, seed,
-                                  [*col["overrides"], *ov, *sc.get("overrides", []), f"seed={seed}"]))
+                                  [*col["overrides"], *ov, *sc.get("overrides", []), *extra, f"seed={seed}"]))
     return cells
+
+
+def reproduction_plan() -> list[tuple[dict, Cell]]:
+    """(step, cell) for every step of `reproduction:` in analysis/scales.yaml, in order."""
+    out = []
+    for step in paper.scales().get("reproduction") or []:
+        for cell in plan(step["table"], step["scale"], step.get("seeds"), step.get("variants"),
+                         step.get("columns"), step.get("overrides") or ()):
+            out.append((step, cell))
+    return out
+
+
+def run_reproduction(root: str | None, dry_run: bool) -> int:
+    """Run the missing cells of the reproduction grid one after another (module docstring)."""
+    from omegaconf import open_dict
+
+    from experiments.train import run
+    from lrlora.errors import UserError
+
+    todo, seen, n = [], set(), 0
+    for step, cell in reproduction_plan():
+        cfg = compose(cell.overrides, root)
+        if cfg.run_name in seen:  # a cell shared by two claims (LoRA r=4 seed 42 is in 1b, 2 and 3)
+            continue
+        seen.add(cfg.run_name)
+        n += 1
+        why = staleness(cfg, any_commit=True)
+        if why:
+            todo.append((step, cell, cfg, why))
+    print(f"[reproduction] {n} runs in the grid, {len(todo)} to run ({n - len(todo)} done)")
+    for step, _, cfg, why in todo:
+        print(f"  claim {step['claim']}: {cfg.run_name}: {why}")
+    if dry_run:
+        for _, cell, _, _ in todo:
+            print("python -m experiments.train " + " ".join(cell.overrides) + (f" paths.root={root}" if root else ""))
+        return 0
+    failed = []
+    for i, (step, _, cfg, why) in enumerate(todo, 1):
+        t = time.perf_counter()
+        if why != "missing":  # a changed config: retrain explicitly; another configuration's folder is still refused
+            with open_dict(cfg):
+                cfg.trainer.force = True
+        try:
+            run(cfg)
+        except UserError as e:  # reported, and the grid goes on: one bad cell must not stall hours of others
+            print(f"error: {cfg.run_name}: {e}", file=sys.stderr)
+            failed.append(cfg.run_name)
+            continue
+        except Exception:  # a crash too (its traceback in the log); the next call retries it
+            traceback.print_exc()
+            print(f"error: {cfg.run_name} crashed (traceback above)", file=sys.stderr)
+            failed.append(cfg.run_name)
+            continue
+        print(f"[reproduction] {i}/{len(todo)} claim {step['claim']}: {cfg.run_name} "
+              f"({time.perf_counter() - t:.1f} s)", flush=True)
+    if failed:
+        print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def compose(overrides: list[str], root: str | None):
@@ -133,6 +208,13 @@ def main(argv=None) -> int:
 
     import experiments  # noqa: F401  (registers the run-name resolver)
     from experiments.results import git_info
+
+    if args.table == "reproduction":
+        try:
+            return run_reproduction(args.root, args.dry_run)
+        except ReproduceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     t0 = time.perf_counter()
     try:

@@ -32,7 +32,7 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
 
 def _ordered_columns(d: pd.DataFrame) -> list[str]:
     """Our columns, those standing in for a paper column first, in the paper's column order."""
-    order = {c: i for i, c in enumerate(p for p, _ in paper.standins().values())}
+    order = {c: i for i, c in enumerate(p for p, _ in paper.standins().values()) if c is not None}  # paper: null
     return sorted(d["column"].unique(), key=lambda c: (order.get(paper.paper_column(c), 99), c))
 
 
@@ -63,7 +63,8 @@ def _scale_notes(d: pd.DataFrame, columns: list[str]) -> list[str]:
         steps = _col(sub, "metrics.train.steps").dropna()
         seeds = sorted(int(s) for s in sub["seed"].dropna().unique())
         stand = paper.standins().get(c)
-        as_paper = f" (stands in for the paper's {stand[0]}, scale `{stand[1]}`)" if stand else ""
+        as_paper = (f" (stands in for the paper's {stand[0]}, scale `{stand[1]}`)" if stand and stand[0]
+                    else f" (scale `{stand[1]}`, no paper column)" if stand else "")
         n_test = _col(sub, "config.regime.n_test").dropna()
         notes.append(f"- `{c}`{as_paper}: {len(sub)} runs, "
                      f"{int(steps.median()) if len(steps) else '?'} optimizer steps (median), "

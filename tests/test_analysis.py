@@ -113,6 +113,19 @@ def test_legacy_flat_results_are_read_under_the_contract():
     assert upgrade_legacy(new) is new
 
 
+def test_pair_regimes_score_the_task_accuracy_not_the_pairs():
+    """bb_<task> option regimes train on (question, option) pairs; their headline is choice_accuracy (the share of
+    questions whose best option is right), not pair accuracy (predicting 'wrong' everywhere gets 0.8 of pairs)."""
+    from analysis.load import to_row
+
+    d = {"run_name": "x", "backbone": "minilm_l6", "adapter": "lora", "regime": "bb_wikihow_goal", "r": 4, "seed": 42,
+         "config": {"regime": {"task": "classification", "pairs": True}},
+         "metrics": {"glue": {"accuracy": 0.8, "choice_accuracy": 0.25, "n": 1000}}}
+    assert to_row(d)["score"] == 25.0
+    d["metrics"]["glue"].pop("choice_accuracy")
+    assert to_row(d)["score"] == 80.0   # a plain classification regime: its accuracy
+
+
 @pytest.mark.parametrize("args,needle", [(["tableX"], "unknown target"),
                                          (["table1", "--results", "/nonexistent/folder"], "no such results folder")])
 def test_cli_errors_are_one_line(args, needle):
