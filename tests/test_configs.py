@@ -76,7 +76,7 @@ def test_paper_training_defaults_table10():
 def test_sweeps_compose_as_multirun(sweep):
     cfg = _compose([f"sweep={sweep}"], hydra_cfg=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert "adapter" in cfg.hydra.sweeper.params
+    assert cfg.hydra.sweeper.params  # sweeps something (adapter settings, or the regime for the pilot)
 
 
 def test_slurm_launcher_composes():
