@@ -56,7 +56,7 @@ def is_head_param(param_name: str, modules_to_save: Iterable[str] | None) -> boo
 
 
 def alpha_or_default(r: int, alpha: float | None) -> float:
-    """α defaults to 2r for every method here: the RandLoRA/LLM-Adapters harness the paper reuses (BASELINES.md)."""
+    """α defaults to 2r for every method here: the RandLoRA/LLM-Adapters harness the paper reuses (docs/SOURCES.md)."""
     return 2 * r if alpha is None else alpha
 
 

@@ -3,7 +3,7 @@
     handle = apply_adapter(model, name="dylora", r=8, target_modules=["query", "value"], eval_rank=None)
 
 Each optimizer step (`on_step`) draws one rank b ∈ {1..r} for every layer; training uses the
-first b rows of A / columns of B, scaled by (α/r)·√(r/b) (BASELINES.md), so any prefix is a
+first b rows of A / columns of B, scaled by (α/r)·√(r/b) (docs/SOURCES.md), so any prefix is a
 usable adapter afterwards. Evaluation, merging and ΔW use `eval_rank` (default r).
 """
 

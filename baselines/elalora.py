@@ -4,7 +4,7 @@
 
 ΔW = (α/r)·P diag(λ ⊙ m) Q with P (d_out × r_max), λ (r_max), Q (r_max × d_in) and a 0/1 rank
 mask m: the first `r` components start active, λ = 0 so ΔW = 0 at init. Ranks change by MASKING,
-never by resizing, so the optimizer built at the start stays valid (BASELINES.md). Every `deltaT`
+never by resizing, so the optimizer built at the start stays valid (docs/SOURCES.md). Every `deltaT`
 steps between `tinit` and `total - tfinal` (fractions of the run if < 1), `on_step`:
   1. updates AdaLoRA's importance of every component (EMA of |θ·∇θ| times its EMA uncertainty,
      summed over λ_i and the means over P[:, i], Q[i, :]) — it needs the grads, so the harness calls

@@ -108,7 +108,7 @@ def _has_adapter(m) -> bool:
 
 @register("lora")
 class LoRA(PeftAdapted):
-    """LoRA (PEFT). `lora_alpha` defaults to 2r, as in the RandLoRA/LLM-Adapters harness (BASELINES.md)."""
+    """LoRA (PEFT). `lora_alpha` defaults to 2r, as in the RandLoRA/LLM-Adapters harness (docs/SOURCES.md)."""
 
     use_dora = False
 
@@ -138,7 +138,7 @@ class VeRA(PeftAdapted):
 
 @register("randlora")
 class RandLoRA(PeftAdapted):
-    """RandLoRA (PEFT >= 0.16). α set explicitly: default 2r, PEFT's recommendation (BASELINES.md)."""
+    """RandLoRA (PEFT >= 0.16). α set explicitly: default 2r, PEFT's recommendation (docs/SOURCES.md)."""
 
     dropout_field = "randlora_dropout"
 

@@ -3,7 +3,7 @@
     handle = apply_adapter(model, name="sinelora", r=8, target_modules=["query", "value"], omega=200.0)
 
 Defaults from the PR: ω = 200, s = √d_in. B = 0 at init, so ΔW = sin(0) = 0. Unlike the PR,
-dropout is applied on the adapter's input side (BASELINES.md).
+dropout is applied on the adapter's input side (docs/SOURCES.md).
 """
 
 from __future__ import annotations

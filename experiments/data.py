@@ -81,7 +81,7 @@ def stratified_cap(examples: list, n: int | None, key="label") -> list:
     return out
 
 
-# --- prompts (BASELINES.md: the LLM-Adapters / RandLoRA Alpaca prompt) -------------------------------
+# --- prompts (docs/SOURCES.md: the LLM-Adapters / RandLoRA Alpaca prompt) -------------------------------
 def alpaca_prompt(instruction: str, input: str = "") -> str:
     if input:
         return ("Below is an instruction that describes a task, paired with an input that provides further "

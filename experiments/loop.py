@@ -186,7 +186,7 @@ def train(handle, data, collate, cfg, accelerator, tracker, out_dir: Path, resum
     eval_every = rt.eval_every or tc.get("eval_every") or steps_per_epoch
     save_every = rt.save_every or eval_every
     warmup = tc.get("warmup_steps") or int(tc.warmup_ratio * total_steps)
-    lr = cfg.adapter.get("lr") or tc.lr  # an adapter may need its own lr (VeRA: 1e-2, BASELINES.md)
+    lr = cfg.adapter.get("lr") or tc.lr  # an adapter may need its own lr (VeRA: 1e-2, docs/SOURCES.md)
     max_skipped = int(rt.get("max_skipped_nonfinite") or 0)
 
     # --- model, optimizer, schedule, and what a checkpoint holds -----------------------------------------

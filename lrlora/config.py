@@ -44,10 +44,10 @@ class LRLoRAConfig:
 
     dropout: float = 0.0
     """Input-side dropout on the adapter path (Table 10: 0.05 LLMs, 0.10 GLUE, 0.0 vision). With p > 0 in
-    training the layer runs two matmuls (METHOD.md 'Dropout and the merged forward')."""
+    training the layer runs two matmuls (docs/SOURCES.md, 'Dropout and the merged forward')."""
 
     init_B: str = "kaiming"
-    """**open**, and a deviation from METHOD.md's reconstruction (B = 0, as in LoRA): B Kaiming-uniform like A.
+    """**open**, and a deviation from the paper's init read literally (B = 0, as in LoRA; docs/SOURCES.md): B Kaiming-uniform like A.
     ΔW = σ(BA) is still 0 at init, because a = 0 makes σ ≡ 0. With B = 0 instead, BA ≡ 0 and the grid is
     symmetric about 0, so every pair a_k, a_{-k} gets the same gradient, σ stays even, σ'(0) = 0 and B never
     receives a gradient: ΔW stays the rank-one σ(0)·11ᵀ (measured in the README: chance accuracy on the demo).

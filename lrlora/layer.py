@@ -1,6 +1,6 @@
 """LRLoRALinear: a frozen nn.Linear plus ΔW = post_scale · σ(pre_scale · B A) (paper Eq. 4).
 
-Forward (METHOD.md, App. C):
+Forward (docs/SOURCES.md, App. C):
   * dropout p = 0, or eval:   y = x (W0 + ΔW)ᵀ + b                 one merged matmul
   * p > 0 in training:        y = x W0ᵀ + b + dropout(x) ΔWᵀ       two matmuls; dropout stays input-side
 σ is always computed in fp32 (A, B and the transfer parameters are fp32 whatever the base dtype).

@@ -1,4 +1,4 @@
-"""Learnable transfer functions σ: R → R, applied elementwise to BA (METHOD.md, Sec. 3.2-3.3).
+"""Learnable transfer functions σ: R → R, applied elementwise to BA (docs/SOURCES.md, Sec. 3.2-3.3).
 
     σ(x) = Σ_{k=1..K} a_k · φ_k(x; w_k, x_k),   w_k = softplus(ρ_k) > 0,   x_k on [−L, L]
 

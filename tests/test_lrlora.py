@@ -191,7 +191,7 @@ def test_first_step_moves_amplitudes_only_then_everything():
 
 
 def test_zero_B_init_keeps_sigma_even_and_B_frozen():
-    """The finding behind init_B: with B = 0 (METHOD.md's reconstruction) σ stays an even function,
+    """The finding behind init_B: with B = 0 (the paper's init read literally, docs/SOURCES.md) σ stays an even function,
     σ'(0) = 0, and B never receives a gradient however long it trains; ΔW stays rank one."""
     model = tiny_qwen2()
     apply_lrlora(model, LRLoRAConfig(r=4, target_modules=["q_proj"], init_B="zero"))
