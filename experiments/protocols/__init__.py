@@ -48,6 +48,16 @@ class EvalContext:
     _merged: bool = False
 
 
+def write_jsonl(rows: list[dict], path) -> Path:
+    """Predictions, answers and judgments as JSON lines, written atomically (lrlora._atomic): a reader never sees
+    half a file, and two writers never share a temporary name."""
+    import json
+
+    from lrlora._atomic import atomic_write
+
+    return atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def merged_model(ctx: EvalContext):
     """The model with its adapter folded into the weights, as the paper's commonsense evaluation scores it
     (RandLoRA merges before evaluating). Merges once, in place: the protocols that want a merged model share

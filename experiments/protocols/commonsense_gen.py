@@ -13,8 +13,6 @@ prediction goes to {run folder}/predictions/commonsense_gen.jsonl so any accurac
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.protocols import EvalContext, merged_model, protocol
+from experiments.protocols import EvalContext, merged_model, protocol, write_jsonl
 
 # LLM-Adapters' patterns (commonsense_evaluate.py), plus the offline regimes': the options are numbered
 # answer1..answerN in the commonsense_bb suite (conf/regime/commonsense_bb.yaml adds its own per task).
@@ -85,17 +83,6 @@ def generate(model, tokenizer, prompts: list[str], num_beams: int, max_new_token
         tokenizer.padding_side = side
         model.train(was_training)
     return out
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    """Atomic: a reader never sees half a predictions file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 @protocol("commonsense_gen")

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.data import DatasetMissing
-from experiments.protocols import EvalContext, merged_model, protocol
-from experiments.protocols.commonsense_gen import write_jsonl
+from experiments.protocols import EvalContext, merged_model, protocol, write_jsonl
 
 PREFIX = "lrlora_"  # local task names: lm-eval ships its own social_iqa etc.
 

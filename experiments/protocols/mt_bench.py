@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from experiments.data import DatasetMissing
-from experiments.protocols import EvalContext, merged_model, protocol
+from experiments.protocols import EvalContext, merged_model, protocol, write_jsonl
 from lrlora.errors import UserError
 
 # FastChat fastchat/llm_judge/common.py: temperature_config, NEED_REF_CATS, the two rating patterns.
@@ -284,12 +284,6 @@ def summarise(judgments: list[dict]) -> dict:
             "failed_parses": len(judgments) - len(valid)}
 
 
-def _write_jsonl(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # temp file + rename: a reader never sees half a file
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @protocol("mt_bench")
 def mt_bench(ctx: EvalContext, cfg) -> dict:
     """Answer, judge, average. Returns metrics.mt_bench (docs/RESULTS.md)."""
@@ -303,7 +297,7 @@ def mt_bench(ctx: EvalContext, cfg) -> dict:
     answers_path, judgments_path = out_dir / "mt_bench_answers.jsonl", out_dir / "mt_bench_judgments.jsonl"
 
     answers = generate_answers(ctx, questions, cfg)
-    _write_jsonl(answers, answers_path)
+    write_jsonl(answers, answers_path)
 
     matches = judge_matches(questions, answers, references, prompts)
     rating_range = tuple(cfg.rating_range) if cfg.get("rating_range") else None
@@ -320,7 +314,7 @@ def mt_bench(ctx: EvalContext, cfg) -> dict:
         "user_prompt": m["user_prompt"], "judgment": text, "score": parse_rating(text, rating_range),
         "turn": m["turn"], "category": m["category"], "tstamp": time.time(),
     } for m, text in zip(matches, outputs)]
-    _write_jsonl(judgments, judgments_path)
+    write_jsonl(judgments, judgments_path)
 
     metrics = summarise(judgments)
     metrics.update(judge=cfg.judge.model, questions=len(questions), answers=str(answers_path),
