@@ -11,6 +11,8 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lrlora._atomic import atomic_write
+
 MISSING = "missing"
 
 
@@ -73,9 +75,5 @@ class Table:
         out.mkdir(parents=True, exist_ok=True)
         paths = []
         for ext, text in (("md", self.markdown()), ("csv", self.csv()), ("tex", self.latex())):
-            p = out / f"{self.name}.{ext}"
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(p)
-            paths.append(p)
+            paths.append(atomic_write(out / f"{self.name}.{ext}", text))
         return paths

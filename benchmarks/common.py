@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from lrlora._atomic import atomic_write
+
 # glibc otherwise raises its mmap threshold after the first large free and keeps freed blocks resident,
 # so peak RSS would measure the allocator's caching, not the computation. Set in each worker's env.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
@@ -64,7 +66,4 @@ def machine_info(device: str) -> dict:
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)  # readers never see half a file
+    atomic_write(path, json.dumps(obj, indent=2))  # readers never see half a file

@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 
+from lrlora._atomic import atomic_write
+
 
 def _has_wandb_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -92,9 +94,7 @@ class SigmaSnapshots:
         data.setdefault("modules", {n: {"type": module_type(n, self.targets), "layer": layer_index(n)}
                                     for n in self.modules})
         data.setdefault("steps", {})[str(step)] = curves
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(data))
 
 
 class Tracker:

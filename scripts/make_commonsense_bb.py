@@ -31,6 +31,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from lrlora._atomic import atomic_write
+
 SDIST = "bigbench-1.0.0.tar.gz"
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 SEED = 0
@@ -124,10 +126,7 @@ def split(name: str, rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def build(sdist: Path, out: Path) -> dict:
