@@ -112,8 +112,10 @@ def reproduction_plan() -> list[tuple[dict, Cell]]:
     return out
 
 
-def run_reproduction(root: str | None, dry_run: bool) -> int:
-    """Run the missing cells of the reproduction grid one after another (module docstring)."""
+def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (0, 1)) -> int:
+    """Run the missing cells of the reproduction grid one after another (module docstring). `shard` (i, n):
+    this process takes every n-th missing cell from the i-th, so n processes started together share the grid
+    without running a cell twice (one core each)."""
     from omegaconf import open_dict
 
     from experiments.train import run
@@ -130,6 +132,10 @@ def run_reproduction(root: str | None, dry_run: bool) -> int:
         if why:
             todo.append((step, cell, cfg, why))
     print(f"[reproduction] {n} runs in the grid, {len(todo)} to run ({n - len(todo)} done)")
+    i_shard, n_shard = shard
+    if n_shard > 1:
+        todo = todo[i_shard::n_shard]
+        print(f"[reproduction] shard {i_shard + 1}/{n_shard}: {len(todo)} of them here")
     for step, _, cfg, why in todo:
         print(f"  claim {step['claim']}: {cfg.run_name}: {why}")
     if dry_run:
@@ -159,6 +165,17 @@ def run_reproduction(root: str | None, dry_run: bool) -> int:
         print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'2/3' -> (1, 3): the 0-based index of this shard and the number of shards."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ReproduceError(f"--shard {text!r}: expected I/N with integers, e.g. 1/2") from None
+    if not 1 <= i <= n:
+        raise ReproduceError(f"--shard {text!r}: I must be between 1 and N, e.g. 1/2 and 2/2")
+    return i - 1, n
 
 
 def compose(overrides: list[str], root: str | None):
@@ -204,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=None, help="a subset of the table's methods / settings")
     ap.add_argument("--any-commit", action="store_true", help="results from another git commit are not stale")
     ap.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
+    ap.add_argument("--shard", default="1/1", help="reproduction only: I/N runs every N-th missing cell from the "
+                    "I-th, so N processes started together share the grid (e.g. 1/2 and 2/2 on two cores)")
     args = ap.parse_args(argv)
 
     import experiments  # noqa: F401  (registers the run-name resolver)
@@ -211,7 +230,8 @@ def main(argv=None) -> int:
 
     if args.table == "reproduction":
         try:
-            return run_reproduction(args.root, args.dry_run)
+            shard = parse_shard(args.shard)
+            return run_reproduction(args.root, args.dry_run, shard)
         except ReproduceError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

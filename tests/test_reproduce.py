@@ -114,3 +114,20 @@ def test_reproduction_grid_is_the_issue12_claims(tmp_path, capsys):
     assert out.count("python -m experiments.train ") == n
     with pytest.raises(ReproduceError, match="no column"):
         plan("repro_methods", "repro_minilm", columns=["bb_no_such_task"])
+
+
+def test_reproduction_shards_split_the_grid_without_overlap(tmp_path, capsys):
+    """`--shard 1/2` and `--shard 2/2` together list every missing cell exactly once; a bad shard is an error."""
+    from analysis.reproduce import parse_shard, run_reproduction
+
+    def listed(shard):
+        run_reproduction(str(tmp_path), dry_run=True, shard=shard)
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("python -m ")]
+
+    whole, first, second = listed((0, 1)), listed((0, 2)), listed((1, 2))
+    assert first and second and not set(first) & set(second)
+    assert sorted(first + second) == sorted(whole)
+    assert parse_shard("2/3") == (1, 3)
+    for bad in ("0/2", "3/2", "x", "1-2"):
+        with pytest.raises(ReproduceError, match="--shard"):
+            parse_shard(bad)
