@@ -38,6 +38,7 @@ def target(name: str, kind: str, paper: str, needs_run: bool = False):
 
 
 def _load_all() -> None:
+    import analysis.claims  # noqa: F401
     import analysis.figures  # noqa: F401
     import analysis.tables  # noqa: F401
 

@@ -47,3 +47,18 @@ def holm(pvalues, alpha: float = 0.05) -> tuple[list[bool | None], list[float | 
         for i, r, p in zip(idx, rej, p_adj):
             reject[i], corrected[i] = bool(r), float(p)
     return reject, corrected
+
+
+def paired_ci(a, b, level: float = 0.95) -> tuple[float | None, float | None, float | None, int]:
+    """Mean of the paired differences a − b and its t-interval at `level`: (mean, lo, hi, n); lo/hi None with
+    one pair, everything None with none."""
+    from scipy import stats
+
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = len(d)
+    if n == 0:
+        return None, None, None, 0
+    if n == 1:
+        return float(d[0]), None, None, 1
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / math.sqrt(n)
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), n

@@ -1,0 +1,85 @@
+"""REPRODUCTION.md's tables (analysis/claims.py, analysis/report.py): the claim tables compute their effects
+from the results files (pairing by seed, t-intervals, one-label runs), a report's generated blocks are rebuilt
+in place without touching its prose, and the committed report equals what analysis rebuilds from the committed
+results."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from analysis import report
+from analysis.claims import claim1, claim2, claim8
+from analysis.load import load_results
+from analysis.registry import Context
+from analysis.stats import paired_ci
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _result(folder: Path, adapter: str, seed: int, acc: float, matthews: float = 0.3, r: int = 4,
+            regime: str = "bb_winowhy", backbone: str = "minilm_l6", **adapter_cfg) -> None:
+    name = f"{backbone}__{adapter}__{regime}__r{r}__s{seed}__" + "_".join(f"{k}={v}" for k, v in adapter_cfg.items())
+    d = {"run_name": name, "backbone": backbone, "adapter": adapter, "regime": regime, "r": r, "seed": seed,
+         "tags": [], "metrics": {"train": {"steps": 240, "best_val": 0.6},
+                                 "glue": {"accuracy": acc, "matthews": matthews, "n": 500}},
+         "config": {"adapter": {"name": adapter, "r": r, **adapter_cfg},
+                    "regime": {"n_train": 1000, "n_test": 500}}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(d))
+
+
+@pytest.fixture
+def grid(tmp_path):
+    res = tmp_path / "results"
+    for seed, lora, ours, paper_form in ((42, 0.60, 0.62, 0.564), (123, 0.70, 0.73, 0.564), (456, 0.65, 0.66, 0.60)):
+        _result(res, "lora", seed, lora)
+        _result(res, "lrlora", seed, ours, center=True)
+        _result(res, "lrlora", seed, paper_form, matthews=0.0 if paper_form < 0.6 else 0.2, center=False)
+    return res
+
+
+def test_paired_ci_is_the_t_interval():
+    mean, lo, hi, n = paired_ci([62, 73, 66], [60, 70, 65])
+    half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)
+    assert (mean, n) == (pytest.approx(2.0), 3) and lo == pytest.approx(2 - half) and hi == pytest.approx(2 + half)
+    assert paired_ci([1.0], [0.0]) == (1.0, None, None, 1) and paired_ci([], []) == (None, None, None, 0)
+
+
+def test_claim1_pairs_by_seed_and_counts_one_label_runs(grid):
+    t = claim1(load_results([grid]), Context(out=grid))
+    row = t.rows[0]
+    assert row[:5] == ["minilm_l6, bb_winowhy", "accuracy", "65.0 ± 5.0 (n=3)",
+                       "67.0 ± 5.6 (n=3)", "57.6 ± 2.1 (n=3)"]
+    half = stats.t.ppf(0.975, 2) / math.sqrt(3)
+    assert row[5] == f"+2.0 [{2 - half:+.1f}, {2 + half:+.1f}] (n=3)"
+    assert row[6] == f"{stats.ttest_rel([62, 73, 66], [60, 70, 65]).pvalue:.3f}"
+    assert any("LR-LoRA paper form 2/3" in n for n in t.notes)  # Matthews 0 twice
+
+
+def test_claim8_and_claim2_read_the_forms_apart(grid):
+    df = load_results([grid])
+    rows = {r[1]: r for r in claim8(df, Context(out=grid)).rows}
+    assert rows["paper (center=false)"][2] == "57.6 ± 2.1 (n=3)" and rows["paper (center=false)"][-1] == "2/3"
+    assert rows["centred (center=true)"][-1] == "0/3"
+    (r4,) = claim2(df, Context(out=grid)).rows  # seed 42 only, the centred form's gain
+    assert r4[:4] == ["4", "60.0", "62.0", "+2.0"]
+
+
+def test_report_rebuilds_only_its_blocks(grid, tmp_path, capsys):
+    doc = tmp_path / "REPORT.md"
+    prose = "# Report\n\nOur words, kept as written.\n\n"
+    doc.write_text(prose + "<!-- analysis: claim8 -->\nstale\n<!-- /analysis -->\n\nMore words.\n")
+    assert report.main([str(doc), "--results", str(grid), "--check"]) == 1
+    assert "stale" in doc.read_text()                       # --check writes nothing
+    assert report.main([str(doc), "--results", str(grid)]) == 0
+    text = doc.read_text()
+    assert text.startswith(prose) and text.endswith("<!-- /analysis -->\n\nMore words.\n")
+    assert "Claim 8" in text and "stale" not in text
+    assert report.main([str(doc), "--results", str(grid), "--check"]) == 0
+    doc.write_text("<!-- analysis: no_such_target -->\n<!-- /analysis -->\n")
+    capsys.readouterr()
+    assert report.main([str(doc), "--results", str(grid)]) == 2
+    assert "error: report block 'no_such_target'" in capsys.readouterr().err
