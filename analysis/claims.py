@@ -264,24 +264,26 @@ def _ranks(per_layer: dict) -> list[float]:
     return [float(v["stable_rank"]) for v in (per_layer or {}).values()]
 
 
+def _claim3_rows(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    d = _frame(df)
+    d = d[_col(d, "stable_ranks.per_layer").notna()] if len(d) else d
+    return [("LoRA", _select(d, "minilm_l6", MAIN_TASK, "lora", 4, seed=SEED)),
+            ("SineLoRA", _select(d, "minilm_l6", MAIN_TASK, "sinelora", 4, seed=SEED)),
+            ("RandLoRA", _select(d, "minilm_l6", MAIN_TASK, "randlora", 4, seed=SEED)),
+            ("LR-LoRA (centred)", _lr(d, backbone="minilm_l6", regime=MAIN_TASK, r=4, seed=SEED)),
+            ("LR-LoRA (paper form)", _lr(d, centred=False, backbone="minilm_l6", regime=MAIN_TASK, r=4, seed=SEED))]
+
+
 @target("claim3", "table", "REPRODUCTION.md claim 3 (Table 4, Figure 2)")
 def claim3(df: pd.DataFrame, ctx) -> Table:
     """Stable rank of each adapted ΔW per method (one seed, r = 4): across-layer mean, spread, range, and how
     many matrices exceed r."""
     import numpy as np
 
-    d = _frame(df)
-    d = d[_col(d, "stable_ranks.per_layer").notna()] if len(d) else d
     header = ["method", "stable rank: mean ± std across matrices", "coefficient of variation", "min – max",
               "matrices with stable rank > r", "test accuracy (%)"]
-    body = []
-    rows = [("LoRA", _select(d, "minilm_l6", MAIN_TASK, "lora", 4, seed=SEED)),
-            ("SineLoRA", _select(d, "minilm_l6", MAIN_TASK, "sinelora", 4, seed=SEED)),
-            ("RandLoRA", _select(d, "minilm_l6", MAIN_TASK, "randlora", 4, seed=SEED)),
-            ("LR-LoRA (centred)", _lr(d, backbone="minilm_l6", regime=MAIN_TASK, r=4, seed=SEED)),
-            ("LR-LoRA (paper form)", _lr(d, centred=False, backbone="minilm_l6", regime=MAIN_TASK, r=4, seed=SEED))]
-    used = []
-    for label, runs in rows:
+    body, used = [], []
+    for label, runs in _claim3_rows(df):
         if not len(runs):
             body.append([label, MISSING, MISSING, MISSING, MISSING, MISSING])
             continue
@@ -292,11 +294,33 @@ def claim3(df: pd.DataFrame, ctx) -> Table:
     notes = [f"MiniLM-L6 on {MAIN_TASK}, r = 4, seed {SEED}; every adapted matrix of the run's best adapter "
              "(results: stable_ranks.per_layer), stable rank ‖ΔW‖_F² / ‖ΔW‖_2². The paper's claim (Table 4, "
              "Qwen2-0.5B at r = 32): LR-LoRA's mean stable rank exceeds r and its per-layer spread is about three "
-             "times the other methods'. `python -m analysis fig2 --results results/reproduction/results` draws "
-             "them per layer."]
+             "times the other methods'. `python -m analysis fig_claim3 --results results/reproduction/results` "
+             "draws them per layer."]
     if used:
         notes.append(_scale(pd.concat(used)))
     return Table("claim3", "Claim 3: stable rank of ΔW across layers", header, body, notes)
+
+
+@target("fig_claim3", "figure", "REPRODUCTION.md claim 3 (Figure 2)")
+def fig_claim3(df: pd.DataFrame, ctx) -> list[Path]:
+    """Claim 3's runs per layer: stable rank of ΔW by depth, attention and MLP apart, one line per method."""
+    import numpy as np
+
+    from analysis.figures import GROUPS, _by_layer, _plt, _save
+
+    rows = [(label, runs) for label, runs in _claim3_rows(df) if len(runs)]
+    if not rows:
+        return []
+    fig, axes = _plt().subplots(1, 2, figsize=(9, 3.4), squeeze=False)
+    for ax, g in zip(axes[0], GROUPS):
+        for label, runs in rows:
+            layers = _by_layer(runs["stable_ranks.per_layer"], g)
+            xs = sorted(layers)
+            ax.plot(xs, [np.mean(layers[x]) for x in xs], marker="o", ms=3, label=label)
+        ax.axhline(4, color="grey", lw=0.8, ls=":")  # the nominal rank r
+        ax.set(title=f"MiniLM-L6, {MAIN_TASK}, r = 4: {g}", xlabel="layer", ylabel="stable rank of ΔW")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, ctx.out, "fig_claim3")
 
 
 # ------------------------------------------------------------------------------------------------ claims 4 & 5
