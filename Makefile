@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets data test test-slow test-gpu lint demo bench bench-quick clean reproduce-table1 reproduce reproduction tables figures
+.PHONY: help setup assets data test test-slow test-gpu lint demo bench bench-quick clean reproduce-table1 reproduce reproduction report tables figures
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-16s\033[0m %s\n",$$1,$$2}'
@@ -68,6 +68,10 @@ reproduce: $(STAMP)  ## the same for TABLE=table3|table12|table13|table20|table2
 
 reproduction: $(STAMP)  ## issue 12's grid of the paper's claims: run its missing cells into results/reproduction/ (re-run to continue)
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m analysis.reproduce reproduction --root results/reproduction $(ARGS)
+
+report: $(STAMP)  ## rebuild REPRODUCTION.md's tables (and the claim-3 figure) from results/reproduction/results
+	$(PY) -m analysis.report REPRODUCTION.md
+	$(PY) -m analysis fig_claim3 --results results/reproduction/results --out results/reproduction/analysis
 
 tables: $(STAMP)  ## every table from the existing results -> $(OUTPUTS)/analysis/ (md, csv, tex)
 	$(PY) -m analysis tables --results $(OUTPUTS)/results --out $(OUTPUTS)/analysis

@@ -223,6 +223,14 @@ def claim1(df: pd.DataFrame, ctx) -> Table:
                                                              zip(runs["seed"], runs["score"])))
     if seeds:
         notes.append("Per seed: " + "; ".join(seeds) + ".")
+    claims = []
+    for table, col, what in (("table1", "Qwen2-0.5B/15k", "Table 1 (commonsense, Qwen2-0.5B, 15k)"),
+                             ("table2", "RoBERTa-base/Average", "Table 2 (GLUE average, RoBERTa-base, r = 4)")):
+        lo, ours = paper.value(table, "LoRA", col), paper.value(table, "LR-LoRA", col)
+        if lo and ours:
+            claims.append(f"{what} LoRA {lo[0]} → LR-LoRA {ours[0]} ({float(ours[0]) - float(lo[0]):+.2f})")
+    if claims:
+        notes.append("Paper: " + "; ".join(claims) + ".")
     notes.append(_scale(d[d["adapter"].isin(["lora", "lrlora"]) & (d["setting"] == "")
                           & ((d["r"] == 4) | (d["backbone"] == "smollm2_135m"))]))
     return Table("claim1", "Claim 1: LR-LoRA vs LoRA at the same rank", header, body, notes)
