@@ -33,7 +33,6 @@ from experiments.protocols import protocol_config, protocol_names
 from experiments.results import git_info, package_versions, peak_memory, write_results
 from lrlora.errors import AdapterError, UnsafeWrite, UserError
 
-
 NAMES = ("para.keep_energy", "para.reduction")  # how the thresholds are spelt on this command line
 
 

@@ -95,12 +95,14 @@ def test_para_run_writes_a_scored_results_file_and_leaves_the_source_alone(lora_
 
     # a results file of that name from another source config is refused, not overwritten
     path = results_dir / f"{red['run_name']}.json"
-    doctored = json.loads(path.read_text())
+    original = path.read_bytes()
+    doctored = json.loads(original)
     doctored["config"]["seed"] = 7
     path.write_text(json.dumps(doctored))
     with pytest.raises(UnsafeWrite, match="never overwrites"):
         run_para(src["run_name"], reduction=0.75, results_dir=results_dir)
     assert json.loads(path.read_text()) == doctored
+    path.write_bytes(original)
 
 
 def test_para_bad_input_is_one_error_line(lora_run, tmp_path):
@@ -133,3 +135,31 @@ def test_setting_labels_tell_settings_apart():
     assert setting_label(keep_energy=0.9) == "para-keep0.90" and setting_label(reduction=0.75) == "para-red0.75"
     assert setting_label(keep_energy=0.995) == "para-keep0.995" != setting_label(keep_energy=0.99)
     assert para_run_name("x", reduction=0.9) == "x__para-red0.90"
+
+
+def test_para_table_reads_harness_files_and_other_tables_do_not(lora_run, tmp_path):
+    """The `para` target: one block per source run (its own results file first, then each setting, with the
+    change in score in points); every other target leaves PARA's copies out (they share the source's identity)."""
+    from analysis.load import load_results, para_derived
+    from analysis.registry import build
+
+    root, src = lora_run
+    results_dir = root / "results"
+    for kw in ({"keep_energy": 0.9}, {"reduction": 0.75}):
+        run_para(src["run_name"], results_dir=results_dir, **kw)
+    df = load_results([results_dir])
+    table = build("para", df=df, out=tmp_path)
+    rows = [r for r in table.rows if r[1] == "none" or r[1] in ("keep-energy 0.90", "reduction 0.75")]
+    label = f"LoRA (r=4, seed {src['seed']})"
+    assert [r[:2] for r in rows] == [[label, "none"], [label, "keep-energy 0.90"], [label, "reduction 0.75"]]
+    src_score = 100 * src["metrics"]["glue"]["accuracy"]
+    assert rows[0][2:5] == [f"{src_score:.1f}", "—", f"{src['params']['trainable']:,}"]
+    red = json.loads((results_dir / f"{src['run_name']}__para-red0.75.json").read_text())
+    score = 100 * red["metrics"]["glue"]["accuracy"]
+    assert rows[2][2:] == [f"{score:.1f}", f"{score - src_score:+.1f}", f"{red['params']['trainable']:,}",
+                           f"{100 * red['metrics']['para']['reduction']:.1f}%",
+                           f"{red['metrics']['para']['energy_kept']:.3f}"]
+    assert f"`{src['run_name']}`" in table.notes[-1]
+    assert para_derived(df).sum() == len(df) - 1  # all but the source
+    demo = build("demo", df=df, out=tmp_path / "demo")
+    assert len(demo.rows) == 1  # the source run only
