@@ -68,7 +68,10 @@ def _sha256(path: Path) -> str:
 def check_lora(adapter: Path, run_name: str) -> None:
     meta = read_meta(adapter)
     peft_cfg = adapter / "adapter_config.json"
-    cfg = json.loads(peft_cfg.read_text()) if peft_cfg.is_file() else {}
+    try:
+        cfg = json.loads(peft_cfg.read_text()) if peft_cfg.is_file() else {}
+    except ValueError as e:
+        raise AdapterError(f"{peft_cfg} is corrupt ({e}); the run's adapter cannot be read") from None
     if meta["name"] != "lora" or cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias"):
         raise AdapterError(f"run {run_name!r} trained a {meta['name']!r} adapter: PARA through the harness takes a "
                            f"plain LoRA run; for others use python -m baselines.para --adapter {adapter} "
