@@ -7,7 +7,8 @@
 It rebuilds the run's backbone from the config in its results file, loads the saved best adapter
 (`adapter_dir`, baselines.load_adapted), reloads the regime's test split and calls the same protocol code as
 experiments/train.py. metrics.<protocol> and protocols.<protocol> of that results file are replaced; nothing
-else in it changes. Audit files (predictions/*.jsonl) go to the run folder.
+else in it changes. Audit files (predictions/*.jsonl) go to the run folder. The scoring itself, `score_adapter`
+(an adapter folder + a run config -> metrics), is also what experiments.para scores a compressed adapter with.
 """
 
 from __future__ import annotations
