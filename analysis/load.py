@@ -184,3 +184,13 @@ def load_results(dirs=("outputs/results",), strict: bool = True) -> pd.DataFrame
 
 def has_tag(df: pd.DataFrame, tag: str) -> pd.Series:
     return df["tags"].apply(lambda t: tag in (t or ()))
+
+
+def para_derived(df: pd.DataFrame) -> pd.Series:
+    """Rows that are PARA's compressed copies of a run (experiments.para: config.para.source_run; the older
+    scripts/para_bbc.py: a config.para threshold), not runs of their own."""
+    out = pd.Series(False, index=df.index)
+    for key in ("config.para.source_run", "config.para.keep_energy", "config.para.reduction"):
+        if key in df.columns:
+            out |= df[key].notna()
+    return out

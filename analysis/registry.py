@@ -20,6 +20,7 @@ class Target:
     paper: str           # the paper artefact it rebuilds
     fn: Callable
     needs_run: bool = False  # built over one run folder (--run), not over the results table
+    reads_para: bool = False  # sees PARA's compressed copies of runs (every other target: the runs only)
 
 
 @dataclass
@@ -30,9 +31,9 @@ class Context:
     options: dict = field(default_factory=dict)
 
 
-def target(name: str, kind: str, paper: str, needs_run: bool = False):
+def target(name: str, kind: str, paper: str, needs_run: bool = False, reads_para: bool = False):
     def deco(fn):
-        TARGETS[name] = Target(name, kind, paper, fn, needs_run)
+        TARGETS[name] = Target(name, kind, paper, fn, needs_run, reads_para)
         return fn
     return deco
 
@@ -46,7 +47,7 @@ def _load_all() -> None:
 def build(name: str, results=("outputs/results",), out="outputs/analysis", run=None, df=None, **options):
     """Build one target; tables are written as .md/.csv/.tex, figures as .png/.pdf. Returns the Table (its
     text is `.markdown()`) or the figure's paths."""
-    from analysis.load import load_results
+    from analysis.load import load_results, para_derived
 
     _load_all()
     if name not in TARGETS:
@@ -56,6 +57,10 @@ def build(name: str, results=("outputs/results",), out="outputs/analysis", run=N
     if t.needs_run and ctx.run is None:
         raise ValueError(f"{name} is built from one run folder: pass --run outputs/runs/<run_name>")
     frame = df if df is not None or t.needs_run else load_results(results)
+    if frame is not None and not t.reads_para and len(frame):
+        # a PARA results file keeps its source's identity (backbone, adapter, r, seed): counted as a run, it
+        # would be a second seed of its source in every table of methods
+        frame = frame[~para_derived(frame)]
     result = t.fn(frame, ctx)
     if t.kind == "table":
         result.write(ctx.out)

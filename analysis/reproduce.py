@@ -19,6 +19,12 @@ in that order, a cell shared by two steps once; results from any commit count as
 and the results files are committed as they land), a failing cell is reported and the next one runs, and a cell
 killed midway resumes from its checkpoint on the next call. No table is built: `python -m analysis <table>
 --results <root>/results` builds each from the files.
+
+A step with a `para:` list (`para: [keep_energy=0.9, reduction=0.75]`) trains nothing: for each of its cells
+whose results file exists, `python -m experiments.para` compresses that run at each setting whose results file
+(`<run>__para-keep0.90.json`, ...) is missing; a cell not trained yet is reported as waiting and picked up by a
+later call. These PARA jobs run after the training cells; `--shard I/N` deals them out like the cells (every N-th
+from the I-th), and a job whose run is still training in another shard when its turn comes waits for the next call.
 """
 
 from __future__ import annotations
@@ -112,18 +118,85 @@ def reproduction_plan() -> list[tuple[dict, Cell]]:
     return out
 
 
+PARA_KINDS = ("keep_energy", "reduction")
+
+
+def para_settings(step: dict) -> list[tuple[float | None, float | None]]:
+    """A step's `para:` list (`keep_energy=0.9`, `reduction=0.75`) as (keep_energy, reduction) pairs."""
+    from baselines.para import check_threshold
+    from lrlora.errors import ConfigError
+
+    out = []
+    for item in step.get("para") or []:
+        kind, _, value = str(item).partition("=")
+        try:
+            v = float(value)
+        except ValueError:
+            v = None
+        if kind not in PARA_KINDS or v is None:
+            raise ReproduceError(f"step of claim {step.get('claim')}: para entry {item!r} is not keep_energy=F or "
+                                 f"reduction=F")
+        pair = (v, None) if kind == "keep_energy" else (None, v)
+        try:
+            check_threshold(*pair, PARA_KINDS)
+        except ConfigError as e:
+            raise ReproduceError(f"step of claim {step.get('claim')}: {e}") from None
+        out.append(pair)
+    return out
+
+
+def run_para_jobs(jobs: list, dry_run: bool, root: str | None) -> list[str]:
+    """Run (or, dry, print) the PARA jobs [(step, cfg, keep_energy, reduction, name)] whose source run exists and
+    whose results file does not; returns the names that failed."""
+    from experiments.para import run_para
+    from lrlora.errors import UserError
+
+    failed = []
+    for step, cfg, ke, red, name in jobs:
+        results_dir = Path(cfg.paths.results_dir)
+        if (results_dir / f"{name}.json").exists():
+            continue
+        if not (results_dir / f"{cfg.run_name}.json").exists():
+            print(f"  claim {step['claim']}: {name}: waiting for {cfg.run_name}")
+            continue
+        setting = f"para.keep_energy={ke}" if ke is not None else f"para.reduction={red}"
+        if dry_run:
+            print(f"python -m experiments.para run={cfg.run_name} {setting}" + (f" paths.root={root}" if root else ""))
+            continue
+        t = time.perf_counter()
+        try:
+            run_para(cfg.run_name, ke, red, results_dir)
+        except UserError as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
+        except Exception:
+            traceback.print_exc()
+            print(f"error: {name} crashed (traceback above)", file=sys.stderr)
+            failed.append(name)
+            continue
+        print(f"[reproduction] claim {step['claim']}: {name} ({time.perf_counter() - t:.1f} s)", flush=True)
+    return failed
+
+
 def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (0, 1)) -> int:
     """Run the missing cells of the reproduction grid one after another (module docstring). `shard` (i, n):
     this process takes every n-th missing cell from the i-th, so n processes started together share the grid
     without running a cell twice (one core each)."""
     from omegaconf import open_dict
 
+    from experiments.para import para_run_name
     from experiments.train import run
     from lrlora.errors import UserError
 
-    todo, seen, n = [], set(), 0
+    todo, seen, n, para_jobs = [], set(), 0, {}
     for step, cell in reproduction_plan():
         cfg = compose(cell.overrides, root)
+        if step.get("para"):  # trains nothing: PARA of this cell's run at each setting
+            for ke, red in para_settings(step):
+                name = para_run_name(cfg.run_name, ke, red)
+                para_jobs.setdefault(name, (step, cfg, ke, red, name))
+            continue
         if cfg.run_name in seen:  # a cell shared by two claims (LoRA r=4 seed 42 is in 1b, 2 and 3)
             continue
         seen.add(cfg.run_name)
@@ -132,15 +205,23 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
         if why:
             todo.append((step, cell, cfg, why))
     print(f"[reproduction] {n} runs in the grid, {len(todo)} to run ({n - len(todo)} done)")
+    para_todo = [job for job in para_jobs.values()
+                 if not (Path(job[1].paths.results_dir) / f"{job[4]}.json").exists()]
+    waiting = sum(not (Path(cfg.paths.results_dir) / f"{cfg.run_name}.json").exists() for _, cfg, *_ in para_todo)
+    if para_jobs:
+        print(f"[reproduction] {len(para_jobs)} PARA runs in the grid, {len(para_todo)} to run "
+              f"({waiting} of them waiting for their run; {len(para_jobs) - len(para_todo)} done)")
     i_shard, n_shard = shard
     if n_shard > 1:
-        todo = todo[i_shard::n_shard]
-        print(f"[reproduction] shard {i_shard + 1}/{n_shard}: {len(todo)} of them here")
+        todo, para_todo = todo[i_shard::n_shard], para_todo[i_shard::n_shard]
+        print(f"[reproduction] shard {i_shard + 1}/{n_shard}: {len(todo)} of them here"
+              + (f", and {len(para_todo)} PARA runs" if para_jobs else ""))
     for step, _, cfg, why in todo:
         print(f"  claim {step['claim']}: {cfg.run_name}: {why}")
     if dry_run:
         for _, cell, _, _ in todo:
             print("python -m experiments.train " + " ".join(cell.overrides) + (f" paths.root={root}" if root else ""))
+        run_para_jobs(para_todo, True, root)
         return 0
     failed = []
     for i, (step, _, cfg, why) in enumerate(todo, 1):
@@ -161,6 +242,7 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
             continue
         print(f"[reproduction] {i}/{len(todo)} claim {step['claim']}: {cfg.run_name} "
               f"({time.perf_counter() - t:.1f} s)", flush=True)
+    failed += run_para_jobs(para_todo, False, root)  # after the cells: a source trained above is used now
     if failed:
         print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

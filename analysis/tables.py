@@ -425,31 +425,69 @@ def demo(df: pd.DataFrame, ctx) -> Table:
     return Table("demo", "The demo: LoRA vs LR-LoRA", header, body, notes)
 
 
-@target("para", "table", "PARA (companion paper), the README's measurement")
+def _para_setting(row) -> str:
+    k, r = row.get("config.para.keep_energy"), row.get("config.para.reduction")
+    return f"keep-energy {k:.2f}" if pd.notna(k) else f"reduction {r:.2f}" if pd.notna(r) else "none"
+
+
+def _para_blocks(df: pd.DataFrame) -> list[tuple[object, pd.DataFrame]]:
+    """(the unpruned source row or None, its PARA rows) per source run. Harness files (experiments.para) name
+    their source in config.para.source_run and the source is its own results file; scripts/para_bbc.py's files
+    are all tagged `para`, the unpruned one with no setting, one per (adapter, r, seed, regime)."""
+    tagged = df[df["tags"].apply(lambda t: "para" in (t or ()))]
+    source_run = _col(tagged, "config.para.source_run")
+    harness, old = tagged[source_run.notna()], tagged[source_run.isna()]
+    blocks = []
+    for name, rows in harness.groupby("config.para.source_run") if len(harness) else []:
+        src = df[df["run_name"] == name]
+        blocks.append((src.iloc[0] if len(src) else None, rows))
+    if len(old):
+        is_setting = _col(old, "config.para.keep_energy").notna() | _col(old, "config.para.reduction").notna()
+        for _, rows in old.groupby(["method", "r", "seed", "regime"], dropna=False):
+            src = rows[~is_setting.loc[rows.index]]
+            blocks.append((src.iloc[0] if len(src) else None, rows[is_setting.loc[rows.index]]))
+
+    def order(block):
+        src, rows = block
+        row = src if src is not None else rows.iloc[0]
+        m = row["method"]
+        return (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m, row["r"], row["seed"], row["run_name"])
+    return sorted(blocks, key=order)
+
+
+@target("para", "table", "PARA (companion paper), the README's measurement", reads_para=True)
 def para(df: pd.DataFrame, ctx) -> Table:
-    """PARA: each adapter before compression and at every threshold: test accuracy, parameters, how many fewer,
-    the share of ΔW's energy kept (results files with tag `para`, written by scripts/para_bbc.py)."""
-    d = df[df["tags"].apply(lambda t: "para" in (t or ()))] if len(df) else df
-    header = ["adapter", "PARA setting", "test accuracy", "parameters", "fewer", "ΔW energy kept"]
-    body = []
-    methods = sorted(d["method"].unique(), key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99) \
-        if len(d) else []
-    for method in methods:
-        sub = d[d["method"] == method].copy()
-        sub["_k"] = _col(sub, "config.para.keep_energy")
-        sub["_r"] = _col(sub, "config.para.reduction")
-        sub = sub.sort_values(["_r", "_k"], ascending=[True, False], na_position="first")
-        for _, row in sub.iterrows():
-            k, r = row["_k"], row["_r"]
-            setting = (f"keep-energy {k:.2f}" if pd.notna(k) else f"reduction {r:.2f}" if pd.notna(r) else "none")
-            fewer = row.get("metrics.para.reduction")
-            energy = row.get("metrics.para.energy_kept")
-            body.append([f"{method} (r={row['r']})", setting, f"{row['metrics.glue.accuracy']:.3f}",
+    """PARA: per source run, the unpruned run and then every threshold: the regime's headline test score (`score`,
+    analysis.load), its change against the unpruned run in points, parameters, how many fewer, the share of ΔW's
+    energy kept. Reads experiments.para's results files (with their sources) and scripts/para_bbc.py's."""
+    header = ["adapter", "PARA setting", "score (%)", "Δ score (points)", "parameters", "fewer", "ΔW energy kept"]
+    body, sources = [], []
+    for src, rows in _para_blocks(df) if len(df) else []:
+        first = src if src is not None else rows.iloc[0]
+        label = f"{first['method']} (r={first['r']}, seed {first['seed']})"
+        base = src["score"] if src is not None else None
+        sources.append(f"`{src['run_name']}`" if src is not None else f"missing (`{first.get('config.para.source_run')}`)")
+        body.append([label, "none", f"{base:.1f}" if base is not None else MISSING, "—",
+                     f"{int(src['params.trainable']):,}" if src is not None else MISSING, "—", "—"])
+        rows = rows.assign(_k=_col(rows, "config.para.keep_energy"), _r=_col(rows, "config.para.reduction"))
+        for _, row in rows.sort_values(["_r", "_k"], ascending=[True, False], na_position="first").iterrows():
+            fewer, energy, score = (row.get("metrics.para.reduction"), row.get("metrics.para.energy_kept"),
+                                    row["score"])
+            body.append([label, _para_setting(row), f"{score:.1f}" if pd.notna(score) else MISSING,
+                         f"{score - base:+.1f}" if pd.notna(score) and base is not None else "—",
                          f"{int(row['params.trainable']):,}",
                          f"{100 * fewer:.1f}%" if pd.notna(fewer) else "—",
                          f"{energy:.3f}" if pd.notna(energy) else "—"])
-    notes = [f"Test accuracy on {int(d['metrics.glue.n'].iloc[0])} held-out articles; every compressed adapter "
-             f"reloaded before scoring (scripts/para_bbc.py)."] if len(d) else ["No PARA results files found."]
+    if not body:
+        return Table("para", "PARA: post-hoc rank allocation", header, body, ["No PARA results files found."])
+    tagged = df[df["tags"].apply(lambda t: "para" in (t or ()))]
+    n = sorted({int(v) for v in _col(tagged, "metrics.glue.n").dropna()})
+    notes = ["Score: the regime's headline test metric in % (choice accuracy for option-pair regimes, else "
+             "accuracy); Δ: against the unpruned source run. Parameters: the adapter's (a compressed one's: its LoRA "
+             "factors), the classifier head, trained and kept whole, not counted. Every compressed adapter was reloaded before "
+             "scoring (`python -m experiments.para`, or the older scripts/para_bbc.py)."
+             + (f" Test examples: {', '.join(map(str, n))}." if n else ""),
+             "Source runs: " + ", ".join(sources) + "."]
     return Table("para", "PARA: post-hoc rank allocation", header, body, notes)
 
 

@@ -138,13 +138,16 @@ def spectra_from_handle(handle, max_rank: int | None = None) -> dict[str, Spectr
     return out
 
 
-def check_threshold(keep_energy: float | None, reduction: float | None) -> None:
+def check_threshold(keep_energy: float | None, reduction: float | None,
+                    names: tuple[str, str] = ("--keep-energy", "--reduction")) -> None:
+    """Exactly one threshold, in range; `names` are how the caller's command line spells the two."""
+    ke, red = names
     if (keep_energy is None) == (reduction is None):
-        raise ConfigError("give exactly one of --keep-energy or --reduction")
+        raise ConfigError(f"give exactly one of {ke} or {red}")
     if keep_energy is not None and not (isinstance(keep_energy, (int, float)) and 0 < keep_energy <= 1):
-        raise ConfigError(f"--keep-energy must be in (0, 1], got {keep_energy} (e.g. 0.9 keeps 90% of Σσ²)")
+        raise ConfigError(f"{ke} must be in (0, 1], got {keep_energy} (e.g. 0.9 keeps 90% of Σσ²)")
     if reduction is not None and not (isinstance(reduction, (int, float)) and 0 <= reduction < 1):
-        raise ConfigError(f"--reduction must be in [0, 1), got {reduction} (e.g. 0.8 removes 80% of the parameters)")
+        raise ConfigError(f"{red} must be in [0, 1), got {reduction} (e.g. 0.8 removes 80% of the parameters)")
 
 
 def is_para_output(directory: Path) -> bool:

@@ -7,7 +7,8 @@
 It rebuilds the run's backbone from the config in its results file, loads the saved best adapter
 (`adapter_dir`, baselines.load_adapted), reloads the regime's test split and calls the same protocol code as
 experiments/train.py. metrics.<protocol> and protocols.<protocol> of that results file are replaced; nothing
-else in it changes. Audit files (predictions/*.jsonl) go to the run folder.
+else in it changes. Audit files (predictions/*.jsonl) go to the run folder. The scoring itself, `score_adapter`
+(an adapter folder + a run config -> metrics), is also what experiments.para scores a compressed adapter with.
 """
 
 from __future__ import annotations
@@ -67,20 +68,15 @@ def merge_into_results(path: Path, name: str, metrics: dict, record: dict) -> di
     return results
 
 
-def evaluate_run(run: str, protocol_cfg, results_dir: str | Path = "outputs/results", batch_size: int | None = None,
-                 device: str = "auto") -> dict:
-    """Score a saved run with one protocol and merge metrics.<protocol> into its results file; returns them."""
+def score_adapter(adapter_dir: str | Path, rcfg, protocols: dict, out_dir: str | Path, run_name: str,
+                  batch_size: int, device: str = "auto"):
+    """Score a saved adapter with protocols {name: protocol config} on the test split of the run config `rcfg`
+    (its backbone, regime, seed, paths): the one scoring path of experiments.evaluate and experiments.para.
+    Returns ({name: metrics}, what was loaded: parameter counts (taken before any protocol may merge the
+    adapter) and the device)."""
     from baselines import load_adapted
 
-    path = find_results(run, results_dir)
-    results = json.loads(path.read_text())
-    rcfg = OmegaConf.create(results["config"])
-    regime, name = rcfg.regime, protocol_cfg.name
-    if results.get("run_name") and path.stem != results["run_name"]:
-        raise RunNotFound(f"{path} holds run {results['run_name']!r}, not {path.stem!r}")
-    adapter_dir = Path(results["adapter_dir"])
-    if not adapter_dir.is_dir():
-        raise RunNotFound(f"the run's adapter is not at {adapter_dir} (results file {path})")
+    regime = rcfg.regime
     data = load_splits(regime, rcfg.paths.data_dir)
     torch.manual_seed(rcfg.seed)
     model, processor = build_backbone(rcfg.backbone, regime.task, regime.get("num_labels"), rcfg.paths.cache_dir)
@@ -88,12 +84,48 @@ def evaluate_run(run: str, protocol_cfg, results_dir: str | Path = "outputs/resu
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     handle.model.to(dev)
-    out_dir = Path(run) if Path(run).is_dir() else Path(rcfg.paths.output_dir)
+    trainable = handle.trainable_parameters()  # adapter parameters, the head excluded (as experiments.train)
+    loaded = {"trainable": trainable, "total": handle.total_parameters(), "device": str(dev),
+              "head": sum(p.numel() for p in handle.model.parameters() if p.requires_grad) - trainable}
     ctx = EvalContext(model=handle.model, processor=processor, regime=regime, test=data.test,
                       collate=make_collate(regime, processor, rcfg.backbone.get("image_size", 32)), device=dev,
-                      batch_size=batch_size or 2 * results.get("loop", {}).get("micro_batch_size", 4),
-                      out_dir=out_dir, run_name=results["run_name"], adapter=handle)
-    metrics = run_protocol(name, ctx, protocol_cfg)
+                      batch_size=batch_size, out_dir=Path(out_dir), run_name=run_name, adapter=handle)
+    return {name: run_protocol(name, ctx, pcfg) for name, pcfg in protocols.items()}, loaded
+
+
+def source_adapter(results: dict, path: Path) -> Path:
+    """The run's saved adapter (`adapter_dir`, relative to the checkout the run was started from)."""
+    adapter_dir = Path(results["adapter_dir"])
+    if not adapter_dir.is_dir():
+        raise RunNotFound(f"the run's adapter is not at {adapter_dir} (results file {path}); run from the checkout "
+                          f"that trained it")
+    return adapter_dir
+
+
+def read_run(run: str, results_dir: str | Path) -> tuple[Path, dict]:
+    """(results file, its contents) of a finished run, checked to be the run it names."""
+    path = find_results(run, results_dir)
+    results = json.loads(path.read_text())
+    if results.get("run_name") and path.stem != results["run_name"]:
+        raise RunNotFound(f"{path} holds run {results['run_name']!r}, not {path.stem!r}")
+    return path, results
+
+
+def eval_batch_size(results: dict, batch_size: int | None) -> int:
+    return batch_size or 2 * results.get("loop", {}).get("micro_batch_size", 4)
+
+
+def evaluate_run(run: str, protocol_cfg, results_dir: str | Path = "outputs/results", batch_size: int | None = None,
+                 device: str = "auto") -> dict:
+    """Score a saved run with one protocol and merge metrics.<protocol> into its results file; returns them."""
+    path, results = read_run(run, results_dir)
+    rcfg = OmegaConf.create(results["config"])
+    name = protocol_cfg.name
+    adapter_dir = source_adapter(results, path)
+    out_dir = Path(run) if Path(run).is_dir() else Path(rcfg.paths.output_dir)
+    scored, _ = score_adapter(adapter_dir, rcfg, {name: protocol_cfg}, out_dir, results["run_name"],
+                              eval_batch_size(results, batch_size), device)
+    metrics = scored[name]
     merge_into_results(path, name, metrics,
                        provenance("experiments.evaluate", OmegaConf.to_container(protocol_cfg, resolve=True)))
     print(f"[{results['run_name']}] {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()

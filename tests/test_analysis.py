@@ -171,9 +171,11 @@ def test_para_table_from_its_results_files(tmp_path):
     """scripts/para_bbc.py writes ordinary results files; the README's PARA table is built from them."""
     rows = {(r[0], r[1]): r for r in build("para", results=[ROOT / "benchmarks" / "results" / "para_bbc"],
                                            out=tmp_path).rows}
-    assert rows[("LoRA (r=8)", "none")][2:4] == ["0.952", "331,776"]
-    assert rows[("LoRA (r=8)", "keep-energy 0.80")][2:] == ["0.952", "59,520", "82.1%", "0.804"]
-    assert rows[("LR-LoRA (r=8)", "reduction 0.90")][2:4] == ["0.860", "32,640"]
+    assert rows[("LoRA (r=8, seed 0)", "none")][2:5] == ["95.2", "—", "331,776"]
+    assert rows[("LoRA (r=8, seed 0)", "keep-energy 0.80")][2:] == ["95.2", "+0.0", "59,520", "82.1%", "0.804"]
+    assert rows[("LoRA (r=8, seed 0)", "reduction 0.90")][2:5] == ["88.8", "-6.4", "33,024"]
+    assert rows[("LR-LoRA (r=8, seed 0)", "reduction 0.90")][2:5] == ["86.0", "-6.8", "32,640"]
+    assert len(rows) == 16
 
 
 def test_wandb_grouping_follows_the_tables():

@@ -104,7 +104,7 @@ def test_reproduction_grid_is_the_issue12_claims(tmp_path, capsys):
 
     steps = reproduction_plan()
     claims = {step["claim"] for step, _ in steps}
-    assert claims == {"1a", "1b", "2", "3", "4", "5", "8"}
+    assert claims == {"1a", "1b", "2", "3", "4", "5", "7", "8"}
     assert all(any(o.startswith("backbone=") for o in c.overrides) for _, c in steps)
     assert run_reproduction(str(tmp_path), dry_run=True) == 0
     out = capsys.readouterr().out
@@ -114,6 +114,43 @@ def test_reproduction_grid_is_the_issue12_claims(tmp_path, capsys):
     assert out.count("python -m experiments.train ") == n
     with pytest.raises(ReproduceError, match="no column"):
         plan("repro_methods", "repro_minilm", columns=["bb_no_such_task"])
+
+
+def test_reproduction_para_steps_wait_for_their_runs_then_list_para(tmp_path, capsys):
+    """Claim 7's steps train nothing: each LoRA cell's PARA settings wait for its run; once the run's results file
+    exists, a dry run lists `python -m experiments.para` at each setting (and shards deal them out)."""
+    from omegaconf import OmegaConf
+
+    from analysis.reproduce import compose, para_settings, reproduction_plan, run_reproduction
+
+    para = [(step, cell) for step, cell in reproduction_plan() if step.get("para")]
+    assert {step["claim"] for step, _ in para} == {"7"} and len(para) == 3 + 1  # r=4 x 3 seeds, r=16 seed 42
+    assert para_settings(para[0][0]) == [(0.9, None), (None, 0.75), (None, 0.9)]
+    run_reproduction(str(tmp_path), dry_run=True)
+    out = capsys.readouterr().out
+    assert "12 PARA runs in the grid, 12 to run (12 of them waiting for their run; 0 done)" in out
+    assert "python -m experiments.para" not in out and out.count(": waiting for ") == 12
+
+    cfg = compose(para[0][1].overrides, str(tmp_path))  # LoRA r=4 seed 42 has trained (a results file)
+    (tmp_path / "results").mkdir()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    (tmp_path / "results" / f"{cfg.run_name}.json").write_text(json.dumps({"run_name": cfg.run_name,
+                                                                           "seed": cfg.seed, "config": config}))
+    run_reproduction(str(tmp_path), dry_run=True)
+    out = capsys.readouterr().out
+    listed = [line for line in out.splitlines() if line.startswith("python -m experiments.para")]
+    assert listed == [f"python -m experiments.para run={cfg.run_name} {s} paths.root={tmp_path}"
+                      for s in ("para.keep_energy=0.9", "para.reduction=0.75", "para.reduction=0.9")]
+    (tmp_path / "results" / f"{cfg.run_name}__para-red0.75.json").write_text("{}")  # that setting is done
+    run_reproduction(str(tmp_path), dry_run=True, shard=(1, 2))
+    out = capsys.readouterr().out
+    assert "12 PARA runs in the grid, 11 to run (9 of them waiting for their run; 1 done)" in out
+    assert [line.split()[-2] for line in out.splitlines() if line.startswith("python -m experiments.para")] == \
+        ["para.reduction=0.9"]  # the second of the two left, in shard 2/2
+    with pytest.raises(ReproduceError, match="para entry 'keep=0.9'"):
+        para_settings({"claim": "7", "para": ["keep=0.9"]})
+    with pytest.raises(ReproduceError, match="reduction must be in"):
+        para_settings({"claim": "7", "para": ["reduction=1.5"]})
 
 
 def test_reproduction_shards_split_the_grid_without_overlap(tmp_path, capsys):
