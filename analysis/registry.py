@@ -44,9 +44,10 @@ def _load_all() -> None:
     import analysis.tables  # noqa: F401
 
 
-def build(name: str, results=("outputs/results",), out="outputs/analysis", run=None, df=None, **options):
-    """Build one target; tables are written as .md/.csv/.tex, figures as .png/.pdf. Returns the Table (its
-    text is `.markdown()`) or the figure's paths."""
+def build(name: str, results=("outputs/results",), out="outputs/analysis", run=None, df=None, write: bool = True,
+          **options):
+    """Build one target; tables are written as .md/.csv/.tex (unless `write` is false), figures as .png/.pdf.
+    Returns the Table (its text is `.markdown()`) or the figure's paths."""
     from analysis.load import load_results, para_derived
 
     _load_all()
@@ -62,6 +63,6 @@ def build(name: str, results=("outputs/results",), out="outputs/analysis", run=N
         # would be a second seed of its source in every table of methods
         frame = frame[~para_derived(frame)]
     result = t.fn(frame, ctx)
-    if t.kind == "table":
+    if t.kind == "table" and write:
         result.write(ctx.out)
     return result

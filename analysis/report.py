@@ -28,7 +28,7 @@ def blocks(text: str) -> list[str]:
 def regenerate(text: str, results=(RESULTS,)) -> str:
     """The report with every generated block rebuilt from the results files."""
     from analysis.load import load_results
-    from analysis.registry import TARGETS, Context, _load_all
+    from analysis.registry import TARGETS, _load_all, build
 
     _load_all()
     df = load_results(list(results))
@@ -38,7 +38,7 @@ def regenerate(text: str, results=(RESULTS,)) -> str:
         if name not in TARGETS or TARGETS[name].kind != "table":
             raise ValueError(f"report block {name!r} is not a table target; known: "
                              f"{', '.join(t for t in sorted(TARGETS) if TARGETS[t].kind == 'table')}")
-        table = TARGETS[name].fn(df, Context(out=Path(".")))
+        table = build(name, df=df, write=False)
         return m.group(1) + table.markdown() + m.group(4)
 
     return BLOCK.sub(body, text)

@@ -108,10 +108,18 @@ def plan(table: str, scale: str, seeds=None, variants=None, columns=None, extra=
     return cells
 
 
-def reproduction_plan() -> list[tuple[dict, Cell]]:
-    """(step, cell) for every step of `reproduction:` in analysis/scales.yaml, in order."""
+def reproduction_plan(claims=None) -> list[tuple[dict, Cell]]:
+    """(step, cell) for every step of `reproduction:` in analysis/scales.yaml, in order; `claims` keeps the steps
+    of these claims only (e.g. ["7"], or ["1b", "8"])."""
+    steps = paper.scales().get("reproduction") or []
+    if claims:
+        unknown = set(claims) - {str(s["claim"]) for s in steps}
+        if unknown:
+            raise ReproduceError(f"no step of the grid is for claim(s) {sorted(unknown)}; the claims: "
+                                 f"{', '.join(sorted({str(s['claim']) for s in steps}))}")
+        steps = [s for s in steps if str(s["claim"]) in claims]
     out = []
-    for step in paper.scales().get("reproduction") or []:
+    for step in steps:
         for cell in plan(step["table"], step["scale"], step.get("seeds"), step.get("variants"),
                          step.get("columns"), step.get("overrides") or ()):
             out.append((step, cell))
@@ -179,10 +187,10 @@ def run_para_jobs(jobs: list, dry_run: bool, root: str | None) -> list[str]:
     return failed
 
 
-def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (0, 1)) -> int:
+def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (0, 1), claims=None) -> int:
     """Run the missing cells of the reproduction grid one after another (module docstring). `shard` (i, n):
     this process takes every n-th missing cell from the i-th, so n processes started together share the grid
-    without running a cell twice (one core each)."""
+    without running a cell twice (one core each); `claims` runs only the steps of these claims."""
     from omegaconf import open_dict
 
     from experiments.para import para_run_name
@@ -190,7 +198,7 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
     from lrlora.errors import UserError
 
     todo, seen, n, para_jobs = [], set(), 0, {}
-    for step, cell in reproduction_plan():
+    for step, cell in reproduction_plan(claims):
         cfg = compose(cell.overrides, root)
         if step.get("para"):  # trains nothing: PARA of this cell's run at each setting
             for ke, red in para_settings(step):
@@ -303,6 +311,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=None, help="a subset of the table's methods / settings")
     ap.add_argument("--any-commit", action="store_true", help="results from another git commit are not stale")
     ap.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
+    ap.add_argument("--claims", nargs="+", default=None, help="reproduction only: run the steps of these claims "
+                    "only (e.g. --claims 7 runs the PARA jobs whose LoRA runs exist)")
     ap.add_argument("--shard", default="1/1", help="reproduction only: I/N runs every N-th missing cell from the "
                     "I-th, so N processes started together share the grid (e.g. 1/2 and 2/2 on two cores)")
     args = ap.parse_args(argv)
@@ -313,7 +323,7 @@ def main(argv=None) -> int:
     if args.table == "reproduction":
         try:
             shard = parse_shard(args.shard)
-            return run_reproduction(args.root, args.dry_run, shard)
+            return run_reproduction(args.root, args.dry_run, shard, args.claims)
         except ReproduceError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -48,7 +48,7 @@ def test_paired_ci_is_the_t_interval():
     assert paired_ci([1.0], [0.0]) == (1.0, None, None, 1) and paired_ci([], []) == (None, None, None, 0)
 
 
-def test_claim1_pairs_by_seed_and_counts_one_label_runs(grid):
+def test_claim1_pairs_by_seed_and_counts_runs_at_chance(grid):
     t = claim1(load_results([grid]), Context(out=grid))
     row = t.rows[0]
     assert row[:5] == ["minilm_l6, bb_winowhy", "accuracy", "65.0 ± 5.0 (n=3)",
@@ -56,7 +56,7 @@ def test_claim1_pairs_by_seed_and_counts_one_label_runs(grid):
     half = stats.t.ppf(0.975, 2) / math.sqrt(3)
     assert row[5] == f"+2.0 [{2 - half:+.1f}, {2 + half:+.1f}] (n=3)"
     assert row[6] == f"{stats.ttest_rel([62, 73, 66], [60, 70, 65]).pvalue:.3f}"
-    assert any("LR-LoRA paper form 2/3" in n for n in t.notes)  # Matthews 0 twice
+    assert any("LR-LoRA paper form 2/3" in n for n in t.notes)  # Matthews 0 twice; 0.2 > 1.96/sqrt(500)
 
 
 def test_claim8_and_claim2_read_the_forms_apart(grid):

@@ -168,3 +168,13 @@ def test_reproduction_shards_split_the_grid_without_overlap(tmp_path, capsys):
     for bad in ("0/2", "3/2", "x", "1-2"):
         with pytest.raises(ReproduceError, match="--shard"):
             parse_shard(bad)
+
+
+def test_reproduction_claims_filter(tmp_path, capsys):
+    """`--claims 7` lists only claim 7's steps (PARA jobs, which train nothing); an unknown claim is an error."""
+    assert main(["reproduction", "--root", str(tmp_path), "--claims", "7", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "0 runs in the grid" in out and "python -m experiments.train" not in out
+    assert "PARA runs in the grid" in out
+    assert main(["reproduction", "--root", str(tmp_path), "--claims", "9"]) == 2
+    assert "error: no step of the grid is for claim(s) ['9']" in capsys.readouterr().err
