@@ -475,7 +475,7 @@ def claim8(df: pd.DataFrame, ctx) -> Table:
             metric = None if bb == "minilm_l6" else "metrics.commonsense_gen.accuracy"
             body.append([f"{bb}, {reg}", label, _cell(runs, metric, 3 if bb == "minilm_l6" else None),
                          f"{mcc.mean():.2f}" if len(mcc) else "—",
-                         f"{val.mean():.3f} ({runs['metrics.train.best_val_metric'].iloc[0]})" if len(val) else "—",
+                         f"{val.mean():.3f} ({_col(runs, 'metrics.train.best_val_metric').iloc[0]})" if len(val) else "—",
                          f"{sr.mean():.2f}" if len(sr) else "—",
                          f"{_at_chance(runs)}/{len(runs)}" if len(mcc) else "—"])
     paper_form = _lr(d, centred=False, backbone="minilm_l6", regime=MAIN_TASK, r=4)
