@@ -24,15 +24,12 @@ from analysis import paper
 from analysis.registry import target
 from analysis.render import MISSING, Table, fmt_cell
 from analysis.stats import holm, mean_std, paired_ci, paired_ttest
+from analysis.tables import _col
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_STEP = ROOT / "benchmarks" / "results" / "train_step.json"
 MAIN_TASK = "bb_winowhy"       # claims 2-5 and 8 run on it (results/reproduction/README.md, the pilot)
 SEED = 42                      # the one-seed claims' seed
-
-
-def _col(df: pd.DataFrame, name: str) -> pd.Series:
-    return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
 
 
 def _setting(variant: str) -> str:
