@@ -16,7 +16,6 @@ overwritten. Bad input is one `error: ...` line and exit status 2.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -31,6 +30,7 @@ from baselines.para import check_out, check_threshold, compress_peft_lora
 from experiments.evaluate import eval_batch_size, provenance, read_run, score_adapter, source_adapter
 from experiments.protocols import protocol_config, protocol_names
 from experiments.results import git_info, package_versions, peak_memory, write_results
+from lrlora._atomic import file_sha256
 from lrlora.errors import AdapterError, UnsafeWrite, UserError
 
 NAMES = ("para.keep_energy", "para.reduction")  # how the thresholds are spelt on this command line
@@ -55,14 +55,6 @@ def source_protocols(results: dict) -> dict:
     cfg = OmegaConf.create(results["config"])
     settings = (cfg.get("eval") or {}).get("settings") or {}
     return {name: protocol_config(name, settings.get(name)) for name in protocol_names(cfg)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_lora(adapter: Path, run_name: str) -> None:
@@ -98,7 +90,7 @@ def run_para(run: str, keep_energy: float | None = None, reduction: float | None
     config.setdefault("paths", {})["output_dir"] = str(run_dir)
     config["para"] = {"keep_energy": keep_energy, "reduction": reduction, "source_run": src["run_name"]}
     source = {"run_name": src["run_name"], "results_file": str(path), "adapter_dir": str(adapter),
-              "adapter_sha256": _sha256(adapter / "adapter_model.safetensors"),
+              "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors"),
               "params_trainable": (src.get("params") or {}).get("trainable"), "git": src.get("git")}
     if out_path.exists():
         try:

@@ -14,6 +14,7 @@ Stdlib only: `lrlora` stays importable with torch alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -63,6 +64,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks: how a written or downloaded file is recognised later."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def first_nonfinite(obj, where: str = "") -> str | None:

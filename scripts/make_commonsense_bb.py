@@ -23,7 +23,6 @@ The build is deterministic: `--check` compares the files with scripts/commonsens
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import subprocess
@@ -31,7 +30,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from lrlora._atomic import atomic_write
+from lrlora._atomic import atomic_write, file_sha256
 
 SDIST = "bigbench-1.0.0.tar.gz"
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -56,14 +55,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKSUMS = ROOT / "scripts" / "commonsense_bb.sha256"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_sdist(cache: Path) -> Path:
     path = cache / SDIST
     if not path.exists():
@@ -72,7 +63,7 @@ def fetch_sdist(cache: Path) -> Path:
         # --no-binary: the sdist holds the task files; --no-deps: nothing else is needed or installed
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                         "--quiet", "bigbench==1.0.0", "-d", str(cache)], check=True)
-    digest = sha256(path)
+    digest = file_sha256(path)
     if digest != SDIST_SHA256:
         sys.exit(f"error: {path} has SHA-256 {digest}, expected {SDIST_SHA256}; delete it and run again")
     return path
@@ -152,8 +143,8 @@ def build(sdist: Path, out: Path) -> dict:
     manifest["train_full"], manifest["train"] = len(full), min(SMALL_MIX, len(full))
     write_json(manifest, out / "MANIFEST.json")
     files = sorted(p for p in out.rglob("*.json") if p.name != "MANIFEST.json")
-    lines = [f"{sha256(p)}  {p.relative_to(out)}" for p in files]
-    (out / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    lines = [f"{file_sha256(p)}  {p.relative_to(out)}" for p in files]
+    atomic_write(out / "SHA256SUMS", "\n".join(lines) + "\n")
     return manifest
 
 
