@@ -20,12 +20,24 @@ alive at once (t, G_ΔW, grad_t):
 Where the table cannot serve (mode "exact", small matrices under "auto", a range too wide on CPU), the
 backward recomputes ΔW through the σ op under autograd instead (same values, more transient memory).
 
+Dropout in the sparse-correction form (CPU, fp32 base weight, p ≤ _SPARSE_DROPOUT_MAX). With s = 1/(1 − p)
+and D = (1 − m) ⊙ x the dropped entries (a fraction p of x), x̃ = s (x − D), so
+    y      = x (W0 + s ΔW)ᵀ + b − s · D ΔWᵀ
+    grad_x = g (W0 + s ΔW) − s · (1 − m) ⊙ (g ΔW)        (g ΔW sampled at the dropped entries only)
+    G_ΔW   = s · (gᵀ x − gᵀ D)
+one dense matmul forward and two backward, as in the merged form, plus three products that touch only
+the dropped entries (an embedding-bag gather forward, a sampled matmul and an embedding-bag for gᵀD
+backward): at p = 0.05 they cost ~10–20% of a dense matmul each, where the two-path form pays two more
+dense matmuls (measured: benchmarks/results/train_step.json). Same saved tensors (x, the bool mask).
+
 σ is fp32 whatever the base dtype; ΔW is cast to the base dtype for the merged matmul exactly as the
 reference layer does (``LRLoRALinear.forward_reference``), so the two agree to rounding.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -101,12 +113,19 @@ class LRLoRALinearFunction(torch.autograd.Function):
             else:
                 dw = delta_weight(A.detach(), B.detach(), a.detach(), rho.detach(), grid.detach(), ds)
             del t
+        # mask: None, the bool keep-mask, or the dropped entries' flat positions (``draw_dropout``); the
+        # sparse form keeps positions (8 bytes × p per element of x), the two-path form the bool mask.
+        sparse = mask is not None and _sparse_dropout(x, weight, drop_scale)
+        if mask is not None:
+            mask = _as_positions(mask) if sparse else _as_keep_mask(mask, x)
         if mask is None:
             y = F.linear(x, _merged_weight(weight.detach(), dw), bias)
+        elif sparse:
+            y = _forward_sparse(x, weight.detach(), bias, dw, mask, drop_scale)
         else:
             y = F.linear(x, weight, bias) + F.linear(x * mask * drop_scale, dw.to(x.dtype))
         ctx.save_for_backward(x, weight, A, B, a, rho, grid, mask)
-        ctx.ds, ctx.drop_scale, ctx.has_bias = ds, drop_scale, bias is not None
+        ctx.ds, ctx.drop_scale, ctx.has_bias, ctx.sparse = ds, drop_scale, bias is not None, sparse
         ctx.ydtype = y.dtype  # the matmul's compute dtype (differs from x's under autocast)
         return y
 
@@ -121,7 +140,12 @@ class LRLoRALinearFunction(torch.autograd.Function):
         d_out, d_in = weight.shape
         g2 = g.reshape(-1, d_out).to(cdt)
         x2 = x.reshape(-1, d_in)
-        xd = x2 if mask is None else x2 * mask.reshape(-1, d_in) * drop_scale
+        sparse = ctx.sparse
+        keep = mask if not sparse else _as_keep_mask(mask, x)  # the bool keep-mask (None: no dropout)
+
+        def dropped_input():  # x̃, built only where a dense form needs it
+            return x2 if keep is None else x2 * keep.reshape(-1, d_in) * drop_scale
+
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         grads_p = [None, None, None]
         with torch.autocast(x.device.type, enabled=False):
@@ -129,7 +153,10 @@ class LRLoRALinearFunction(torch.autograd.Function):
             table = make_table(t, ds.spec, a.detach(), rho.detach(), grid.detach(), ds.table_size) if ds.mode != "exact" else None
             if use_table(t, table, ds.mode):
                 if need_sigma:
-                    gdw = (g2.t() @ xd.to(cdt)).to(t.dtype).contiguous()  # the dense ΔW gradient, as autograd makes it
+                    if sparse:
+                        gdw = _delta_grad_sparse(g2, x2, mask, drop_scale)
+                    else:
+                        gdw = (g2.t() @ dropped_input().to(cdt)).to(t.dtype).contiguous()  # the dense ΔW gradient, as autograd makes it
                     if ds.post_scale != 1.0:
                         gdw.mul_(ds.post_scale)
                     total = gdw.sum(dtype=torch.float64) if ds.center and any(needs_p) else None
@@ -139,7 +166,9 @@ class LRLoRALinearFunction(torch.autograd.Function):
                                                   val_into_g=need_x)
                     del t
                     if need_x:
-                        grad_x = _grad_input(g2, weight, _finish_delta(gdw, a, rho, grid, ds), mask, drop_scale, cdt)
+                        dw = _finish_delta(gdw, a, rho, grid, ds)
+                        grad_x = _grad_input_any(g2, weight, dw, mask, drop_scale, cdt, sparse)
+                        del dw
                     del gdw
                     if hist is not None:
                         grads_p = table.param_grads(hist, needs_p)
@@ -151,10 +180,10 @@ class LRLoRALinearFunction(torch.autograd.Function):
                         grad_A = B.t() @ grad_t if need_A else None
                         grad_B = grad_t @ A.t() if need_B else None
                 elif need_x:
-                    grad_x = _grad_input(g2, weight, _finish_delta(table.interp(t), a, rho, grid, ds), mask,
-                                         drop_scale, cdt)
+                    grad_x = _grad_input_any(g2, weight, _finish_delta(table.interp(t), a, rho, grid, ds), mask,
+                                             drop_scale, cdt, sparse)
             else:
-                grad_x, grad_A, grad_B, grads_p = _backward_autograd(g2, xd, weight, A, B, a, rho, grid, ds, mask,
+                grad_x, grad_A, grad_B, grads_p = _backward_autograd(g2, dropped_input(), weight, A, B, a, rho, grid, ds, keep,
                                                                      drop_scale, cdt, ctx.needs_input_grad)
         if need_x:
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
@@ -164,6 +193,106 @@ class LRLoRALinearFunction(torch.autograd.Function):
         if need_b and ctx.has_bias:
             grad_b = g2.sum(0).to(g.dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, *grads_p, None, None, None
+
+
+# The sparse-correction dropout form's limit: its three products over the dropped entries cost about as much
+# as a dense matmul at p ≈ 0.25-0.4 (embedding-bag and sampled-matmul speeds measured against a dense
+# matmul at the Qwen2-0.5B shapes on CPU), so above this the two-path form is kept.
+_SPARSE_DROPOUT_MAX = 0.2
+
+
+def _sparse_dropout(x, weight, drop_scale: float) -> bool:
+    """Whether the sparse-correction form serves: CPU (its sampled matmul is tested there only), one float
+    dtype for x and W0 (it merges sΔW into W0, which in half precision would round ΔW to W0's scale,
+    unlike the two-path reference), no autocast, and a dropout rate up to _SPARSE_DROPOUT_MAX."""
+    p = 1.0 - 1.0 / drop_scale
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu") and 0.0 < p <= _SPARSE_DROPOUT_MAX)
+
+
+def draw_dropout(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's draw for ``LRLoRALinearFunction`` (rate p > 0, training): where the sparse-correction form
+    serves, the flat positions of the dropped entries of x (int64, ascending), drawn as geometric gaps
+    between drops, which is the same law as one Bernoulli(p) per entry in O(p·numel) work; else the bool
+    keep-mask."""
+    if not _sparse_dropout(x, weight, 1.0 / (1.0 - p)):
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+    n, parts, last = x.numel(), [], -1.0
+    while True:  # one pass almost always: the draw covers the expected count plus six standard deviations
+        left = n - 1 - last
+        k = int(left * p + 6.0 * math.sqrt(left * p * (1.0 - p)) + 16)
+        pos = torch.empty(k, dtype=torch.float64, device=x.device).geometric_(p).cumsum_(0).add_(last)
+        parts.append(pos)
+        last = float(pos[-1])
+        if last >= n - 1:
+            break
+    pos = torch.cat(parts)
+    return pos[pos < n].long()
+
+
+def _as_positions(mask):
+    return (~mask).reshape(-1).nonzero().squeeze(1) if mask.dtype == torch.bool else mask
+
+
+def _as_keep_mask(mask, x):
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return torch.ones(x.shape, dtype=torch.bool, device=x.device).view(-1).index_fill_(0, mask, False).view(x.shape)
+
+
+def _rows_cols(pos, d_in):
+    return torch.div(pos, d_in, rounding_mode="floor"), pos % d_in
+
+
+def _bag_offsets(sorted_keys, count):
+    """Where each of 0..count-1 starts in ascending ``sorted_keys`` (embedding-bag offsets)."""
+    return torch.searchsorted(sorted_keys, torch.arange(count, device=sorted_keys.device))
+
+
+def _forward_sparse(x, weight, bias, dw, pos, s):
+    """y = x (W0 + sΔW)ᵀ + b − s · D ΔWᵀ, D the dropped entries of x; dw (fp32, the caller's) is consumed."""
+    d_out, d_in = weight.shape
+    x2 = x.reshape(-1, d_in)
+    rows, cols = _rows_cols(pos, d_in)
+    # D ΔWᵀ: row n sums the ΔW columns (rows of ΔWᵀ) of its dropped entries, weighted by their x.
+    c = F.embedding_bag(cols, dw.t().contiguous(), _bag_offsets(rows, x2.shape[0]), mode="sum",
+                        per_sample_weights=x2.reshape(-1)[pos])
+    y = F.linear(x2, dw.mul_(s).add_(weight), bias)
+    return y.sub_(c, alpha=s).reshape(*x.shape[:-1], d_out)
+
+
+def _delta_grad_sparse(g2, x2, pos, s):
+    """G_ΔW = s (gᵀx − gᵀD), d_out × d_in contiguous: one dense matmul and an embedding-bag over D's columns."""
+    d_in = x2.shape[1]
+    rows, cols = _rows_cols(pos, d_in)
+    # Row i of (gᵀD)ᵀ sums x[n, i] · g[n] over the dropped entries (n, i) of column i: the entries in column order.
+    order = torch.argsort(cols, stable=True)
+    gtd_t = F.embedding_bag(rows[order], g2, _bag_offsets(cols[order], d_in), mode="sum",
+                            per_sample_weights=x2.reshape(-1)[pos[order]])
+    return torch.addmm(gtd_t.t(), g2.t(), x2, beta=-s, alpha=s).contiguous()
+
+
+def _grad_input_any(g2, weight, dw, mask, drop_scale, cdt, sparse):
+    if sparse:
+        return _grad_input_sparse(g2, weight, dw, mask, drop_scale)
+    return _grad_input(g2, weight, dw, mask, drop_scale, cdt)
+
+
+def _grad_input_sparse(g2, weight, dw, pos, s):
+    """grad_x = g (W0 + sΔW) − s (1 − m) ⊙ (g ΔW): g ΔW only at the dropped entries (a sampled matmul);
+    dw (the caller's) is consumed."""
+    d_in = weight.shape[1]
+    rows, cols = _rows_cols(pos, d_in)
+    crow = torch.cat([_bag_offsets(rows, g2.shape[0]), rows.new_tensor([rows.numel()])])
+    with warnings.catch_warnings():  # torch flags every CSR construction as beta; this one is tested here
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols, dw.new_ones(rows.numel()), (g2.shape[0], d_in),
+                                          check_invariants=False)  # valid by construction
+    # ΔW as the transpose of a contiguous ΔWᵀ: the sampled matmul then reads ΔW's columns contiguously
+    # (measured ~2x faster than from ΔW itself, the copy included).
+    sampled = torch.sparse.sampled_addmm(pattern, g2, dw.t().contiguous().t(), beta=0.0).values()
+    gx = g2 @ dw.mul_(s).add_(weight.detach())
+    return gx.view(-1).index_add_(0, pos, sampled.mul_(-s)).view(gx.shape)
 
 
 def _grad_input(g2, weight, dw, mask, drop_scale, cdt):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrlora.fused import DeltaSpec, LRLoRALinearFunction
+from lrlora.fused import DeltaSpec, LRLoRALinearFunction, draw_dropout
 from lrlora.transfer import TransferFunction
 
 
@@ -101,12 +101,13 @@ class LRLoRALinear(nn.Module):
         if not self.fused:
             return self.forward_reference(x)
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        # The mask as a bool tensor (1 byte per element), which is all the backward keeps of dropout.
-        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p) if p > 0 else None
+        # All the backward keeps of dropout: the dropped entries' positions or a bool mask (see draw_dropout).
+        mask = draw_dropout(x, self.base_layer.weight, p) if p > 0 else None
         return self.forward_fused(x, mask, p)
 
     def forward_fused(self, x: torch.Tensor, mask: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
-        """The memory-lean form (lrlora.fused); ``mask`` the dropout keep-mask (None: merged form)."""
+        """The memory-lean form (lrlora.fused); ``mask`` the dropout keep-mask or the dropped entries' flat
+        positions (None: merged form)."""
         base, tf = self.base_layer, self.transfer
         return LRLoRALinearFunction.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, tf.a, tf.rho, tf.grid,
                                           self.delta_spec(), mask, 1.0 / (1.0 - p))

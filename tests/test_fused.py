@@ -251,3 +251,105 @@ def test_fused_layer_without_the_compiled_kernels(monkeypatch):
     x = torch.randn(3, 256)
     check_agree(layer, x, None, 0.0)
     check_agree(layer, x, torch.rand(x.shape) > 0.3, 0.3)
+
+
+# The sparse-correction dropout form (p ≤ lrlora.fused._SPARSE_DROPOUT_MAX, fp32/fp64 on CPU): one merged
+# matmul plus products over the dropped entries only, held to the reference's two-path form.
+
+
+def _keep_mask(pos, shape):
+    keep = torch.ones(int(torch.Size(shape).numel()), dtype=torch.bool)
+    keep[pos] = False
+    return keep.view(shape)
+
+
+@pytest.mark.parametrize("basis", ["sinc", "bspline"])
+@pytest.mark.parametrize("p", [0.05, 0.2])
+@pytest.mark.parametrize("opts", [dict(), dict(center=True, pre_scale=0.7, post_scale=1.9)])
+def test_sparse_dropout_form_matches_the_two_path_reference(basis, p, opts):
+    import lrlora.fused as fused
+
+    assert p <= fused._SPARSE_DROPOUT_MAX
+    # 256 × 192 takes the table path in backward, 24 × 16 the exact one (autograd recomputation).
+    for d_in, d_out in ((256, 192), (24, 16)):
+        layer = make_layer(d_in, d_out, basis, learn_grid=True, scale=0.2, **opts)
+        x = torch.randn(5, 3, d_in).transpose(0, 1)  # 3-D and not contiguous
+        assert fused._sparse_dropout(x, layer.base_layer.weight, 1.0 / (1.0 - p))
+        pos = fused.draw_dropout(x, layer.base_layer.weight, p)
+        assert pos.dtype == torch.int64 and pos.numel() > 0
+        # The function takes the positions (the layer's own draw) or the equivalent bool mask alike.
+        y_r, g_r = run(layer, x, _keep_mask(pos, x.shape), p, fused=False)
+        for form in (pos, _keep_mask(pos, x.shape)):
+            y_f, g_f = run(layer, x, form, p, fused=True)
+            assert rel_err(y_f, y_r) < 1e-5
+            for k in g_r:
+                assert rel_err(g_f[k], g_r[k]) < 1e-5, f"d/d{k} off by {rel_err(g_f[k], g_r[k]):.2e}"
+
+
+@pytest.mark.parametrize("pos", [[], [0, 7, 1023]])
+def test_sparse_dropout_form_with_no_or_few_dropped_entries(pos):
+    layer = make_layer(256, 192, bias=False)
+    x = torch.randn(4, 256)
+    pos = torch.tensor(pos, dtype=torch.long)
+    y_r, g_r = run(layer, x, _keep_mask(pos, x.shape), 0.05, fused=False)
+    y_f, g_f = run(layer, x, pos, 0.05, fused=True)
+    assert rel_err(y_f, y_r) < 1e-5
+    assert all(rel_err(g_f[k], g_r[k]) < 1e-5 for k in g_r)
+
+
+def test_gradcheck_sparse_dropout_form_float64():
+    from lrlora.fused import LRLoRALinearFunction, _sparse_dropout
+
+    layer = make_layer(6, 5, "sinc", learn_grid=True, center=True, fast=False).double()
+    tf, base = layer.transfer, layer.base_layer
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([1, 8, 9, 17])
+    assert _sparse_dropout(x, base.weight, 1.0 / 0.9)
+    w = base.weight.detach().requires_grad_()
+    b = base.bias.detach().requires_grad_()
+
+    def f(x, w, b, A, B, a, rho, grid):
+        return LRLoRALinearFunction.apply(x, w, b, A, B, a, rho, grid, layer.delta_spec(), pos, 1.0 / 0.9)
+
+    assert torch.autograd.gradcheck(f, (x, w, b, layer.lora_A, layer.lora_B, tf.a, tf.rho, tf.grid))
+
+
+def test_draw_dropout_picks_the_form_and_follows_bernoulli():
+    """Positions where the sparse form serves, a bool mask elsewhere; the positions are ascending, distinct,
+    in range, and follow the law of independent Bernoulli(p) drops (count and per-entry rate)."""
+    from lrlora.fused import draw_dropout
+
+    w = torch.zeros(3, 20)
+    assert draw_dropout(torch.zeros(4, 20), w, 0.3).dtype == torch.bool  # above the sparse limit
+    assert draw_dropout(torch.zeros(4, 20, dtype=torch.bfloat16), w.bfloat16(), 0.1).dtype == torch.bool
+    torch.manual_seed(0)
+    x, p, trials = torch.zeros(20), 0.2, 20000
+    hits, counts = torch.zeros(20), []
+    for _ in range(trials):
+        pos = draw_dropout(x, w, p)
+        assert pos.dtype == torch.int64
+        assert bool((pos[1:] > pos[:-1]).all()) and (pos.numel() == 0 or (0 <= int(pos[0]) and int(pos[-1]) < 20))
+        hits[pos] += 1
+        counts.append(pos.numel())
+    counts = torch.tensor(counts, dtype=torch.float64)
+    # Binomial(20, 0.2): mean 4, variance 3.2; every entry dropped at rate 0.2 (first and last included:
+    # an off-by-one in the gaps shows there first).
+    assert abs(float(counts.mean()) - 4.0) < 5 * (3.2 / trials) ** 0.5
+    assert abs(float(counts.var()) - 3.2) < 0.15
+    rate_sd = (p * (1 - p) / trials) ** 0.5
+    assert float((hits / trials - p).abs().max()) < 5 * rate_sd
+    big = draw_dropout(torch.zeros(512, 896), w, 0.05)
+    assert abs(big.numel() - 0.05 * 512 * 896) < 6 * (512 * 896 * 0.05 * 0.95) ** 0.5
+
+
+def test_layer_training_forward_takes_the_sparse_form_and_saves_less_than_a_mask():
+    layer = make_layer(256, 192, dropout=0.05)
+    layer.train()
+    saved = []
+    x = torch.randn(64, 256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    drop = [t for t in saved if t.dtype in (torch.bool, torch.int64)]
+    assert len(drop) == 1 and drop[0].dtype == torch.int64 and drop[0].dim() == 1
+    assert drop[0].numel() * 8 < x.numel()  # fewer bytes than the bool mask it replaces
