@@ -6,8 +6,9 @@
 
 Through plain autograd every layer keeps t = BA (fp32, for σ's backward) and the merged weight
 W0 + ΔW (for the matmul's backward) until its backward runs, i.e. two dense matrices per adapted
-layer for the whole depth. This function saves only the input x, the dropout mask (bool) when p > 0,
-and references to the parameters; its backward recomputes BA, σ and σ'. The extra memory is then a few
+layer for the whole depth. This function saves only the input x, what it needs of dropout when p > 0
+(the bool mask, or the dropped entries' positions in the sparse-correction form below), and references
+to the parameters; its backward recomputes BA, σ and σ'. The extra memory is then a few
 dense matrices of the one layer being differentiated, whatever the depth.
 
 Backward, table path (the default for large matrices), with at most three fp32 d_out × d_in matrices
@@ -28,7 +29,10 @@ and D = (1 − m) ⊙ x the dropped entries (a fraction p of x), x̃ = s (x − 
 one dense matmul forward and two backward, as in the merged form, plus three products that touch only
 the dropped entries (an embedding-bag gather forward, a sampled matmul and an embedding-bag for gᵀD
 backward): at p = 0.05 they cost ~10–20% of a dense matmul each, where the two-path form pays two more
-dense matmuls (measured: benchmarks/results/train_step.json). Same saved tensors (x, the bool mask).
+dense matmuls (step times: benchmarks/results/train_step.json, lrlora_d05). Dropout's draw is then the
+dropped entries' flat positions (``draw_dropout``: geometric gaps, the law of one Bernoulli(p) per entry,
+O(p·numel) work instead of a mask), which is also what the backward keeps: 8·p bytes per element of x
+against the mask's 1.
 
 σ is fp32 whatever the base dtype; ΔW is cast to the base dtype for the merged matmul exactly as the
 reference layer does (``LRLoRALinear.forward_reference``), so the two agree to rounding.
