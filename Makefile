@@ -47,9 +47,11 @@ lint: $(STAMP)  ## ruff
 demo: $(STAMP)  ## the main job: LoRA vs LR-LoRA, MiniLM-L6 on BBC News, offline
 	$(PY) -m experiments.demo
 
-bench: $(STAMP)  ## σ op + training-step benchmarks (CPU, ~40 min) -> benchmarks/results/{sigma_op,train_step}.json
+bench: $(STAMP)  ## σ op, its breakdown, training steps (CPU, ~1.5 h) -> benchmarks/results/*.json; tables: benchmarks/report.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op_breakdown.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/train_step.py
+	$(PY) benchmarks/report.py
 
 bench-quick: $(STAMP)  ## a few-minute subset of `make bench` (down_proj σ op; 2 Qwen2 layers, 512 tokens)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op.py --quick --out benchmarks/results/sigma_op_quick.json

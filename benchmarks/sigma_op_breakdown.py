@@ -1,18 +1,22 @@
 """Where the σ op's time goes: its parts timed one by one in one process, next to the whole op and one
-elementwise pass (down_proj shape, 896×4864, sinc, K = 50).
+elementwise pass (down_proj shape, 896×4864, sinc, K = 50), and the two passes over t in the compiled C++
+kernels (lrlora._kernels) against the same passes written in PyTorch and compiled by torch.compile.
 
-    python benchmarks/sigma_op_breakdown.py [--spread 0.8] [--repeats 15]
+    python benchmarks/sigma_op_breakdown.py [--spread 0.8] [--repeats 15] [--no-compile]
     MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=1000000000 python benchmarks/sigma_op_breakdown.py
         # the same with glibc keeping freed memory mapped: no page faults on the op's large outputs
 
-Prints medians in ms (nothing is written): the parts are the range of t (aminmax), the table of σ (forward),
-the table of σ and σ' (backward), the compiled forward and backward passes over t, the backward without its
-histogram, and the parameter gradients from the histogram.
+Prints medians in ms and writes them to benchmarks/results/sigma_op_breakdown.json (``--out``): the range of t
+(aminmax), the table of σ (forward), the table of σ and σ' (backward), the compiled forward and backward passes
+over t, the backward without its histogram, and the parameter gradients from the histogram. The torch.compile
+rows run the same math (float32 positions and table, float64 histogram by index_add_) as one candidate the
+issue named: compared here, not used by the library.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -21,13 +25,48 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine_info, write_json_atomic  # noqa: E402
 from lrlora import TransferFunction, ops, sigma  # noqa: E402
+
+
+def compiled_passes(tab):
+    """The table's forward and backward passes in PyTorch, compiled by torch.compile (Inductor's C++ backend)."""
+    m, lo, inv = tab.m, tab.lo, tab.inv
+
+    def split(v):
+        return v.float(), torch.cat([(v[1:] - v[:-1]).float(), v.new_zeros(1, dtype=torch.float32)])
+
+    v, s = split(tab.vals)
+    d, ds = split(tab.dvals)
+
+    def locate(t):
+        pos = ((t - lo) * inv).clamp(0, m - 1)
+        j = pos.to(torch.int32).clamp(max=m - 2)
+        return j.long().view(-1), (pos - j).clamp(max=1.0).view(-1)
+
+    def forward(t):
+        j, f = locate(t)
+        return (v[j] + f * s[j]).view(t.shape)
+
+    def backward(t, g):
+        j, f = locate(t)
+        gv = g.reshape(-1)
+        grad_t = gv * (d[j] + f * ds[j])
+        gf = (gv * f).double()
+        h = torch.zeros(m, dtype=torch.float64, device=t.device)
+        h.index_add_(0, j, gv.double() - gf)
+        h.index_add_(0, j + 1, gf)
+        return grad_t.view(t.shape), h
+
+    return torch.compile(forward, dynamic=False), torch.compile(backward, dynamic=False)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spread", type=float, default=0.8, help="t ~ spread · N(0, 1)")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sigma_op_breakdown.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
     tf = TransferFunction("sinc", K=50, L=3.0, amplitude_init="random", amplitude_init_std=0.1)
@@ -65,9 +104,22 @@ def main():
         "backward pass over t without the histogram": tm(lambda: tab.backward(td, g, True, False)),
         "parameter gradients from the histogram": tm(lambda: tab.param_grads(hist, (True, True, False))),
     }
+    if not args.no_compile:
+        fwd, bwd = compiled_passes(tab)
+        # Same values as the C++ kernels (a check that the comparison is of the same work).
+        assert torch.allclose(fwd(td), tab.interp(td), atol=1e-6)
+        assert torch.allclose(bwd(td, g)[1], hist, rtol=1e-6, atol=1e-9)
+        rows["torch.compile: forward pass over t"] = tm(lambda: fwd(td))
+        rows["torch.compile: backward pass over t (g·σ' and histogram)"] = tm(lambda: bwd(td, g))
     print(f"table points: {tab.m}, spread {args.spread}, threads {torch.get_num_threads()}")
     for k, v in rows.items():
-        print(f"{k:<45} {v:8.2f} ms")
+        print(f"{k:<58} {v:8.2f} ms")
+    ew = rows["one elementwise pass (t * 2)"]
+    write_json_atomic({"machine": machine_info("cpu"), "threads": torch.get_num_threads(), "shape": [896, 4864],
+                       "K": 50, "spread": args.spread, "table_points": tab.m, "repeats": args.repeats,
+                       "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+                       "median_ms": rows, "x_elementwise": {k: v / ew for k, v in rows.items()}}, Path(args.out))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
