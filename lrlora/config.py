@@ -45,7 +45,7 @@ class LRLoRAConfig:
     dropout: float = 0.0
     """Input-side dropout on the adapter path (Table 10: 0.05 LLMs, 0.10 GLUE, 0.0 vision). With p > 0 in
     training the layer needs the adapter path apart from W0 (docs/SOURCES.md, 'Dropout and the merged forward');
-    lrlora.fused computes it as one dense matmul plus a correction over the dropped entries for p ≤ 0.2 (CPU)."""
+    lrlora.fused computes it as one dense matmul plus a correction over the dropped entries for p ≤ 0.15 (CPU)."""
 
     init_B: str = "kaiming"
     """**open**, and a deviation from the paper's init read literally (B = 0, as in LoRA; docs/SOURCES.md): B Kaiming-uniform like A.

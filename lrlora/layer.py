@@ -4,7 +4,7 @@ Forward (docs/SOURCES.md, App. C):
   * dropout p = 0, or eval:   y = x (W0 + ΔW)ᵀ + b                 one merged matmul
   * p > 0 in training:        y = x W0ᵀ + b + dropout(x) ΔWᵀ       dropout stays input-side; computed as
     x (W0 + ΔW/(1 − p))ᵀ + b minus the dropped entries' share (one dense matmul and a sparse one) for
-    p ≤ 0.2 on CPU, as two matmuls otherwise (lrlora.fused)
+    p ≤ 0.15 on CPU, as two matmuls otherwise (lrlora.fused)
 σ is always computed in fp32 (A, B and the transfer parameters are fp32 whatever the base dtype).
 
 The forward runs through one autograd function (lrlora.fused) that saves only x (and the dropout

@@ -264,7 +264,7 @@ def _keep_mask(pos, shape):
 
 
 @pytest.mark.parametrize("basis", ["sinc", "bspline"])
-@pytest.mark.parametrize("p", [0.05, 0.2])
+@pytest.mark.parametrize("p", [0.05, 0.15])
 @pytest.mark.parametrize("opts", [dict(), dict(center=True, pre_scale=0.7, post_scale=1.9)])
 def test_sparse_dropout_form_matches_the_two_path_reference(basis, p, opts):
     import lrlora.fused as fused
@@ -323,7 +323,7 @@ def test_draw_dropout_picks_the_form_and_follows_bernoulli():
     assert draw_dropout(torch.zeros(4, 20), w, 0.3).dtype == torch.bool  # above the sparse limit
     assert draw_dropout(torch.zeros(4, 20, dtype=torch.bfloat16), w.bfloat16(), 0.1).dtype == torch.bool
     torch.manual_seed(0)
-    x, p, trials = torch.zeros(20), 0.2, 20000
+    x, p, trials = torch.zeros(20), 0.15, 20000
     hits, counts = torch.zeros(20), []
     for _ in range(trials):
         pos = draw_dropout(x, w, p)
@@ -332,10 +332,10 @@ def test_draw_dropout_picks_the_form_and_follows_bernoulli():
         hits[pos] += 1
         counts.append(pos.numel())
     counts = torch.tensor(counts, dtype=torch.float64)
-    # Binomial(20, 0.2): mean 4, variance 3.2; every entry dropped at rate 0.2 (first and last included:
+    # Binomial(20, 0.15): mean 3, variance 2.55; every entry dropped at rate 0.15 (first and last included:
     # an off-by-one in the gaps shows there first).
-    assert abs(float(counts.mean()) - 4.0) < 5 * (3.2 / trials) ** 0.5
-    assert abs(float(counts.var()) - 3.2) < 0.15
+    assert abs(float(counts.mean()) - 3.0) < 5 * (2.55 / trials) ** 0.5
+    assert abs(float(counts.var()) - 2.55) < 0.15
     rate_sd = (p * (1 - p) / trials) ** 0.5
     assert float((hits / trials - p).abs().max()) < 5 * rate_sd
     big = draw_dropout(torch.zeros(512, 896), w, 0.05)
