@@ -119,7 +119,8 @@ class LRLoRALinearFunction(torch.autograd.Function):
             del t
         # mask: None, the bool keep-mask, or the dropped entries' flat positions (``draw_dropout``); the
         # sparse form keeps positions (8 bytes × p per element of x), the two-path form the bool mask.
-        sparse = mask is not None and _sparse_dropout(x, weight, drop_scale)
+        # (and σ's dtype the base's: an fp32 adapter on an fp64 base takes the two-path form)
+        sparse = mask is not None and _sparse_dropout(x, weight, drop_scale) and A.dtype == weight.dtype
         if mask is not None:
             mask = _as_positions(mask) if sparse else _as_keep_mask(mask, x)
         if mask is None:
@@ -145,9 +146,12 @@ class LRLoRALinearFunction(torch.autograd.Function):
         g2 = g.reshape(-1, d_out).to(cdt)
         x2 = x.reshape(-1, d_in)
         sparse = ctx.sparse
-        keep = mask if not sparse else _as_keep_mask(mask, x)  # the bool keep-mask (None: no dropout)
 
-        def dropped_input():  # x̃, built only where a dense form needs it
+        def keep_mask():  # the bool keep-mask (None: no dropout), built only where a dense form needs it
+            return _as_keep_mask(mask, x) if sparse else mask
+
+        def dropped_input():  # x̃, likewise
+            keep = keep_mask()
             return x2 if keep is None else x2 * keep.reshape(-1, d_in) * drop_scale
 
         grad_x = grad_w = grad_b = grad_A = grad_B = None
@@ -187,7 +191,7 @@ class LRLoRALinearFunction(torch.autograd.Function):
                     grad_x = _grad_input_any(g2, weight, _finish_delta(table.interp(t), a, rho, grid, ds), mask,
                                              drop_scale, cdt, sparse)
             else:
-                grad_x, grad_A, grad_B, grads_p = _backward_autograd(g2, dropped_input(), weight, A, B, a, rho, grid, ds, keep,
+                grad_x, grad_A, grad_B, grads_p = _backward_autograd(g2, dropped_input(), weight, A, B, a, rho, grid, ds, keep_mask(),
                                                                      drop_scale, cdt, ctx.needs_input_grad)
         if need_x:
             grad_x = grad_x.reshape(x.shape).to(x.dtype)

@@ -353,3 +353,14 @@ def test_layer_training_forward_takes_the_sparse_form_and_saves_less_than_a_mask
     drop = [t for t in saved if t.dtype in (torch.bool, torch.int64)]
     assert len(drop) == 1 and drop[0].dtype == torch.int64 and drop[0].dim() == 1
     assert drop[0].numel() * 8 < x.numel()  # fewer bytes than the bool mask it replaces
+
+
+def test_fp32_adapter_on_an_fp64_base_takes_the_two_path_form():
+    layer = make_layer(256, 192)
+    layer.base_layer.double()  # the adapter stays fp32
+    x = torch.randn(4, 256, dtype=torch.float64)
+    pos = torch.tensor([3, 300, 777])
+    y_r, g_r = run(layer, x, _keep_mask(pos, x.shape), 0.05, fused=False)
+    y_f, g_f = run(layer, x, pos, 0.05, fused=True)
+    assert y_f.dtype == torch.float64 and rel_err(y_f, y_r) < 1e-5
+    assert all(rel_err(g_f[k], g_r[k]) < 1e-5 for k in g_r)
