@@ -19,7 +19,8 @@ MB = 2**20
 
 def train_tables(d: dict) -> str:
     out = []
-    groups = sorted({(c["model"], c["layers"], c["tokens"]) for c in d["cases"]})
+    order = {m: i for i, m in reversed(list(enumerate(c["model"] for c in d["cases"])))}  # models as first run
+    groups = sorted({(c["model"], c["layers"], c["tokens"]) for c in d["cases"]}, key=lambda g: (order[g[0]], g[1:]))
     inference = {(c["model"], c["layers"], c["tokens"]): c for c in d.get("inference", []) if "merged_over_base" in c}
     for g in groups:
         cases = {c["method"]: c for c in d["cases"] if (c["model"], c["layers"], c["tokens"]) == g and "median_step_s" in c}
