@@ -47,7 +47,7 @@ lint: $(STAMP)  ## ruff
 demo: $(STAMP)  ## the main job: LoRA vs LR-LoRA, MiniLM-L6 on BBC News, offline
 	$(PY) -m experiments.demo
 
-bench: $(STAMP)  ## σ op, its breakdown, training steps (CPU, ~1.5 h) -> benchmarks/results/*.json; tables: benchmarks/report.py
+bench: $(STAMP)  ## σ op, its breakdown, training steps (CPU, ~1 h) -> benchmarks/results/*.json; tables: benchmarks/report.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op_breakdown.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/train_step.py

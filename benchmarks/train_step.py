@@ -335,7 +335,7 @@ def main():
     print(f"{'model':<11} {'L':>2} {'tokens':>6} {'method':<11} {'step s':>8} {'tok/s':>8} {'mem above model MB':>19}")
     groups = [(m, l, t) for m, l in parsed for t in tokens]
     if not (args.models or args.tokens or args.quick or cuda):
-        # CPU default (~1 h): every size for 2 Qwen2 layers; 4 layers (memory growth with depth) and the
+        # CPU default (~40 min): every size for 2 Qwen2 layers; 4 layers (memory growth with depth) and the
         # LLaMA3-8B layer at 512 tokens only; cheapest first, so an interrupted run keeps the most cases.
         groups = [(m, l, t) for m, l, t in groups if (m, l) == ("qwen2_0.5b", 2) or t == min(tokens)]
         groups.sort(key=lambda g: (g[2] > 2048, g[0] == "llama3_8b", g[2], g[1]))
