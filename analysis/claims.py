@@ -115,9 +115,17 @@ def _n_test(runs: pd.DataFrame, proto: str = "glue") -> int | None:
     return None
 
 
+def _binary(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of binary tasks. A multiple-choice task scored by pairs (choice_accuracy) has a Matthews of its
+    pair-wise labels that says nothing of its choices (all-negative pairs can still rank the right option
+    first), and its chance level needs the test set's option counts, which results files do not hold."""
+    return runs[pd.to_numeric(_col(runs, "metrics.glue.choice_accuracy"), errors="coerce").isna()]
+
+
 def _at_chance(runs: pd.DataFrame) -> int:
     """Runs no better than chance on a binary task: |Matthews| below 1.96/√n, the two-sided 5% bound of the
     correlation under independence (a run that answers one label for every question has exactly 0)."""
+    runs = _binary(runs)
     mcc = pd.to_numeric(_col(runs, "metrics.glue.matthews"), errors="coerce")
     n = pd.to_numeric(_col(runs, "metrics.glue.n"), errors="coerce")
     return int((mcc.abs() < 1.96 / n.pow(0.5)).sum())
@@ -161,8 +169,10 @@ def _scale(d: pd.DataFrame) -> str:
         steps = pd.to_numeric(_col(sub, "metrics.train.steps"), errors="coerce").dropna()
         n_train = pd.to_numeric(_col(sub, "config.regime.n_train"), errors="coerce").dropna()
         seeds = sorted(int(s) for s in sub["seed"].dropna().unique())
+        # A multiple-choice task scored by pairs counts (question, option) pairs in metrics.glue.n.
+        unit = "" if len(_binary(sub)) == len(sub) else " question-option pairs"
         parts.append(f"{bb} on {reg} ({int(n_train.iloc[0]) if len(n_train) else 'all'} training examples, "
-                     f"{int(steps.median()) if len(steps) else '?'} steps, test set {_n_test(sub) or '?'}, "
+                     f"{int(steps.median()) if len(steps) else '?'} steps, test set {_n_test(sub) or '?'}{unit}, "
                      f"seeds {seeds}, {len(sub)} run{'s' if len(sub) != 1 else ''})")
     return "Runs: " + "; ".join(parts) + "."
 
@@ -205,6 +215,7 @@ def claim1(df: pd.DataFrame, ctx) -> Table:
     counts = []
     for label, runs in (("LoRA", _select(mini, adapter="lora")), ("LR-LoRA centred", _lr(mini)),
                         ("LR-LoRA paper form", _lr(mini, centred=False))):
+        runs = _binary(runs)
         if len(runs) and _col(runs, "metrics.glue.matthews").notna().any():
             counts.append(f"{label} {_at_chance(runs)}/{len(runs)}")
     notes = ["Mean ± std over seeds (n runs). MiniLM rows pair LR-LoRA (centred) with LoRA by seed: 95% t-interval "
@@ -212,7 +223,7 @@ def claim1(df: pd.DataFrame, ctx) -> Table:
              "paper's App. B.2). SmolLM2 rows: one seed; the interval is ± 1.96 binomial standard errors of a "
              "difference on its test questions (6 per task)."]
     if counts:
-        notes.append("Runs no better than chance (binary tasks: |Matthews| < 1.96/√n, n test questions; a run "
+        notes.append("Runs no better than chance (binary tasks only: |Matthews| < 1.96/√n, n test questions; a run "
                      "that gives one label to every question has Matthews 0): " + ", ".join(counts) + ".")
     seeds = []
     for reg in sorted(mini["regime"].unique()):

@@ -48,6 +48,19 @@ def test_paired_ci_is_the_t_interval():
     assert paired_ci([1.0], [0.0]) == (1.0, None, None, 1) and paired_ci([], []) == (None, None, None, 0)
 
 
+def test_multiple_choice_runs_are_not_judged_at_chance_by_pairwise_matthews(grid):
+    """A pair-scored multiple-choice run that labels every pair negative (Matthews 0) can still rank the right
+    option first (choice_accuracy 44% against chance 33%): the Matthews rule must not count it."""
+    for seed in (42, 123, 456):
+        path = grid / f"minilm_l6__lora__bb_timedial__r4__s{seed}__.json"
+        _result(grid, "lora", seed, 0.667, matthews=0.0, regime="bb_timedial")
+        d = json.loads(path.read_text())
+        d["metrics"]["glue"]["choice_accuracy"] = 0.44
+        path.write_text(json.dumps(d))
+    t = claim1(load_results([grid]), Context(out=grid))
+    assert any("LoRA 0/3" in n for n in t.notes)  # the three winowhy LoRA runs only (Matthews 0.3)
+
+
 def test_claim1_pairs_by_seed_and_counts_runs_at_chance(grid):
     t = claim1(load_results([grid]), Context(out=grid))
     row = t.rows[0]
