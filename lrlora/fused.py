@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +127,8 @@ class LRLoRALinearFunction(torch.autograd.Function):
         if mask is None:
             y = F.linear(x, _merged_weight(weight.detach(), dw), bias)
         elif sparse:
-            y = _forward_sparse(x, weight.detach(), bias, dw, mask, drop_scale)
+            y = _forward_sparse(x, weight.detach(), bias, dw, _dropped(mask, x.numel() // x.shape[-1], x.shape[-1]),
+                                drop_scale)
         else:
             y = F.linear(x, weight, bias) + F.linear(x * mask * drop_scale, dw.to(x.dtype))
         ctx.save_for_backward(x, weight, A, B, a, rho, grid, mask)
@@ -146,6 +148,8 @@ class LRLoRALinearFunction(torch.autograd.Function):
         g2 = g.reshape(-1, d_out).to(cdt)
         x2 = x.reshape(-1, d_in)
         sparse = ctx.sparse
+        # The dropped entries' rows, columns and row starts, once for both sparse products below.
+        dropped = _dropped(mask, x2.shape[0], d_in) if sparse else None
 
         def keep_mask():  # the bool keep-mask (None: no dropout), built only where a dense form needs it
             return _as_keep_mask(mask, x) if sparse else mask
@@ -162,7 +166,7 @@ class LRLoRALinearFunction(torch.autograd.Function):
             if use_table(t, table, ds.mode):
                 if need_sigma:
                     if sparse:
-                        gdw = _delta_grad_sparse(g2, x2, mask, drop_scale)
+                        gdw = _delta_grad_sparse(g2, x2, dropped, drop_scale)
                     else:
                         gdw = (g2.t() @ dropped_input().to(cdt)).to(t.dtype).contiguous()  # the dense ΔW gradient, as autograd makes it
                     if ds.post_scale != 1.0:
@@ -175,7 +179,7 @@ class LRLoRALinearFunction(torch.autograd.Function):
                     del t
                     if need_x:
                         dw = _finish_delta(gdw, a, rho, grid, ds)
-                        grad_x = _grad_input_any(g2, weight, dw, mask, drop_scale, cdt, sparse)
+                        grad_x = _grad_input_any(g2, weight, dw, mask, drop_scale, cdt, dropped)
                         del dw
                     del gdw
                     if hist is not None:
@@ -189,7 +193,7 @@ class LRLoRALinearFunction(torch.autograd.Function):
                         grad_B = grad_t @ A.t() if need_B else None
                 elif need_x:
                     grad_x = _grad_input_any(g2, weight, _finish_delta(table.interp(t), a, rho, grid, ds), mask,
-                                             drop_scale, cdt, sparse)
+                                             drop_scale, cdt, dropped)
             else:
                 grad_x, grad_A, grad_B, grads_p = _backward_autograd(g2, dropped_input(), weight, A, B, a, rho, grid, ds, keep_mask(),
                                                                      drop_scale, cdt, ctx.needs_input_grad)
@@ -249,50 +253,55 @@ def _as_keep_mask(mask, x):
     return torch.ones(x.shape, dtype=torch.bool, device=x.device).view(-1).index_fill_(0, mask, False).view(x.shape)
 
 
-def _rows_cols(pos, d_in):
-    return torch.div(pos, d_in, rounding_mode="floor"), pos % d_in
-
-
 def _bag_offsets(sorted_keys, count):
     """Where each of 0..count-1 starts in ascending ``sorted_keys`` (embedding-bag offsets)."""
     return torch.searchsorted(sorted_keys, torch.arange(count, device=sorted_keys.device))
 
 
-def _forward_sparse(x, weight, bias, dw, pos, s):
+class _Dropped(NamedTuple):
+    pos: torch.Tensor  # flat positions in x viewed as (n_rows, d_in), ascending
+    rows: torch.Tensor
+    cols: torch.Tensor
+    row_starts: torch.Tensor  # where each row's entries start in pos (embedding-bag offsets)
+
+
+def _dropped(pos, n_rows: int, d_in: int) -> _Dropped:
+    rows = torch.div(pos, d_in, rounding_mode="floor")
+    return _Dropped(pos, rows, pos % d_in, _bag_offsets(rows, n_rows))
+
+
+def _forward_sparse(x, weight, bias, dw, dr: _Dropped, s):
     """y = x (W0 + sΔW)ᵀ + b − s · D ΔWᵀ, D the dropped entries of x; dw (fp32, the caller's) is consumed."""
     d_out, d_in = weight.shape
     x2 = x.reshape(-1, d_in)
-    rows, cols = _rows_cols(pos, d_in)
     # D ΔWᵀ: row n sums the ΔW columns (rows of ΔWᵀ) of its dropped entries, weighted by their x.
-    c = F.embedding_bag(cols, dw.t().contiguous(), _bag_offsets(rows, x2.shape[0]), mode="sum",
-                        per_sample_weights=x2.reshape(-1)[pos])
+    c = F.embedding_bag(dr.cols, dw.t().contiguous(), dr.row_starts, mode="sum",
+                        per_sample_weights=x2.reshape(-1)[dr.pos])
     y = F.linear(x2, dw.mul_(s).add_(weight), bias)
     return y.sub_(c, alpha=s).reshape(*x.shape[:-1], d_out)
 
 
-def _delta_grad_sparse(g2, x2, pos, s):
+def _delta_grad_sparse(g2, x2, dr: _Dropped, s):
     """G_ΔW = s (gᵀx − gᵀD), d_out × d_in contiguous: one dense matmul and an embedding-bag over D's columns."""
-    d_in = x2.shape[1]
-    rows, cols = _rows_cols(pos, d_in)
     # Row i of (gᵀD)ᵀ sums x[n, i] · g[n] over the dropped entries (n, i) of column i: the entries in column order.
-    order = torch.argsort(cols, stable=True)
-    gtd_t = F.embedding_bag(rows[order], g2, _bag_offsets(cols[order], d_in), mode="sum",
-                            per_sample_weights=x2.reshape(-1)[pos[order]])
+    order = torch.argsort(dr.cols, stable=True)
+    gtd_t = F.embedding_bag(dr.rows[order], g2, _bag_offsets(dr.cols[order], x2.shape[1]), mode="sum",
+                            per_sample_weights=x2.reshape(-1)[dr.pos[order]])
     return torch.addmm(gtd_t.t(), g2.t(), x2, beta=-s, alpha=s).contiguous()
 
 
-def _grad_input_any(g2, weight, dw, mask, drop_scale, cdt, sparse):
-    if sparse:
-        return _grad_input_sparse(g2, weight, dw, mask, drop_scale)
+def _grad_input_any(g2, weight, dw, mask, drop_scale, cdt, dropped: _Dropped | None):
+    if dropped is not None:
+        return _grad_input_sparse(g2, weight, dw, dropped, drop_scale)
     return _grad_input(g2, weight, dw, mask, drop_scale, cdt)
 
 
-def _grad_input_sparse(g2, weight, dw, pos, s):
+def _grad_input_sparse(g2, weight, dw, dr: _Dropped, s):
     """grad_x = g (W0 + sΔW) − s (1 − m) ⊙ (g ΔW): g ΔW only at the dropped entries (a sampled matmul);
     dw (the caller's) is consumed."""
     d_in = weight.shape[1]
-    rows, cols = _rows_cols(pos, d_in)
-    crow = torch.cat([_bag_offsets(rows, g2.shape[0]), rows.new_tensor([rows.numel()])])
+    rows, cols, pos = dr.rows, dr.cols, dr.pos
+    crow = torch.cat([dr.row_starts, rows.new_tensor([rows.numel()])])
     with warnings.catch_warnings():  # torch flags every CSR construction as beta; this one is tested here
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
         pattern = torch.sparse_csr_tensor(crow, cols, dw.new_ones(rows.numel()), (g2.shape[0], d_in),
