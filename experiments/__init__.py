@@ -1,7 +1,8 @@
 """The training harness: `python -m experiments.train [overrides]` (see conf/train.yaml) and `make demo`.
 
-train.py (entry: backbone -> adapter -> data -> loop -> evaluation -> results file), backbones.py, data.py,
-loop.py, evaluation.py, results.py, tracking.py, demo.py.
+train.py (entry: backbone -> adapter -> data -> loop -> evaluation -> results file), guard.py (checks before a
+run starts), naming.py (run names), backbones.py, data.py, loop.py, protocols/ (evaluation), results.py,
+tracking.py; the other entry points evaluate.py (re-score a run), para.py (PARA as a run) and demo.py.
 """
 
 from experiments import naming as _naming  # noqa: E402,F401  registers the ${run_suffix:} resolver of conf/train.yaml

@@ -44,7 +44,25 @@ def _results(root):
     return sorted((root / "results").glob("*.json"))
 
 
-def test_reproduce_runs_only_what_is_missing_or_stale(tmp_path, capsys):
+@pytest.fixture
+def pinned_commit(monkeypatch):
+    """The checkout's commit, pinned: a copy without .git (a source archive) has none (git_info() gives None,
+    and then no results file can be stale by commit), so the staleness test would not run there. Every module
+    that imported git_info sees the same fixed commit, the runs' results files and the staleness check alike."""
+    import sys
+
+    import experiments.results
+    import experiments.train  # noqa: F401  (bind its git_info before the swap below reaches it)
+
+    commit = "c0ffee" + "0" * 34
+    real = experiments.results.git_info
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("experiments", "analysis") and getattr(module, "git_info", None) is real:
+            monkeypatch.setattr(module, "git_info", lambda: {"commit": commit, "dirty": False})
+    return commit
+
+
+def test_reproduce_runs_only_what_is_missing_or_stale(tmp_path, capsys, pinned_commit):
     args = ["table1", "--scale", "smoke", "--root", str(tmp_path), "--seeds", "42", "--variants", "LoRA", "LR-LoRA"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -64,8 +82,8 @@ def test_reproduce_runs_only_what_is_missing_or_stale(tmp_path, capsys):
     time.sleep(0.01)
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "1 to run" in out and "written by commit ffffffff" in out
-    assert json.loads(path.read_text())["git"]["commit"] != "f" * 40
+    assert "1 to run" in out and f"written by commit ffffffff, now {pinned_commit[:8]}" in out
+    assert json.loads(path.read_text())["git"]["commit"] == pinned_commit
     # ... and so is one written from another config under the same name (e.g. a changed YAML default); that
     # one is another configuration's output, so it is reported and refused, never overwritten (experiments/guard)
     d = json.loads(path.read_text())
@@ -97,7 +115,7 @@ def test_reproduce_table1_smoke_end_to_end(tmp_path, capsys):
                     if o.get("output_type") == "error"], nb.name
 
 
-def test_reproduction_grid_is_the_issue12_claims(tmp_path, capsys):
+def test_reproduction_grid_is_the_claims_grid(tmp_path, capsys):
     """`make reproduction`: every step of scales.yaml's `reproduction:` composes; shared cells count once; a
     dry run lists the cells still to run and trains nothing."""
     from analysis.reproduce import reproduction_plan, run_reproduction
