@@ -68,7 +68,7 @@ reproduce-table1: $(STAMP)  ## run Table 1's missing/stale runs at SCALE=smoke|m
 reproduce: $(STAMP)  ## the same for TABLE=table3|table12|table13|table20|table23 (SCALE=...)
 	$(PY) -m analysis.reproduce $(TABLE) --scale $(SCALE) --root $(OUTPUTS)
 
-reproduction: $(STAMP)  ## issue 12's grid of the paper's claims: run its missing cells into results/reproduction/ (re-run to continue)
+reproduction: $(STAMP)  ## the grid that tests the paper's claims: run its missing cells into results/reproduction/ (re-run to continue)
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m analysis.reproduce reproduction --root results/reproduction $(ARGS)
 
 report: $(STAMP)  ## rebuild REPRODUCTION.md's tables (and the claim-3 figure) from results/reproduction/results

@@ -1,4 +1,4 @@
-"""The tables of REPRODUCTION.md: one target per claim of the paper tested here (issue 12), built from the
+"""The tables of REPRODUCTION.md: one target per claim of the paper tested here, built from the
 reproduction grid's results files (results/reproduction/results, the steps under `reproduction:` in
 analysis/scales.yaml) and, for claim 6, from the step benchmark's file.
 

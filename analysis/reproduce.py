@@ -3,7 +3,7 @@
     python -m analysis.reproduce table1 --scale smoke          # = make reproduce-table1 SCALE=smoke
     python -m analysis.reproduce table3 --scale mini           # = make reproduce TABLE=table3 SCALE=mini
     python -m analysis.reproduce table1 --scale paper --dry-run   # list what would run, run nothing
-    python -m analysis.reproduce reproduction --root results/reproduction   # = make reproduction (issue 12's grid)
+    python -m analysis.reproduce reproduction --root results/reproduction   # = make reproduction (the claims' grid)
 
 The grid is analysis/scales.yaml: a scale's columns (backbone + data, each standing in for a paper column) x
 the table's variants (Table 1: the nine methods; ablation tables: the product of their conf/sweep file) x

@@ -155,7 +155,7 @@ class AdaLoRA(PeftAdapted):
     `total_step` may be given; otherwise it is set from `on_step(step, total_steps)` on the first call
     (the budget schedule reads it from the shared config object). `tinit`/`tfinal` below 1 are fractions
     of `total_step`. The harness must call `on_step` after `optimizer.step()` and before `zero_grad()`
-    (PEFT issue #432: nothing else calls `update_and_allocate`).
+    (PEFT #432: nothing else calls `update_and_allocate`).
 
     PEFT behaviours seen here (0.21.2): ranks are MASKED during training (E entries set to 0), not
     shrunk (#1801), so `extra_results()["ranks"]` counts the non-zero E entries; `save` writes the

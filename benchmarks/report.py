@@ -63,7 +63,7 @@ def _group(s: dict) -> str:
 
 
 def target_table(train: dict | None, sigma: dict | None) -> str:
-    """Issue 9's targets checked against the benchmark files: the README's target table is this output."""
+    """The performance targets checked against the benchmark files: the README's target table is this output."""
     from benchmarks.train_step import largest_adapted_matrix_bytes
 
     rows = []
@@ -114,7 +114,7 @@ def main():
         print(f"\n{path}\n" + sigma_table(d))
     if train:
         print(f"\n{args.train}" + train_tables(train))
-    print("\nTargets (issue 9)\n" + target_table(train, next(iter(sigmas.values()), None)))
+    print("\nTargets\n" + target_table(train, next(iter(sigmas.values()), None)))
 
 
 if __name__ == "__main__":

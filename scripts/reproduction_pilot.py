@@ -1,4 +1,4 @@
-"""Issue 12's pilot table, from the pilot's results files: per bb_<task>, LoRA's test score, the chance level of
+"""The reproduction pilot's table, from the pilot's results files: per bb_<task>, LoRA's test score, the chance level of
 the very test slice it was scored on, the run's cost, and whether the task is kept for the grid.
 
     python scripts/reproduction_pilot.py                       # results/reproduction/pilot/results

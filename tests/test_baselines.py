@@ -143,7 +143,7 @@ def test_save_load_round_trip_exact(case, tmp_path):
     case.handle.save(tmp_path / "adapter")  # overwriting an existing adapter dir is atomic too
     loaded = load_adapted(case.build(), tmp_path / "adapter")
     assert loaded.name == case.method
-    if case.method != "adalora":  # PEFT reloads AdaLoRA resized to its final rank_pattern (issue #1801)
+    if case.method != "adalora":  # PEFT reloads AdaLoRA resized to its final rank_pattern (PEFT #1801)
         assert loaded.trainable_parameters() == case.handle.trainable_parameters()
     case.handle.model.eval()
     loaded.model.eval()

@@ -1,4 +1,4 @@
-"""benchmarks/report.py: the issue-9 target table is computed from the benchmark files, so a result over a
+"""benchmarks/report.py: the performance target table is computed from the benchmark files, so a result over a
 limit reads "no" and one under it "yes"."""
 
 from benchmarks.report import target_table
