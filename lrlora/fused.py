@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from lrlora.ops import make_table, sigma_with, use_table
-from lrlora.transfer import BasisSpec, evaluate
+from lrlora.basis import BasisSpec, evaluate
 
 
 @dataclass(frozen=True)

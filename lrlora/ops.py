@@ -24,7 +24,7 @@ import math
 import torch
 
 from lrlora import _kernels
-from lrlora.transfer import _EXACT_CHUNK_ELEMENTS, BASES, BasisSpec, TransferFunction, _terms, evaluate
+from lrlora.basis import BASES, EXACT_CHUNK_ELEMENTS, BasisSpec, evaluate, terms
 
 # Elements per chunk of the pure-PyTorch interpolation: bounds its index/weight temporaries.
 _CHUNK = 1 << 20
@@ -206,7 +206,7 @@ def _basis_terms(spec: BasisSpec, s, w, grid, k0: int, need_du: bool = True):
     """Closed form of every basis as φ(u), u = w·z(s): returns φ, dφ/du, z, dz/ds [c] and dz/dgrid [c]
     (None where σ does not depend on the grid), for s [M, 1] and the k of one chunk (w, grid [c]).
     need_du=False: the sinc basis may skip dφ/du (returned as None); the others return it anyway.
-    The same functions as transfer._terms (the exact path, which the tests hold the table to)."""
+    The same functions as basis.terms (the exact path, which the tests hold the table to)."""
     if spec.kind in ("sinc", "gaussian", "bspline"):
         c = 1.0 / spec.spacing if spec.kind == "bspline" else 1.0
         z = (s - grid) * c
@@ -350,10 +350,10 @@ class _SigmaExact(torch.autograd.Function):
         wanted = [x for x in leaves if x.requires_grad]
         grads = [None] * 4
         if wanted:
-            # Chunks of k as in ``evaluate``: one chunk's graph holds at most _EXACT_CHUNK_ELEMENTS
+            # Chunks of k as in ``evaluate``: one chunk's graph holds at most EXACT_CHUNK_ELEMENTS
             # elements (a single k for large t), never numel × K.
             spec = ctx.spec
-            chunk = max(1, min(spec.K, _EXACT_CHUNK_ELEMENTS // max(1, t.numel())))
+            chunk = max(1, min(spec.K, EXACT_CHUNK_ELEMENTS // max(1, t.numel())))
             acc = [torch.zeros_like(x) for x in wanted]
             for k0 in range(0, spec.K, chunk):
                 with torch.enable_grad():
@@ -370,11 +370,11 @@ def _terms_chunk(spec, leaves, k0, chunk):
     """Σ_{k in chunk} a_k φ_k(t), differentiable in all leaves (the same terms as ``evaluate``)."""
     t, a, rho, grid = leaves
     sl = slice(k0, k0 + chunk)
-    return _terms(spec, t.unsqueeze(-1), torch.nn.functional.softplus(rho[sl]), grid[sl], k0) @ a[sl]
+    return terms(spec, t.unsqueeze(-1), torch.nn.functional.softplus(rho[sl]), grid[sl], k0) @ a[sl]
 
 
-def sigma(t: torch.Tensor, transfer: TransferFunction, mode: str = "auto", table_size: int = 1024) -> torch.Tensor:
-    """σ(t) for a transfer function.
+def sigma(t: torch.Tensor, transfer, mode: str = "auto", table_size: int = 1024) -> torch.Tensor:
+    """σ(t) for a transfer function (a ``lrlora.TransferFunction``: anything with ``spec``, ``a``, ``rho``, ``grid``).
 
     mode: "table" (fast path), "exact" (reference), or "auto": the table when t has more elements
     than a few tables (the table costs M·K basis evaluations whatever the size of t), else exact.
@@ -394,6 +394,7 @@ def sigma_with(t, spec: BasisSpec, a, rho, grid, mode: str = "auto", table_size:
     return _SigmaExact.apply(t, spec, a, rho, grid)
 
 
-def sigma_naive(t: torch.Tensor, transfer: TransferFunction) -> torch.Tensor:
+def sigma_naive(t: torch.Tensor, transfer) -> torch.Tensor:
     """The broadcast form a · φ(w (t[..., None] − x_k)) summed over k: builds numel × K (benchmarks only)."""
-    return _terms(transfer.spec, t.unsqueeze(-1), transfer.bandwidth, transfer.grid, 0) @ transfer.a
+    w = torch.nn.functional.softplus(transfer.rho)
+    return terms(transfer.spec, t.unsqueeze(-1), w, transfer.grid, 0) @ transfer.a
