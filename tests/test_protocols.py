@@ -231,5 +231,5 @@ def test_lm_eval_hub_tasks_offline_say_what_to_do(tiny_decoder, tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tok = tiny_decoder
     ctx = EvalContext(model=model, processor=tok, regime=OmegaConf.create({"task": "causal_lm"}), out_dir=tmp_path)
-    with pytest.raises(DatasetMissing, match="need the Hugging Face hub.*regime=commonsense_bb"):
+    with pytest.raises(DatasetMissing, match="need the Hugging Face hub.*mirror them"):
         run_protocol("lm_eval", ctx, protocol_config("lm_eval", {"tasks": ["boolq"], "limit": 2}))
