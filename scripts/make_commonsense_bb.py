@@ -1,6 +1,9 @@
-"""Build the offline commonsense suite (`regime=commonsense_bb`) from BIG-bench's real task files.
+"""Build the BIG-bench stand-in suite (`regime=commonsense_bb`, `bb_<task>`) from BIG-bench's real task files.
 
-    python scripts/make_commonsense_bb.py                 # = make data; writes data/commonsense_bb/
+An optional, older source: the reproduction's first round ran on it. PyPI may no longer serve the sdist it
+needs; `make data` (experiments/commonsense_suite.py) builds the paper's own eight tasks instead.
+
+    python scripts/make_commonsense_bb.py                 # = make data-bb; writes data/commonsense_bb/
     python scripts/make_commonsense_bb.py --out DIR --cache DIR
 
 Downloads the BIG-bench sdist from PyPI once (`pip download --no-deps bigbench==1.0.0`, ~360 MB, Apache-2.0;
@@ -61,8 +64,13 @@ def fetch_sdist(cache: Path) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         print(f"downloading {SDIST} (~360 MB) from PyPI into {cache}", flush=True)
         # --no-binary: the sdist holds the task files; --no-deps: nothing else is needed or installed
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "--quiet", "bigbench==1.0.0", "-d", str(cache)], check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                               "--quiet", "bigbench==1.0.0", "-d", str(cache)], capture_output=True, text=True)
+        if done.returncode != 0 or not path.exists():
+            # PyPI has stopped serving the 1.0.0 sdist (only a 0.0.1 placeholder is listed)
+            sys.exit(f"error: the bigbench==1.0.0 sdist is not available from the package registry, so the "
+                     f"BIG-bench stand-in suite cannot be built (put {SDIST} into {cache} if you have it); "
+                     f"`make data` builds the paper's own eight commonsense tasks instead")
     digest = file_sha256(path)
     if digest != SDIST_SHA256:
         sys.exit(f"error: {path} has SHA-256 {digest}, expected {SDIST_SHA256}; delete it and run again")

@@ -1,5 +1,5 @@
 """The offline commonsense suite: scripts/make_commonsense_bb.py on a fixture archive shaped like the BIG-bench
-sdist (the real 360 MB download is `make data`, never a test), and the regimes that read what it writes."""
+sdist (the real 360 MB download is `make data-bb`, never a test), and the regimes that read what it writes."""
 
 import io
 import json
@@ -113,3 +113,15 @@ def test_missing_suite_says_make_data(tmp_path):
     for regime in ("commonsense_bb", "bb_winowhy"):
         with pytest.raises(DatasetMissing, match="make data"):
             load_splits(_regime(regime), str(tmp_path))
+
+
+def test_unavailable_sdist_is_one_error_line(tmp_path, monkeypatch):
+    """PyPI no longer serves bigbench==1.0.0: the optional build says so in one line and names `make data`."""
+    import subprocess
+
+    monkeypatch.setattr(mk.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: no"))
+    with pytest.raises(SystemExit) as e:
+        mk.fetch_sdist(tmp_path)
+    msg = str(e.value.code)
+    assert msg.startswith("error: the bigbench==1.0.0 sdist is not available") and "make data" in msg
+    assert "\n" not in msg
