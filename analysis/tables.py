@@ -455,7 +455,7 @@ def _para_blocks(df: pd.DataFrame) -> list[tuple[object, pd.DataFrame]]:
     return sorted(blocks, key=order)
 
 
-@target("para", "table", "PARA (companion paper), the README's measurement", reads_para=True)
+@target("para", "table", "PARA (companion paper), the measurement in docs/methods.md", reads_para=True)
 def para(df: pd.DataFrame, ctx) -> Table:
     """PARA: per source run, the unpruned run and then every threshold: the regime's headline test score (`score`,
     analysis.load), its change against the unpruned run in points, parameters, how many fewer, the share of ΔW's

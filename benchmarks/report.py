@@ -1,4 +1,4 @@
-"""Markdown tables from the benchmark files, as quoted in the README.
+"""Markdown tables from the benchmark files, as quoted in docs/performance.md.
 
     python benchmarks/report.py                  # benchmarks/results/{train_step,sigma_op}.json
     python benchmarks/report.py --train benchmarks/results/train_step_cuda.json --sigma benchmarks/results/sigma_op_cuda.json
@@ -63,7 +63,7 @@ def _group(s: dict) -> str:
 
 
 def target_table(train: dict | None, sigma: dict | None) -> str:
-    """The performance targets checked against the benchmark files: the README's target table is this output."""
+    """The performance targets checked against the benchmark files: docs/performance.md's target table is this output."""
     from benchmarks.train_step import largest_adapted_matrix_bytes
 
     rows = []

@@ -8,7 +8,7 @@ the harness's BBC News split (experiments/data.py), then runs PARA at kept-energ
 parameter reductions, reloads every compressed adapter with `peft.PeftModel.from_pretrained` on a fresh
 backbone, and scores it on held-out test articles. Writes benchmarks/results/para_bbc.json and one ordinary
 results file (docs/RESULTS.md) per adapter and threshold under benchmarks/results/para_bbc/, from which
-`python -m analysis para --results benchmarks/results/para_bbc` builds the README's table.
+`python -m analysis para --results benchmarks/results/para_bbc` builds the table in docs/methods.md.
 
     python scripts/para_bbc.py --from-json benchmarks/results/para_bbc.json   # only (re)write the results files
 """
@@ -202,7 +202,7 @@ def main():
         results["methods"]["lora"] = run_method("lora", {"r": args.r, "lora_alpha": 2 * args.r}, train_data,
                                                 test, args, work, args.lr)
         if args.with_lrlora:
-            # center=True as in the demo: the paper's form stays at chance here (README, "Initialisation").
+            # center=True as in the demo: the paper's form stays at chance here (docs/methods.md, "Initialisation").
             results["methods"]["lrlora"] = run_method("lrlora", {"r": args.r, "center": True}, train_data, test,
                                                       args, work, args.lrlora_lr or args.lr)
     import peft

@@ -168,7 +168,7 @@ def test_sigma_snapshots_and_landscape_on_a_real_tiny_run(tmp_path, monkeypatch)
 
 
 def test_para_table_from_its_results_files(tmp_path):
-    """scripts/para_bbc.py writes ordinary results files; the README's PARA table is built from them."""
+    """scripts/para_bbc.py writes ordinary results files; docs/methods.md's PARA table is built from them."""
     rows = {(r[0], r[1]): r for r in build("para", results=[ROOT / "benchmarks" / "results" / "para_bbc"],
                                            out=tmp_path).rows}
     assert rows[("LoRA (r=8, seed 0)", "none")][2:5] == ["95.2", "—", "331,776"]
