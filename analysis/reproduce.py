@@ -102,7 +102,7 @@ def plan(table: str, scale: str, seeds=None, variants=None, columns=None, extra=
     cells = []
     for col in cols:
         for name, ov in named.items():
-            for seed in seeds or spec["seeds"]:
+            for seed in seeds or sc.get("seeds") or spec["seeds"]:  # a scale may run fewer seeds (mini)
                 cells.append(Cell(col["paper"], name, seed,
                                   [*col["overrides"], *ov, *sc.get("overrides", []), *extra, f"seed={seed}"]))
     return cells
@@ -313,8 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
     ap.add_argument("--claims", nargs="+", default=None, help="reproduction only: run the steps of these claims "
                     "only (e.g. --claims 7 runs the PARA jobs whose LoRA runs exist)")
-    ap.add_argument("--shard", default="1/1", help="reproduction only: I/N runs every N-th missing cell from the "
-                    "I-th, so N processes started together share the grid (e.g. 1/2 and 2/2 on two cores)")
+    ap.add_argument("--shard", default="1/1", help="I/N runs every N-th missing cell from the I-th, so N processes "
+                    "started together share the grid (e.g. 1/2 and 2/2 on two cores)")
     args = ap.parse_args(argv)
 
     import experiments  # noqa: F401  (registers the run-name resolver)
@@ -331,9 +331,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         cells = plan(args.table, args.scale, args.seeds, args.variants)
+        i_shard, n_shard = parse_shard(args.shard)
     except ReproduceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    note = paper.scales()["scales"][args.scale].get("note")
+    if note:  # what the scale caps, and what it costs: said before anything runs
+        print(f"[reproduce] scale {args.scale}: {' '.join(note.split())}")
     commit = git_info()["commit"]
     todo, names, results_dir = [], [], None
     for cell in cells:
@@ -345,6 +349,9 @@ def main(argv=None) -> int:
             todo.append((cell, cfg, why))
     print(f"[reproduce] {args.table} at scale {args.scale}: {len(cells)} runs in the grid, {len(todo)} to run "
           f"({len(cells) - len(todo)} current)")
+    if n_shard > 1:
+        todo = todo[i_shard::n_shard]
+        print(f"[reproduce] shard {i_shard + 1}/{n_shard}: {len(todo)} of them here")
     for _, cfg, why in todo:
         print(f"  {cfg.run_name}: {why}")
     if args.dry_run:

@@ -248,3 +248,43 @@ def test_local_tasks_mirror_lm_evals_prompts(suite, tmp_path):
         assert (t.doc_to_text(doc), t.doc_to_choice(doc), t.doc_to_target(doc)) == (text, choices, target), task
         metrics = {m["metric"] for m in t.config.metric_list}
         assert metrics == ({"acc"} if task in ("boolq", "social_i_qa", "winogrande") else {"acc", "acc_norm"})
+
+
+def test_tiny_run_on_commonsense_15k_scores_both_protocols_offline(suite, tmp_path, monkeypatch, capsys):
+    """The harness end to end on the suite (a tiny random decoder, 2 steps): commonsense_gen and lm_eval (local
+    mirrors, offline) both score the same 16 test questions. Then with LLM-Adapters' own test files (no option
+    lists) lm_eval cannot run: one error line, the run still finishes and keeps commonsense_gen's numbers."""
+    import shutil
+
+    from experiments.train import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "data"
+    shutil.copytree(suite[0] / "commonsense", data / "commonsense")
+
+    def train(root):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[
+                "backbone=tiny_decoder", "regime=commonsense_15k", "adapter=lrlora", "adapter.r=2", "logger=none",
+                "trainer.max_steps=2", "trainer.progress=false", "trainer.num_threads=1", f"paths.root={root}",
+                f"paths.data_dir={data}", "regime.n_val=4", "regime.n_test=16", "regime.max_length=64",
+                "regime.train.batch_size=4", "regime.generation.max_new_tokens=3", "regime.generation.num_beams=1"])
+        run(cfg)
+        return json.loads(next((root / "results").glob("*.json")).read_text())
+
+    res = train(tmp_path / "a")
+    assert res["metrics"]["commonsense_gen"]["n"] == 16 and res["metrics"]["lm_eval"]["n"] == 16
+    assert res["metrics"]["lm_eval"]["task_source"] == "local"
+    assert set(res["metrics"]["lm_eval"]["tasks"]) == {t[0] for t in cs.TASKS}
+
+    for path in (data / "commonsense" / "dataset").glob("*/test.json"):  # LLM-Adapters' own files: 4 fields
+        rows = json.loads(path.read_text())
+        path.write_text(json.dumps([{k: r[k] for k in cs.TRAIN_FIELDS} for r in rows]))
+    capsys.readouterr()
+    res = train(tmp_path / "b")
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: protocol lm_eval: ") and "make data" in errors[0]
+    assert res["metrics"]["commonsense_gen"]["n"] == 16 and "lm_eval" not in res["metrics"]
+    assert "options" in res["protocols"]["lm_eval"]["failed"]
+    assert res["protocols"]["lm_eval"]["rerun"].startswith("python -m experiments.evaluate run=")
