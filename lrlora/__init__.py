@@ -14,13 +14,15 @@ from lrlora._atomic import atomic_directory, atomic_file, atomic_json, atomic_wr
 from lrlora.config import LRLoRAConfig
 from lrlora.errors import AdapterError, CheckpointError, ConfigError, NonFiniteError, UnsafeWrite, UserError
 from lrlora.io import load_adapter, read_adapter_config, save_adapter
-from lrlora.layer import LRLoRALinear
-from lrlora.model import adapter_parameter_count, apply_lrlora, layer_index, lrlora_modules, merge_and_unload
+from lrlora.layer import AdaptedLinear, LRLoRALinear
+from lrlora.model import adapter_parameter_count, apply_lrlora, lrlora_modules, merge_and_unload
 from lrlora.ops import sigma, sigma_naive
 from lrlora.rank import normalized_spectrum, rank_report, stable_rank
+from lrlora.targets import find_targets, layer_index
 from lrlora.transfer import BASES, TransferFunction
 
 __all__ = [
+    "AdaptedLinear",
     "AdapterError",
     "BASES",
     "CheckpointError",
@@ -37,6 +39,7 @@ __all__ = [
     "TransferFunction",
     "adapter_parameter_count",
     "apply_lrlora",
+    "find_targets",
     "layer_index",
     "load_adapter",
     "lrlora_modules",

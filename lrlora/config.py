@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from lrlora.errors import ConfigError
-from lrlora.transfer import BASES
+from lrlora.basis import BASES
 
 SHARING = ("none", "bandwidth", "amplitude", "grid", "all")
 SHARE_BY = ("model", "module_type")

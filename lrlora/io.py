@@ -29,7 +29,9 @@ from lrlora._atomic import (  # noqa: F401 (re-exported)
 )
 from lrlora.config import LRLoRAConfig
 from lrlora.errors import AdapterError, AdapterNotFound
-from lrlora.model import _find_targets, apply_lrlora, lrlora_modules, matches_target, unapply_lrlora
+from lrlora.layer import input_dropout
+from lrlora.model import apply_lrlora, find_lrlora_targets, lrlora_modules, unapply_lrlora
+from lrlora.targets import matches_target
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -136,7 +138,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         model_shapes = {n: tuple(m.base_layer.weight.shape) for n, m in existing.items()}
     else:
         try:
-            model_shapes = {n: tuple(m.weight.shape) for n, m in _find_targets(model, saved)}
+            model_shapes = {n: tuple(m.weight.shape) for n, m in find_lrlora_targets(model, saved)}
         except (TypeError, ValueError) as e:
             raise AdapterError(f"adapter in {directory} does not fit this model: {e}") from None
     if saved_shapes != model_shapes:
@@ -175,6 +177,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     for layer in lrlora_modules(model).values():
         layer.center, layer.pre_scale, layer.post_scale = saved.center, saved.pre_scale, saved.post_scale
         layer.fast, layer.table_size = saved.fast, saved.table_size
-        layer.dropout = nn.Dropout(saved.dropout) if saved.dropout > 0 else nn.Identity()
+        layer.dropout = input_dropout(saved.dropout)
     model.lrlora_config = saved
     return model

@@ -11,11 +11,13 @@ Everything PEFT does for LoRA works here: several named adapters (``add_adapter`
 ``disable_adapter()``, ``merge_adapter``/``unmerge_adapter``, ``merge_and_unload``, ``unload``,
 ``modules_to_save`` (a new task head), ``PeftModel.from_pretrained``, and ``peft.tuners.lora.convert_to_lora``.
 
-The work is the library's own: ``LRLoRAPeftConfig`` has exactly ``lrlora.LRLoRAConfig``'s fields and defaults
-(documented there) and is validated by it; which modules are adapted, how σ and A, B are built and shared, the
-forward, ΔW, merge and unmerge are ``lrlora.apply_lrlora`` and ``LRLoRALinear``'s. The PEFT layer holds one
-``LRLoRALinear`` per adapter name (without registering the shared base layer inside it), so with one active
-adapter its output is the library layer's, bit for bit.
+PEFT's own split, in three parts: the config (``LRLoRAPeftConfig``: exactly ``lrlora.LRLoRAConfig``'s fields and
+defaults, documented there, and validated by it), the layer (``LRLoRALayer``/``Linear``: per adapter name an
+``lrlora.layer.LRLoRAAdapter`` holding A, B and σ, whose forward calls the fused op of ``lrlora.fused`` with the
+base layer's weight) and the model (``LRLoRAModel``: which modules to adapt and their σ, by the library's rules
+``lrlora.model.find_lrlora_targets`` and ``make_transfers``). ΔW, the forward and the random init are the
+library layer's code (``lrlora.layer.LRLoRADelta``), so with one active adapter the output is ``apply_lrlora``'s,
+bit for bit.
 
 Saved folder: PEFT's ``adapter_config.json`` (``peft_type: LRLORA``) and ``adapter_model.safetensors``, whose
 tensors are the library's (``lrlora.save_adapter``) under PEFT's key scheme; ``library_to_peft`` and
@@ -33,6 +35,7 @@ import json
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +61,9 @@ from lrlora.io import CONFIG as LIB_CONFIG
 from lrlora.io import FORMAT as LIB_FORMAT
 from lrlora.io import WEIGHTS as LIB_WEIGHTS
 from lrlora.io import atomic_directory, read_adapter_config
-from lrlora.layer import LRLoRALinear
-from lrlora.model import apply_lrlora, lrlora_modules
+from lrlora.layer import LRLoRAAdapter
+from lrlora.model import find_lrlora_targets, layer_settings, make_transfers
+from lrlora.transfer import TransferFunction
 
 if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # the save/load hooks this module overrides
     raise ImportError("lrlora.peft needs peft>=0.21 (tested with 0.21.2): pip install 'peft>=0.21,<0.22'")
@@ -152,62 +156,25 @@ def peft_config_from(config: LRLoRAConfig, **peft_kwargs) -> LRLoRAPeftConfig:
     return LRLoRAPeftConfig(**{name: getattr(config, name) for name in LIBRARY_FIELDS}, **peft_kwargs)
 
 
-# --- planning: the library decides which modules to adapt and builds their layers ------------------------------
-def _original_tree(model: nn.Module) -> nn.Module:
-    """A module tree with the model's module names whose leaves are the model's own (unwrapped) modules, shared by
-    reference: ``apply_lrlora`` runs on it to plan one adapter without touching the model."""
-    root = nn.Module()
+# --- which modules, and their σ: decided once per adapter, on the model as it is --------------------------------
+def unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The model's (name, module) pairs as the plain model had them: a module another adapter already wraps
+    (a PEFT layer) is its base layer, a ``modules_to_save`` copy is its original, and their insides are left out."""
     wrapped: tuple[str, ...] = ()
     for name, module in model.named_modules():
         if not name or name.startswith(wrapped):
             continue
-        if isinstance(module, BaseTunerLayer):  # already adapted by another adapter: plan on its base layer
-            leaf, wrapped = module.get_base_layer(), wrapped + (name + ".",)
-        elif isinstance(module, AuxiliaryTrainingWrapper):  # a modules_to_save copy: its original
-            leaf, wrapped = getattr(module, "original_module", module), wrapped + (name + ".",)
-        elif next(module.children(), None) is None:
-            leaf = module
-        else:
-            leaf = nn.Module()
-        parent, _, child = name.rpartition(".")
-        (root.get_submodule(parent) if parent else root).add_module(child, leaf)
-    return root
-
-
-def _detach_base(layer: LRLoRALinear) -> LRLoRALinear:
-    """Keep the shared base layer reachable from the library layer but not registered in it: the PEFT layer owns
-    it (as ``base_layer``), so it is neither saved, nor trained, nor moved twice."""
-    base = layer.base_layer
-    for key, child in list(layer._modules.items()):
-        if child is base:
-            del layer._modules[key]
-            object.__setattr__(layer, key, base)
-    base_params = {id(p) for p in base.parameters()}
-    if any(id(p) in base_params for p in layer.parameters()):
-        raise RuntimeError("LRLoRALinear keeps its base weights as its own parameters; lrlora.peft needs updating")
-    return layer
-
-
-def plan_adapter(model: nn.Module, config: LRLoRAPeftConfig) -> dict[str, LRLoRALinear]:
-    """Module name -> a new library layer (base detached), exactly as ``apply_lrlora`` would adapt ``model``."""
-    target_modules = config.target_modules
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        target_modules = sorted(_maybe_include_all_linear_layers(dataclasses.replace(config), model).target_modules)
-    lib_config = config.to_lrlora(target_modules=target_modules, modules_to_save=[])
-    tree = _original_tree(model)
-    # apply_lrlora freezes what it sees; those are the model's own parameters, whose trainability PEFT manages
-    grads = [(p, p.requires_grad) for p in tree.parameters()]
-    try:
-        apply_lrlora(tree, lib_config)
-    finally:
-        for p, g in grads:
-            p.requires_grad_(g)
-    return {name: _detach_base(layer) for name, layer in lrlora_modules(tree).items()}
+        if isinstance(module, BaseTunerLayer):
+            module, wrapped = module.get_base_layer(), wrapped + (name + ".",)
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            module, wrapped = getattr(module, "original_module", module), wrapped + (name + ".",)
+        yield name, module
 
 
 # --- the PEFT layer -------------------------------------------------------------------------------------------------
 class LRLoRALayer(BaseTunerLayer):
-    """A base nn.Linear plus one library ``LRLoRALinear`` per adapter name (in ``lrlora_layer``)."""
+    """A base nn.Linear plus, per adapter name, LR-LoRA's A, B and σ (an ``lrlora.layer.LRLoRAAdapter`` in
+    ``lrlora_layer``): ΔW and the forward are ``lrlora.layer.LRLoRADelta``'s, the op ``lrlora.fused``'s."""
 
     adapter_layer_names = (LAYER_ATTR,)
     other_param_names = ()
@@ -224,16 +191,20 @@ class LRLoRALayer(BaseTunerLayer):
         base = self.get_base_layer()
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    def update_layer(self, adapter_name: str, layer: LRLoRALinear, inference_mode: bool = False) -> None:
-        if layer.base_layer is not self.get_base_layer():
-            raise ValueError("the library layer was planned on another base layer than this PEFT layer wraps")
-        self._lrlora_frozen[adapter_name] = [n for n, p in layer.named_parameters() if not p.requires_grad]
-        self.lrlora_layer[adapter_name] = layer
+    def update_layer(self, adapter_name: str, transfer: TransferFunction, inference_mode: bool = False,
+                     **settings) -> None:
+        """Add adapter ``adapter_name``: σ given (it may be tied to other modules' σ), A and B drawn here
+        (``settings``: ``lrlora.model.layer_settings``)."""
+        base = self.get_base_layer()
+        adapter = LRLoRAAdapter(base.in_features, base.out_features, transfer=transfer, device=base.weight.device,
+                                **settings)
+        self._lrlora_frozen[adapter_name] = [n for n, p in adapter.named_parameters() if not p.requires_grad]
+        self.lrlora_layer[adapter_name] = adapter
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        # Device only: the library keeps A, B and σ's parameters in fp32 whatever the base dtype (σ in fp32).
+        # Device only: A, B and σ's parameters stay fp32 whatever the base dtype (σ in fp32).
         if adapter_name not in self.lrlora_layer:
             return
         weight = self.get_base_layer().weight
@@ -257,7 +228,7 @@ class LRLoRALayer(BaseTunerLayer):
         self._lrlora_frozen.pop(adapter_name, None)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """ΔW = post_scale · σ(pre_scale · BA) (fp32, d_out × d_in) of one adapter, from the library layer."""
+        """ΔW = post_scale · σ(pre_scale · BA) (fp32, d_out × d_in) of one adapter."""
         return self.lrlora_layer[adapter].delta_weight()
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -268,35 +239,37 @@ class LRLoRALayer(BaseTunerLayer):
 class Linear(nn.Module, LRLoRALayer):
     """LR-LoRA on an nn.Linear (the only layer type the method adapts)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, layer: LRLoRALinear, inference_mode: bool = False,
-                 **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, transfer: TransferFunction,
+                 inference_mode: bool = False, **settings) -> None:
         super().__init__()
-        LRLoRALayer.__init__(self, base_layer, **kwargs)
+        LRLoRALayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, layer, inference_mode=inference_mode)
+        self.update_layer(adapter_name, transfer, inference_mode=inference_mode, **settings)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """W0 ← W0 + ΔW for the given (default: active) adapters, through the library layer's merge."""
+        """W0 ← W0 + ΔW for the given (default: active) adapters."""
+        weight = self.get_base_layer().weight
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.lrlora_layer:
                 continue
-            layer = self.lrlora_layer[name]
-            if safe_merge:
-                weight = self.get_base_layer().weight
-                with torch.no_grad():
-                    if not torch.isfinite(weight + layer.delta_weight().to(weight.dtype)).all():
-                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            layer.merge()
+            with torch.no_grad():
+                delta = self.get_delta_weight(name).to(weight.dtype)
+                if safe_merge and not torch.isfinite(weight + delta).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                weight += delta
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        """W0 ← W0 − ΔW for every merged adapter, the last merged first."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        weight = self.get_base_layer().weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.lrlora_layer:
-                self.lrlora_layer[name].unmerge()
+                with torch.no_grad():
+                    weight -= self.get_delta_weight(name).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -308,10 +281,11 @@ class Linear(nn.Module, LRLoRALayer):
         active = [name for name in self.active_adapters if name in self.lrlora_layer]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if len(active) == 1:  # the library layer's own forward: W0 and ΔW in one matmul (or two with dropout)
-            return self.lrlora_layer[active[0]](x)
-        base = self.base_layer(x, *args, **kwargs)
-        return base + sum(self.lrlora_layer[name](x) - base for name in active)
+        base = self.get_base_layer()
+        if len(active) == 1:  # the fused op: W0 and ΔW in one matmul (or two with dropout), as the library layer
+            return self.lrlora_layer[active[0]].linear(x, base)
+        y = self.base_layer(x, *args, **kwargs)
+        return y + sum(self.lrlora_layer[name].linear(x, base) - y for name in active)
 
     def __repr__(self) -> str:
         return "lrlora." + super().__repr__()
@@ -319,7 +293,11 @@ class Linear(nn.Module, LRLoRALayer):
 
 # --- the tuner model --------------------------------------------------------------------------------------------------
 class LRLoRAModel(BaseTuner):
-    """Creates an LR-LoRA model (ΔW = σ(BA), arXiv 2606.04325) from a model; built by ``peft.get_peft_model``."""
+    """Creates an LR-LoRA model (ΔW = σ(BA), arXiv 2606.04325) from a model; built by ``peft.get_peft_model``.
+
+    Which modules an adapter adapts is the library's rule (``lrlora.model.find_lrlora_targets``: the same
+    placement, checks and error messages as ``apply_lrlora``), decided once per adapter before PEFT replaces a
+    module, together with each module's σ (``make_transfers``: tied across modules for ``share=...``)."""
 
     prefix: str = PREFIX
     tuner_layer_cls = LRLoRALayer
@@ -330,31 +308,38 @@ class LRLoRAModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if config.target_modules is None:  # PEFT's default for the model type, as for LoRA
             config = self._prepare_adapter_config(config, self.get_model_config(model))
-        self._plan = plan_adapter(model, config)
+        target_modules = config.target_modules
+        if isinstance(target_modules, str) and target_modules == "all-linear":
+            target_modules = sorted(_maybe_include_all_linear_layers(dataclasses.replace(config), model).target_modules)
+        library = config.to_lrlora(target_modules=target_modules, modules_to_save=[])
+        targets = find_lrlora_targets(unwrapped_modules(model), library)
+        # σ for every module before any A, B: the library's order of random draws, so both give the same init
+        transfers = make_transfers(library, [n for n, _ in targets], targets[0][1].weight.device)
+        self._new = (transfers, layer_settings(library))
         try:
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         finally:
-            self._plan = None
+            self._new = None
 
     def _check_target_module_exists(self, config, key: str):
-        # PEFT's rule first: a modules_to_save module is never also adapted; then the library's plan
+        # PEFT's rule first: a modules_to_save module is never also adapted; then the library's choice
         for m in config.modules_to_save or ():
             if key == m or key.endswith("." + m) or f".{m}." in f".{key}.":
                 return _ExcludedModule()
-        plan = getattr(self, "_plan", None)
-        if plan is None:
+        if getattr(self, "_new", None) is None:
             raise RuntimeError("LRLoRAModel matches targets only while injecting an adapter")
-        return key in plan
+        return key in self._new[0]
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key=None, **kwargs):
-        if current_key not in self._plan:
-            raise ValueError(f"LR-LoRA did not plan module {current_key!r}; adapt it through target_modules")
-        layer = self._plan[current_key]
+        transfers, settings = self._new
+        if current_key not in transfers:
+            raise ValueError(f"LR-LoRA did not choose module {current_key!r}; adapt it through target_modules")
         if isinstance(target, LRLoRALayer):
-            target.update_layer(adapter_name, layer, inference_mode=config.inference_mode)
+            target.update_layer(adapter_name, transfers[current_key], inference_mode=config.inference_mode, **settings)
             return
-        new_module = Linear(target, adapter_name, layer, inference_mode=config.inference_mode)
+        new_module = Linear(target, adapter_name, transfers[current_key], inference_mode=config.inference_mode,
+                            **settings)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
@@ -489,5 +474,5 @@ __all__ = [
     "main",
     "peft_config_from",
     "peft_to_library",
-    "plan_adapter",
+    "unwrapped_modules",
 ]

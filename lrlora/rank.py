@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lrlora.model import layer_index, lrlora_modules
+from lrlora.model import lrlora_modules
+from lrlora.targets import layer_index
 
 
 def stable_rank(m: torch.Tensor) -> float:

@@ -391,7 +391,7 @@ def test_save_is_atomic_a_crash_leaves_the_old_adapter(tmp_path, monkeypatch):
 
 
 def test_no_matching_module_lists_close_candidates():
-    with pytest.raises(ValueError, match=r"no module matches.*q_proj"):
+    with pytest.raises(ValueError, match=r"no nn\.Linear matches target_modules=\['q_porj'\]\. Did you mean \[.*'q_proj'"):
         apply_lrlora(tiny_qwen2(), LRLoRAConfig(target_modules=["q_porj"]))
 
 
