@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import json
 import math
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# the paper's names of the methods (Table 1 rows)
-METHOD_NAMES = {"nola": "NoLA", "vera": "VeRA", "lora": "LoRA", "adalora": "AdaLoRA", "dylora": "DyLoRA",
-                "elalora": "ElaLoRA", "sinelora": "SineLoRA", "randlora": "RandLoRA", "lrlora": "LR-LoRA",
-                "dora": "DoRA"}
-METHOD_ORDER = list(METHOD_NAMES.values())
+
+@cache
+def method_labels() -> dict[str, str]:
+    """{adapter name: the method's name in tables (the paper's)}: each registered method's own `label`."""
+    from baselines import methods
+
+    return {name: cls.label for name, cls in methods().items()}
+
+
 # headline metric per protocol (in the order tried), as the paper reports it; GLUE per task below
 HEADLINE = (("commonsense_gen", "accuracy"), ("vision", "top1"), ("lm_eval", "acc"))  # MT-Bench: Table 5 only
 GLUE_METRIC = {"cola": "matthews", "stsb": "pearson"}  # the rest: accuracy (Table 2, RandLoRA's protocol)
@@ -125,7 +130,7 @@ def to_row(d: dict, path: Path | None = None) -> dict:
     _flatten(d.get("config") or {}, "config", row)
     row["tags"] = tuple(d.get("tags") or ())
     row["path"] = str(path) if path else None
-    row["method"] = METHOD_NAMES.get(d["adapter"], d["adapter"])
+    row["method"] = method_labels().get(d["adapter"], d["adapter"])
     row["data"] = data_label(row)
     row["column"] = column_label(d["backbone"], row["data"])
     row["score"] = headline_score(row)

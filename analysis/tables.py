@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis import paper
-from analysis.load import METHOD_ORDER
+from analysis.load import method_labels
 from analysis.registry import target
 from analysis.render import MISSING, Table, fmt_cell, fmt_paper
 from analysis.stats import holm, mean_std, paired_ttest
@@ -20,6 +20,13 @@ GLUE_TASKS = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "
 PAPER_BACKBONES = {"roberta_base": "RoBERTa-base", "roberta_large": "RoBERTa-large"}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "attention.output.dense",
              "attn", "self_attn")
+
+
+def method_order() -> list[str]:
+    """The order of a table's method rows: Table 1's, as the paper prints them, then every other method."""
+    labels = set(method_labels().values())
+    first = list(dict.fromkeys(row for row, _ in paper.values("table1") if row in labels))
+    return first + sorted(labels - set(first))
 
 
 def expected_seeds() -> int:
@@ -41,7 +48,8 @@ def _method_rows(d: pd.DataFrame, paper_rows=()) -> list[tuple[str, str, object]
     several ranks; paper methods with no run at all keep a row (shown missing)."""
     rows = []
     found = d.groupby("method")["r"].unique().to_dict() if len(d) else {}
-    names = [m for m in METHOD_ORDER if m in found or m in paper_rows] + sorted(set(found) - set(METHOD_ORDER))
+    order = method_order()
+    names = [m for m in order if m in found or m in paper_rows] + sorted(set(found) - set(order))
     for m in names:
         rs = sorted(found.get(m, [None]), key=lambda x: (x is None, x))
         for r in rs:
@@ -407,7 +415,7 @@ def demo(df: pd.DataFrame, ctx) -> Table:
     parameters, stable rank of ΔW (mean ± std over the adapted matrices), training time."""
     d = df[df["score"].notna()].copy() if len(df) else df
     if len(d):
-        d["_order"] = d["method"].map({m: i for i, m in enumerate(METHOD_ORDER)}).fillna(99)
+        d["_order"] = d["method"].map({m: i for i, m in enumerate(method_order())}).fillna(99)
         d = d.sort_values(["_order", "r", "run_name"])
     header = ["method", "test accuracy", "best val", "trainable params (% of backbone)",
               "stable rank of ΔW, mean ± std over layers", "train time"]
@@ -451,7 +459,8 @@ def _para_blocks(df: pd.DataFrame) -> list[tuple[object, pd.DataFrame]]:
         src, rows = block
         row = src if src is not None else rows.iloc[0]
         m = row["method"]
-        return (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m, row["r"], row["seed"], row["run_name"])
+        order = method_order()
+        return (order.index(m) if m in order else 99, m, row["r"], row["seed"], row["run_name"])
     return sorted(blocks, key=order)
 
 

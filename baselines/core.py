@@ -1,52 +1,74 @@
-"""One adapter interface for every method: the registry, `apply_adapter`, `load_adapted`.
+"""One adapter interface for every method: the method contract, its registry, `apply_adapter`, `load_adapted`.
 
     from baselines import apply_adapter, load_adapted
     handle = apply_adapter(model, name="lora", r=8, target_modules=["query", "value"])
     ...train handle.model, calling handle.on_step(step, total_steps) after every optimizer step...
     handle.save("out/adapter"); handle2 = load_adapted(fresh_base_model, "out/adapter")
 
-Every method is a subclass of `AdaptedModel` registered under its name with `@register`.
-`save` writes the method's own files plus `baselines_meta.json` (method name + kwargs),
-which is what `load_adapted` dispatches on.
+A method is a subclass of `AdaptedModel` registered under its name with `@register`, in any module of this
+package: `methods()` imports them all, so nothing lists the methods. The class carries everything the rest of
+the repository asks of a method: its display `label` (tables), its config checks (`validate`, run by the
+harness before anything loads), its parameter count per adapted linear (`parameters_per_module`, which
+`match_budget` inverts along `budget_knob`) and its body (`_apply`, `delta_weights`, save/load).
+`save` writes the method's own files plus `baselines_meta.json` (method name + kwargs), which is what
+`load_adapted` dispatches on.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-from collections.abc import Callable, Iterable
+import pkgutil
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lrlora._atomic import atomic_directory, dumps_strict, recover_interrupted_swap
+from lrlora._atomic import atomic_directory, dumps_strict, recover_interrupted_swap, verify_checksums
 from lrlora.errors import AdapterError, AdapterNotFound, ConfigError
 from lrlora.io import is_adapter_folder
-from lrlora.model import matches_target  # (PEFT's target rule, one definition for the repo)
+from lrlora.targets import find_targets
 
 META_FILE = "baselines_meta.json"
 
-ADAPTERS: dict[str, Callable[..., AdaptedModel]] = {}
+ADAPTERS: dict[str, type[AdaptedModel]] = {}
 
 
 def register(name: str):
-    """Class decorator: `@register("lora")` makes `apply_adapter(model, name="lora", ...)` build it."""
+    """Class decorator: `@register("lora")` makes `apply_adapter(model, name="lora", ...)` build it. `name` is the
+    method's YAML (conf/adapter/<name>.yaml); the class's own `label` (else `name`) is its name in tables."""
 
     def deco(cls):
-        if name in ADAPTERS:
+        if ADAPTERS.get(name, cls) is not cls:
             raise ValueError(f"adapter {name!r} registered twice")
         cls.method = name
+        cls.label = cls.__dict__.get("label", name)
         ADAPTERS[name] = cls
         return cls
 
     return deco
 
 
-def _lookup(name: str):
-    if name not in ADAPTERS:
-        raise ConfigError(f"unknown adapter {name!r}; known: {sorted(ADAPTERS)}")
-    return ADAPTERS[name]
+def methods() -> dict[str, type[AdaptedModel]]:
+    """Every method, by name: importing each module of this package fills the registry (`@register`), as the
+    evaluation protocols fill theirs. A module run as `python -m baselines.<module>` is not imported twice."""
+    package = sys.modules[__name__.rpartition(".")[0]]
+    running = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    for module in pkgutil.iter_modules(package.__path__):
+        name = f"{package.__name__}.{module.name}"
+        if name != running:
+            importlib.import_module(name)
+    return ADAPTERS
+
+
+def get_method(name: str) -> type[AdaptedModel]:
+    known = methods()
+    if name not in known:
+        raise ConfigError(f"unknown adapter {name!r}; known: {sorted(known)}")
+    return known[name]
 
 
 def is_head_param(param_name: str, modules_to_save: Iterable[str] | None) -> bool:
@@ -72,10 +94,13 @@ def count_parameters(model: nn.Module) -> int:
 class AdaptedModel:
     """A model with one adapter method applied; the harness talks only to this.
 
-    Subclasses implement `_apply`, `delta_weights`, `merge_and_unload`, `_save_files`, `_load`.
-    """
+    A method subclasses it (or `baselines.layers.SelfWrittenAdapted`, `baselines.peft_methods.PeftAdapted`),
+    gives `label`, `parameters_per_module` and its body (`_apply`, `delta_weights`, `merge_and_unload`,
+    `_save_files`, `_load`), and extends `validate` when it has settings to check."""
 
-    method: str = "?"
+    method: str = "?"  # set by @register
+    label: str = "?"  # the method's name in tables and figures (the paper's spelling); set by @register
+    budget_knob: str = "r"  # the setting `match_budget` turns to meet a parameter budget
     # VeRA's r is the size of its shared random projections, which the paper sets above the layer width.
     rank_may_exceed_layer: bool = False
 
@@ -97,28 +122,37 @@ class AdaptedModel:
         self._total = count_parameters(base_model)
         return self
 
+    # --- the method's facts, read without a model ------------------------------------------------------------
     @classmethod
-    def check_kwargs(cls, model: nn.Module, kwargs: dict) -> None:
-        """The checks every method shares: r a positive integer no larger than any target layer, a dropout in
-        [0, 1), and target_modules matching at least one nn.Linear. Raises ConfigError naming the fix."""
+    def validate(cls, kwargs: dict) -> None:
+        """The checks that need no model (the harness runs them before loading anything): r a positive integer, a
+        dropout in [0, 1), target_modules given. A method extends it with its own settings. Raises ConfigError
+        naming the fix."""
         check_rank_value(cls.method, kwargs.get("r"))
         p = kwargs.get("dropout")
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1):
             raise ConfigError(f"{cls.method}: dropout={p!r} must be a number in [0, 1)")
-        targets = kwargs.get("target_modules")
-        if not targets:
+        if not kwargs.get("target_modules"):
             raise ConfigError(f"{cls.method}: target_modules is required (e.g. ['query', 'value'])")
-        linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_target(n, targets)]
-        if not linear:
-            raise ConfigError(f"{cls.method}: no nn.Linear matches target_modules={list(targets)}; name the model's "
-                              f"linear layers (e.g. q_proj, query)")
-        r = kwargs.get("r")
-        if r is not None and not cls.rank_may_exceed_layer:
-            name, m = min(linear, key=lambda nm: min(nm[1].weight.shape))
-            if r > min(m.weight.shape):
-                raise ConfigError(f"{cls.method}: r={r} exceeds min(d_in, d_out)={min(m.weight.shape)} of {name!r} "
-                                  f"({m.weight.shape[0]}×{m.weight.shape[1]}); choose r <= {min(m.weight.shape)} or "
-                                  f"drop this module from target_modules")
+
+    @classmethod
+    def parameters_per_module(cls, d_in: int, d_out: int, **kwargs) -> int:
+        """Trainable parameters the method adds to one adapted d_in → d_out linear, given its kwargs (defaults as
+        the method's): the formula tests/test_baselines.py holds the real count to, and `match_budget` inverts."""
+        raise NotImplementedError(f"{cls.__name__} gives no parameter formula")
+
+    @classmethod
+    def budget_kwargs(cls, value: int) -> dict:
+        """The kwargs that set `budget_knob` to `value`."""
+        return {cls.budget_knob: value}
+
+    @classmethod
+    def check_kwargs(cls, model: nn.Module, kwargs: dict) -> None:
+        """`validate`, then the targets on the model: at least one nn.Linear matches target_modules and r is no
+        larger than any of them (lrlora.targets.find_targets). Raises ConfigError naming the fix."""
+        cls.validate(kwargs)
+        r = None if cls.rank_may_exceed_layer else kwargs.get("r")
+        find_targets(model, kwargs["target_modules"], r=r, non_linear="skip", who=cls.method)
 
     # --- to implement -------------------------------------------------------------------------
     def _apply(self, model: nn.Module, **kwargs) -> nn.Module:
@@ -199,7 +233,7 @@ def _jsonable(obj):
 
 def apply_adapter(model: nn.Module, name: str, **kwargs) -> AdaptedModel:
     """Adapt `model` in place with method `name` (kwargs = the adapter YAML minus `name`)."""
-    return _lookup(name)(model, **kwargs)
+    return get_method(name)(model, **kwargs)
 
 
 def check_rank_value(method: str, r) -> None:
@@ -241,8 +275,14 @@ def read_meta(directory: str | os.PathLike) -> dict:
 def load_adapted(base_model: nn.Module, directory: str | os.PathLike) -> AdaptedModel:
     """Rebuild the handle that `AdaptedModel.save(directory)` wrote, on a fresh copy of the base model."""
     meta = read_meta(directory)
+    bad = verify_checksums(directory)  # a payload corrupted under an intact header would otherwise load
+    if bad:
+        raise AdapterError(f"{Path(directory) / bad[0]} is corrupt (its sha256 differs from the one recorded when it "
+                           f"was saved); restore the adapter folder from a copy, or re-train the run")
     try:
-        return _lookup(meta["name"])._load(base_model, Path(directory), meta["kwargs"])
+        return get_method(meta["name"])._load(base_model, Path(directory), meta["kwargs"])
     except (OSError, RuntimeError, KeyError) as e:  # a weights file missing, truncated or of other shapes
-        raise AdapterError(f"could not load the adapter in {directory}: {str(e).splitlines()[0][:300]}; "
+        hint = (" (an LR-LoRA folder in PEFT's format: import lrlora.peft before PEFT reads it)"
+                if str(e).strip("'\"") == "LRLORA" else "")
+        raise AdapterError(f"could not load the adapter in {directory}: {str(e).splitlines()[0][:300]}{hint}; "
                            f"re-save it, or load it onto the base model it was trained on") from None

@@ -42,18 +42,28 @@ class DyLoRALinear(LowRankLinear):
     @torch.no_grad()
     def merge(self):  # merging uses the evaluation rank whatever the mode
         was, self.training = self.training, False
-        super().merge()
-        self.training = was
+        try:
+            super().merge()
+        finally:
+            self.training = was
 
     @torch.no_grad()
     def unmerge(self):
         was, self.training = self.training, False
-        super().unmerge()
-        self.training = was
+        try:
+            super().unmerge()
+        finally:
+            self.training = was
 
 
 @register("dylora")
 class DyLoRA(SelfWrittenAdapted):
+    label = "DyLoRA"
+
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=8, **_):
+        return r * (d_in + d_out)
+
     def _apply(self, model, seed=0, **kwargs):
         self._gen = torch.Generator().manual_seed(int(seed))
         self.model = super()._apply(model, **kwargs)

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.core import alpha_or_default, register, schedule_steps
-from baselines.layers import AdapterLinear, SelfWrittenAdapted
+from baselines.layers import SelfWrittenAdapted
+from lrlora.layer import AdaptedLinear
 
 
-class ElaLoRALinear(AdapterLinear):
+class ElaLoRALinear(AdaptedLinear):
     def __init__(self, base_layer, r, r_max, lora_alpha=None, dropout=0.0):
         super().__init__(base_layer, dropout)
         w = base_layer.weight
@@ -58,6 +59,12 @@ class ElaLoRALinear(AdapterLinear):
 
 @register("elalora")
 class ElaLoRA(SelfWrittenAdapted):
+    label = "ElaLoRA"
+
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=8, r_max=None, **_):
+        return (2 * r if r_max is None else r_max) * (d_in + d_out + 1)  # allocated for r_max, masked below it
+
     def _apply(self, model, tinit=0.1, tfinal=0.2, deltaT=10, b_init=4, beta1=0.85, beta2=0.85,
                orth_reg_weight=0.5, **kwargs):
         self.sched = dict(tinit=tinit, tfinal=tfinal, deltaT=int(deltaT), b_init=int(b_init))

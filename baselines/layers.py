@@ -1,14 +1,17 @@
-"""What the self-written baselines share: the wrapped linear layer, injection, save/load.
+"""What the self-written baselines share: the adapted linear layer (lrlora's), injection, save/load.
 
-    class MyLinear(AdapterLinear):
+    class MyLinear(AdaptedLinear):
         def delta_weight(self): ...
     @register("mine")
     class Mine(SelfWrittenAdapted):
+        label = "Mine"
+        @classmethod
+        def parameters_per_module(cls, d_in, d_out, r=8, **_): return r * (d_in + d_out)
         def make_layer(self, name, linear, r=8, dropout=0.0, **kw): return MyLinear(linear, dropout, ...)
 
-Same shape as `lrlora`'s layer: the frozen `base_layer`, `delta_weight()`, `merge()`/`unmerge()`,
-dropout on the adapter's input side only. Files: `adapter.safetensors` (adapter tensors, persistent
-buffers such as rank masks, and the `modules_to_save` heads) + the `baselines_meta.json` kwargs;
+The layer is `lrlora.layer.AdaptedLinear`, LR-LoRA's own base: the frozen `base_layer`, `delta_weight()`,
+`merge()`/`unmerge()`, dropout on the adapter's input side only. Files: `adapter.safetensors` (adapter tensors,
+persistent buffers such as rank masks, and the `modules_to_save` heads) + the `baselines_meta.json` kwargs;
 frozen random bases are regenerated from their seed, not stored.
 """
 
@@ -18,61 +21,15 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from baselines.core import AdaptedModel, alpha_or_default, is_head_param, matches_target
-from lrlora.errors import AdapterError, ConfigError
+from baselines.core import AdaptedModel, alpha_or_default, is_head_param
+from lrlora.errors import AdapterError
+from lrlora.layer import AdaptedLinear
+from lrlora.targets import find_targets
 
 WEIGHTS_FILE = "adapter.safetensors"
-
-
-class AdapterLinear(nn.Module):
-    """y = base_layer(x) + adapter(dropout(x)); merged: y = base_layer(x) with W0 + ΔW in place."""
-
-    def __init__(self, base_layer: nn.Linear, dropout: float = 0.0):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-
-    @property
-    def weight(self):  # some model code reads `.weight` of a projection
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
-    def delta_weight(self) -> torch.Tensor:
-        """Dense ΔW, d_out × d_in."""
-        raise NotImplementedError
-
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The update applied to (already dropped-out) x; low-rank methods override to skip the dense ΔW."""
-        return F.linear(x, self.delta_weight().to(x.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.merged:
-            return y
-        return y + self.adapter_forward(self.dropout(x))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            w = self.base_layer.weight
-            w += self.delta_weight().to(w.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            w = self.base_layer.weight
-            w -= self.delta_weight().to(w.dtype)
-            self.merged = False
 
 
 def kaiming_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -82,7 +39,7 @@ def kaiming_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch
         return t.uniform_(-bound, bound, generator=generator)
 
 
-class LowRankLinear(AdapterLinear):
+class LowRankLinear(AdaptedLinear):
     """LoRA-shaped factors: A (r × d_in, kaiming), B (d_out × r, zero) and a scaling α/r."""
 
     def __init__(self, base_layer, r: int, lora_alpha: float | None = None, dropout: float = 0.0):
@@ -94,14 +51,11 @@ class LowRankLinear(AdapterLinear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
 
 
-def inject(model: nn.Module, target_modules, make_layer) -> dict[str, AdapterLinear]:
+def inject(model: nn.Module, target_modules, make_layer) -> dict[str, AdaptedLinear]:
     """Replace every nn.Linear whose name matches `target_modules` (PEFT's suffix rule) by make_layer(name, linear).
 
     All new layers are built before the first is put in, so a failing make_layer leaves the model unchanged."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_target(n, target_modules)]
-    if not names:
-        raise ConfigError(f"no nn.Linear matches target_modules={list(target_modules)}")
-    out = {name: make_layer(name, model.get_submodule(name)) for name in names}
+    out = {name: make_layer(name, linear) for name, linear in find_targets(model, target_modules, non_linear="skip")}
     for name, layer in out.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
@@ -111,12 +65,10 @@ def inject(model: nn.Module, target_modules, make_layer) -> dict[str, AdapterLin
 class SelfWrittenAdapted(AdaptedModel):
     """Body of the methods written here; a subclass gives `make_layer` (and optionally a schedule)."""
 
-    def make_layer(self, name: str, linear: nn.Linear, **kwargs) -> AdapterLinear:
+    def make_layer(self, name: str, linear: nn.Linear, **kwargs) -> AdaptedLinear:
         raise NotImplementedError
 
     def _apply(self, model, target_modules=None, modules_to_save=None, **kwargs):
-        if not target_modules:
-            raise ConfigError(f"{self.method}: target_modules is required")
         layers = inject(model, target_modules, lambda n, lin: self.make_layer(n, lin, **kwargs))
         for p in model.parameters():  # after inject: a failure there leaves the model as it was
             p.requires_grad_(False)
@@ -129,8 +81,8 @@ class SelfWrittenAdapted(AdaptedModel):
                 p.requires_grad_(True)
         return model
 
-    def layers(self) -> dict[str, AdapterLinear]:
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, AdapterLinear)}
+    def layers(self) -> dict[str, AdaptedLinear]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, AdaptedLinear)}
 
     @torch.no_grad()
     def delta_weights(self):
@@ -138,15 +90,17 @@ class SelfWrittenAdapted(AdaptedModel):
 
     def merge(self) -> None:
         for m in self.layers().values():
-            m.merge()
+            if not m.merged:
+                m.merge()
 
     def unmerge(self) -> None:
         for m in self.layers().values():
-            m.unmerge()
+            if m.merged:
+                m.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
+        self.merge()
         for name, m in self.layers().items():
-            m.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, m.base_layer)
         return self.model

@@ -3,7 +3,7 @@
     handle = apply_adapter(model, name="lrlora", r=8, target_modules=["query", "value"], K=50, L=3.0)
 
 The kwargs are `LRLoRAConfig`'s fields. The model is a `peft.PeftModel` with the `lrlora` PEFT method
-(`lrlora.peft`, whose layers are the library's own `LRLoRALinear`), so LR-LoRA shares the PEFT entries'
+(`lrlora.peft`, whose layers run the library's ΔW and fused op), so LR-LoRA shares the PEFT entries'
 body: one save format (`save_pretrained`), one merge, one loader. Adapters saved in the library's own
 format (`lrlora.save_adapter`, and harness runs from before this change) still load: they are converted
 exactly (`lrlora.peft.library_to_peft`) on the way in.
@@ -17,11 +17,30 @@ from pathlib import Path
 
 from baselines.core import register
 from baselines.peft_methods import PeftAdapted
+from lrlora.config import LRLoRAConfig
+from lrlora.errors import ConfigError
 
 
 @register("lrlora")
 class LRLoRA(PeftAdapted):
+    label = "LR-LoRA"
     dropout_field = "dropout"
+
+    @classmethod
+    def validate(cls, kwargs):
+        """Every check of `LRLoRAConfig` (its fields, ranges and combinations), with its message."""
+        super().validate(kwargs)
+        try:
+            LRLoRAConfig(**kwargs)
+        except ConfigError:
+            raise
+        except TypeError as e:  # a keyword LRLoRAConfig does not have
+            raise ConfigError(f"{e}; see lrlora/config.py for the fields") from None
+
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=8, K=50, learn_bandwidth=True, **_):
+        # A and B, plus σ's amplitudes and (when learned) bandwidths; σ per module (share="none", the default)
+        return r * (d_in + d_out) + K * (2 if learn_bandwidth else 1)
 
     def _config(self, r=8, target_modules=None, dropout=0.0, modules_to_save=None, **rest):
         from lrlora.peft import LRLoRAPeftConfig

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.core import alpha_or_default, register
-from baselines.layers import AdapterLinear, SelfWrittenAdapted, kaiming_
+from baselines.layers import SelfWrittenAdapted, kaiming_
+from lrlora.layer import AdaptedLinear
 
 # Bases drawn per group: bounds the transient memory to _GROUP bases of one factor.
 _GROUP = 8
@@ -61,7 +62,7 @@ class _MixedBasis(torch.autograd.Function):
         return torch.cat(parts), None, None, None
 
 
-class NoLALinear(AdapterLinear):
+class NoLALinear(AdaptedLinear):
     def __init__(self, base_layer, r, num_basis_A, num_basis_B, lora_alpha=None, dropout=0.0, seed=0):
         super().__init__(base_layer, dropout)
         self.r, self.scaling = r, alpha_or_default(r, lora_alpha) / r
@@ -103,6 +104,17 @@ class NoLALinear(AdapterLinear):
 
 @register("nola")
 class NoLA(SelfWrittenAdapted):
+    label = "NoLA"
+    budget_knob = "num_basis"  # k_A = k_B
+
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, num_basis_A=64, num_basis_B=64, **_):
+        return num_basis_A + num_basis_B
+
+    @classmethod
+    def budget_kwargs(cls, value):
+        return {"num_basis_A": value, "num_basis_B": value}
+
     def make_layer(self, name, linear, r=8, num_basis_A=64, num_basis_B=64, lora_alpha=None, dropout=0.0,
                    seed=0):
         layer_seed = (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63

@@ -5,23 +5,16 @@
 Nothing here re-implements a method: each entry only maps our common kwargs
 (`r`, `target_modules`, `dropout`, `modules_to_save`) onto the PEFT config; every other kwarg
 goes to the PEFT config unchanged (a wrong name fails there). Save/load are PEFT's own
-`save_pretrained` / `PeftModel.from_pretrained`.
+`save_pretrained` / `PeftModel.from_pretrained`. PEFT is imported where it is used: reading the registry
+(a method's label, its parameter formula) costs no PEFT import.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
-from peft import (
-    AdaLoraConfig,
-    LoraConfig,
-    PeftModel,
-    RandLoraConfig,
-    VeraConfig,
-    get_peft_model,
-)
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from baselines.core import AdaptedModel, alpha_or_default, register, schedule_steps
@@ -51,6 +44,8 @@ class PeftAdapted(AdaptedModel):
         )
 
     def _apply(self, model, **kwargs):
+        from peft import get_peft_model
+
         return get_peft_model(model, self._config(**kwargs))
 
     @classmethod
@@ -65,6 +60,8 @@ class PeftAdapted(AdaptedModel):
             raise AdapterError(f"{weights} is missing or unreadable ({str(e)[:200]}); re-save the adapter") from None
         if bad:
             raise AdapterError(f"{weights} holds NaN/inf in {bad[0]}: the run that saved it diverged; retrain it")
+        from peft import PeftModel
+
         self = cls._bare(base_model, kwargs)
         self.model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=True)
         return self
@@ -72,8 +69,10 @@ class PeftAdapted(AdaptedModel):
     def _save_files(self, directory: Path) -> None:
         self.model.save_pretrained(str(directory))
 
-    def tuner_layers(self) -> dict[str, BaseTunerLayer]:
-        """Adapted modules by their name in the original model."""
+    def tuner_layers(self) -> dict[str, nn.Module]:
+        """Adapted modules (PEFT's BaseTunerLayer) by their name in the original model."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         return {
             name.removeprefix(PREFIX): m
             for name, m in self.model.named_modules()
@@ -110,9 +109,16 @@ def _has_adapter(m) -> bool:
 class LoRA(PeftAdapted):
     """LoRA (PEFT). `lora_alpha` defaults to 2r, as in the RandLoRA/LLM-Adapters harness (docs/SOURCES.md)."""
 
+    label = "LoRA"
     use_dora = False
 
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=8, **_):
+        return r * (d_in + d_out)
+
     def _config(self, r=8, target_modules=None, dropout=0.0, modules_to_save=None, lora_alpha=None, **rest):
+        from peft import LoraConfig
+
         kw = self._peft_kwargs(r, target_modules, dropout, modules_to_save, rest)
         return LoraConfig(lora_alpha=alpha_or_default(r, lora_alpha), use_dora=self.use_dora, **kw)
 
@@ -121,17 +127,29 @@ class LoRA(PeftAdapted):
 class DoRA(LoRA):
     """DoRA = PEFT LoRA with `use_dora=True` (magnitude vector per output row)."""
 
+    label = "DoRA"
     use_dora = True
+
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=8, **_):
+        return r * (d_in + d_out) + d_out
 
 
 @register("vera")
 class VeRA(PeftAdapted):
     """VeRA (PEFT): shared frozen random A, B (seeded by `projection_prng_key`), trainable λ_b (d_out), λ_d (r)."""
 
+    label = "VeRA"
     dropout_field = "vera_dropout"
     rank_may_exceed_layer = True  # VeRA's r is the shared projection size (paper: up to 1024 on 768-wide layers)
 
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=256, **_):
+        return r + d_out
+
     def _config(self, r=256, target_modules=None, dropout=0.0, modules_to_save=None, **rest):
+        from peft import VeraConfig
+
         rest.setdefault("save_projection", True)  # exact round trip without relying on the PRNG
         return VeraConfig(**self._peft_kwargs(r, target_modules, dropout, modules_to_save, rest))
 
@@ -140,9 +158,17 @@ class VeRA(PeftAdapted):
 class RandLoRA(PeftAdapted):
     """RandLoRA (PEFT >= 0.16). α set explicitly: default 2r, PEFT's recommendation (docs/SOURCES.md)."""
 
+    label = "RandLoRA"
     dropout_field = "randlora_dropout"
 
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=32, **_):
+        n = math.ceil(min(d_in, d_out) / r)  # bases needed for full rank (PEFT RandLoRA)
+        return r * n + n * min(d_in, d_out)
+
     def _config(self, r=32, target_modules=None, dropout=0.0, modules_to_save=None, randlora_alpha=None, **rest):
+        from peft import RandLoraConfig
+
         rest.setdefault("save_projection", True)
         kw = self._peft_kwargs(r, target_modules, dropout, modules_to_save, rest)
         return RandLoraConfig(randlora_alpha=alpha_or_default(r, randlora_alpha), **kw)
@@ -164,8 +190,16 @@ class AdaLoRA(PeftAdapted):
     A module that ends at rank 0 is saved as 0-size tensors (PEFT warns; reload works in 0.21.2, #1539).
     """
 
+    label = "AdaLoRA"
+
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=12, **_):
+        return r * (d_in + d_out + 1)
+
     def _config(self, r=12, target_modules=None, dropout=0.0, modules_to_save=None, target_r=None,
                 lora_alpha=None, total_step=None, tinit=0.1, tfinal=0.2, deltaT=1, **rest):
+        from peft import AdaLoraConfig
+
         kw = self._peft_kwargs(r, target_modules, dropout, modules_to_save, rest)
         kw.pop("r")
         self._schedule = dict(tinit=tinit, tfinal=tfinal)

@@ -28,5 +28,11 @@ class SineLoRALinear(LowRankLinear):
 
 @register("sinelora")
 class SineLoRA(SelfWrittenAdapted):
+    label = "SineLoRA"
+
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=8, **_):
+        return r * (d_in + d_out)
+
     def make_layer(self, name, linear, r=8, lora_alpha=None, dropout=0.0, omega=200.0, s=None):
         return SineLoRALinear(linear, r, lora_alpha, dropout, omega, s)

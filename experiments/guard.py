@@ -78,14 +78,14 @@ def _choice(cfg, path: str, choices) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Every setting checked before data or backbone load; ConfigError names the setting and the fix."""
-    from baselines import ADAPTERS
+    from baselines import methods
     from baselines.core import check_rank_value
 
     inf = float("inf")
     _int(cfg, "seed", minimum=0)
     name = cfg.adapter.get("name")
-    if name not in ADAPTERS:
-        raise ConfigError(f"adapter={name!r} is unknown; choose one of {', '.join(sorted(ADAPTERS))}")
+    if name not in methods():
+        raise ConfigError(f"adapter={name!r} is unknown; choose one of {', '.join(sorted(methods()))}")
     try:
         check_rank_value(name, cfg.adapter.get("r"))
     except ConfigError:
@@ -125,17 +125,12 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.trainer.grad_accum > cfg.regime.train.batch_size:
         raise ConfigError(f"trainer.grad_accum={cfg.trainer.grad_accum} exceeds regime.train.batch_size="
                           f"{cfg.regime.train.batch_size}: a micro-batch needs at least one example")
-    if name == "lrlora":  # the whole LRLoRAConfig can be checked without the backbone
-        from experiments.train import adapter_kwargs
-        from lrlora import LRLoRAConfig
+    from experiments.train import adapter_kwargs
 
-        kw = adapter_kwargs(cfg)
-        try:
-            LRLoRAConfig(**kw)
-        except ConfigError as e:
-            raise ConfigError(f"adapter: {e}") from None
-        except TypeError as e:
-            raise ConfigError(f"adapter: {e}; see lrlora/config.py for the fields") from None
+    try:  # the method's own checks of its settings (LR-LoRA: its whole config), before any backbone loads
+        methods()[name].validate(adapter_kwargs(cfg))
+    except ConfigError as e:
+        raise ConfigError(f"adapter: {e}") from None
 
 
 # The validation metrics experiments.protocols.forward.evaluate gives per task (f1: binary classification only;

@@ -51,22 +51,13 @@ def adapter_kwargs(cfg: DictConfig) -> dict:
     return kw
 
 
-class TargetModuleError(UserError, ValueError):
-    """A target module name matches no linear layer of the backbone."""
-
-
 def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
-    """Fail early, naming the linear layers that exist, when a target module matches nothing."""
-    from baselines.core import matches_target
+    """Fail early, naming the linear layers that exist, when an entry of the backbone's target modules matches
+    nothing (each must: a backbone's names are exact, where a method takes PEFT's any-match rule)."""
+    from lrlora.targets import find_targets
 
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    missing = [t for t in targets if not any(matches_target(n, [t]) for n in linear)]
-    if missing:
-        suffixes = sorted({".".join(n.split(".")[-k:]) for n in linear for k in (1, 2)
-                           if not n.split(".")[-1].isdigit()})
-        raise TargetModuleError(f"target module(s) {missing} match no nn.Linear in this backbone. Fix "
-                         f"backbone.target_modules (or adapter.target_modules); names that exist here: "
-                         f"{', '.join(suffixes[:40])}")
+    find_targets(model, targets, each=True, non_linear="skip",
+                 setting="backbone.target_modules (or adapter.target_modules)")
 
 
 def _accelerator(cfg: DictConfig):

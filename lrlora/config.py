@@ -13,8 +13,8 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from lrlora.errors import ConfigError
 from lrlora.basis import BASES
+from lrlora.errors import ConfigError
 
 SHARING = ("none", "bandwidth", "amplitude", "grid", "all")
 SHARE_BY = ("model", "module_type")

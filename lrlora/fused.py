@@ -48,8 +48,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lrlora.ops import make_table, sigma_with, use_table
 from lrlora.basis import BasisSpec, evaluate
+from lrlora.ops import make_table, sigma_with, use_table
 
 
 @dataclass(frozen=True)
