@@ -2,14 +2,20 @@
 
     .venv/bin/python -m pytest -q tests/test_baselines.py
 
-A new method joins by adding one row to METHODS (its kwargs for the tiny models).
+A new method joins by adding one row to METHODS (its kwargs for the tiny models); the last tests add a toy
+method in exactly the three places CONTRIBUTING.md names (its code, its YAML, its row) and run it through all.
 """
 
 import copy
+import inspect
+import shutil
+import sys
+import textwrap
 
 import pytest
 import torch
 
+import baselines
 from baselines import ADAPTERS, apply_adapter, load_adapted, match_budget, parameter_count
 from baselines.budget import budget_percent
 from baselines.peft_methods import PeftAdapted
@@ -215,9 +221,13 @@ HARNESS_KEYS = ("name", "lr")  # read by experiments/train.py, not passed to app
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_has_a_yaml_that_builds(method):
+    _yaml_builds(CONF, method)
+
+
+def _yaml_builds(conf, method):
     import yaml
 
-    cfg = yaml.safe_load((CONF / f"{method}.yaml").read_text())
+    cfg = yaml.safe_load((conf / f"{method}.yaml").read_text())
     assert cfg["name"] == method and "r" in cfg  # run_name uses adapter.r
     kw = {k: v for k, v in cfg.items() if k not in HARNESS_KEYS}
     kw.update(target_modules=ENCODER_TARGETS, dropout=0.1, modules_to_save=["classifier"])  # what the harness fills
@@ -227,3 +237,95 @@ def test_each_method_has_a_yaml_that_builds(method):
     out.loss.backward()
     handle.on_step(1, 100)
     assert torch.isfinite(out.loss) and handle.trainable_parameters() > 0
+
+
+# --- adding a method: its code, its YAML, its row; nothing else ----------------------------------------------
+TOY_CODE = '''
+"""Toy: ΔW = (α/r)·B A with B = 0 at init, a method written only for the test that adds one."""
+from baselines.core import register
+from baselines.layers import LowRankLinear, SelfWrittenAdapted
+
+
+class ToyLinear(LowRankLinear):
+    def delta_weight(self):
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+
+@register("toy")
+class Toy(SelfWrittenAdapted):
+    label = "Toy"
+
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=8, **_):
+        return r * (d_in + d_out)
+
+    def make_layer(self, name, linear, r=8, lora_alpha=None, dropout=0.0):
+        return ToyLinear(linear, r, lora_alpha, dropout)
+'''
+TOY_YAML = """\
+# Toy (the test that adds a method): ΔW = (α/r)·B A.
+name: toy
+r: 4
+lora_alpha: 8
+target_modules: null
+dropout: null
+modules_to_save: null
+"""
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """The toy method in its three places: a module in a folder of the baselines package (a temporary folder put
+    on the package's path), conf/adapter/toy.yaml (in a temporary copy of conf/) and its row in METHODS. Yields
+    that conf/ folder."""
+    code, conf = tmp_path / "code", tmp_path / "conf"
+    code.mkdir()
+    shutil.copytree(CONF.parent, conf)
+    (code / "toy_method.py").write_text(textwrap.dedent(TOY_CODE))
+    (conf / "adapter" / "toy.yaml").write_text(TOY_YAML)
+    monkeypatch.setattr(baselines, "__path__", [*baselines.__path__, str(code)])
+    monkeypatch.setitem(METHODS, "toy", (dict(r=4), 1e-2))
+    yield conf
+    ADAPTERS.pop("toy", None)
+    sys.modules.pop("baselines.toy_method", None)
+    from analysis.load import method_labels
+
+    method_labels.cache_clear()
+
+
+def test_a_method_added_in_three_places_passes_the_generic_table(toy, tmp_path):
+    assert "toy" in baselines.methods(), "found in the package without being listed anywhere"
+    test_every_registered_method_has_a_row()
+    invariants = [f for name, f in sorted(globals().items())
+                  if name.startswith("test_") and list(inspect.signature(f).parameters)[:1] == ["case"]]
+    assert len(invariants) >= 9, [f.__name__ for f in invariants]
+    for kind in ("decoder", "encoder"):
+        case = Case("toy", kind)
+        for f in invariants:
+            extra = {"tmp_path": tmp_path / f"{f.__name__}-{kind}"} if "tmp_path" in inspect.signature(f).parameters else {}
+            f(case, **extra)
+    test_match_budget_hits_the_closest_achievable_percent("toy")
+    _yaml_builds(toy / "adapter", "toy")
+
+
+def test_the_harness_and_analysis_take_an_added_method_unchanged(toy, tmp_path, monkeypatch):
+    """experiments/train.py, the guard and analysis know nothing of the toy, and run it and name it."""
+    from hydra import compose, initialize_config_dir
+
+    import experiments  # noqa: F401  (the run_name resolver)
+    from analysis.load import load_results
+    from experiments.backbones import build_backbone
+    from experiments.train import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with initialize_config_dir(config_dir=str(toy), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "backbone=tiny_encoder", "regime=bbc_news", "adapter=toy", "logger=none", "trainer.max_steps=2",
+            "trainer.progress=false", "trainer.num_threads=1", "regime.n_train=16", "regime.n_val=8",
+            "regime.n_test=8", "regime.max_length=32", "regime.train.batch_size=8", f"paths.root={tmp_path}"])
+        results = run(cfg)  # inside: the run name is taken against this conf/ (experiments/naming.py)
+    assert results["adapter"] == "toy" and results["run_name"].startswith("tiny_encoder__toy__bbc_news__r4__s")
+    backbone = build_backbone(cfg.backbone, "classification", 5)[0]
+    assert results["params"]["trainable"] == parameter_count(backbone, "toy", list(cfg.backbone.target_modules), r=4)
+    df = load_results([tmp_path / "results"])
+    assert list(df["method"]) == ["Toy"]

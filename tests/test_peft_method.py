@@ -308,6 +308,29 @@ def test_import_lrlora_does_not_import_peft():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_method_registry_does_not_import_peft():
+    """analysis reads method labels from the registry: that must not cost a PEFT import."""
+    code = ("import sys, baselines; labels = {n: c.label for n, c in baselines.methods().items()}; "
+            "assert labels['lrlora'] == 'LR-LoRA' and labels['lora'] == 'LoRA', labels; "
+            "assert 'peft' not in sys.modules, 'reading the registry imported peft'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_peft_layer_calls_the_fused_op_and_holds_no_library_layer():
+    from lrlora import LRLoRALinear
+    from lrlora.layer import LRLoRAAdapter
+
+    model, batch, _ = _peft("llama", "center_dropout", head=False)
+    assert not any(isinstance(m, LRLoRALinear) for m in model.modules())
+    layers = [m for m in model.modules() if isinstance(m, lp.LRLoRALayer)]
+    assert layers and all(isinstance(m.lrlora_layer["default"], LRLoRAAdapter) for m in layers)
+    assert all("base_layer" not in dict(m.lrlora_layer["default"].named_modules()) for m in layers)
+    x = torch.randn(2, 3, layers[0].in_features, requires_grad=True)
+    for mode in (model.train, model.eval):  # with dropout (the sparse or masked form) and merged form
+        mode()
+        assert type(layers[0](x).grad_fn).__name__.startswith("LRLoRALinearFunction")
+
+
 # --- transformers.Trainer -------------------------------------------------------------------------------------------
 def test_trainer_lowers_the_loss_and_its_checkpoint_reloads(tmp_path):
     from transformers import Trainer, TrainingArguments
