@@ -169,7 +169,7 @@ def plot_transfer_functions(model, path: Path, target_modules=None, points: int 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen = set()
     for name, layer in modules.items():
-        name = name.split(".lrlora_layer.")[0]  # under PEFT (lrlora.peft) the library layer sits one level down
+        name = name.split(".lrlora_layer.")[0]  # under PEFT (lrlora.peft) each adapter sits one level down
         tf = layer.transfer
         L = tf.spec.L
         x = torch.linspace(-L, L, points)
