@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines.core import register
-from baselines.layers import LowRankLinear, SelfWrittenAdapted
+from baselines.layers import LowRankAdapted, LowRankLinear
 
 
 class DyLoRALinear(LowRankLinear):
@@ -57,12 +57,8 @@ class DyLoRALinear(LowRankLinear):
 
 
 @register("dylora")
-class DyLoRA(SelfWrittenAdapted):
+class DyLoRA(LowRankAdapted):
     label = "DyLoRA"
-
-    @classmethod
-    def parameters_per_module(cls, d_in, d_out, r=8, **_):
-        return r * (d_in + d_out)
 
     def _apply(self, model, seed=0, **kwargs):
         self._gen = torch.Generator().manual_seed(int(seed))

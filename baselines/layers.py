@@ -134,3 +134,11 @@ class SelfWrittenAdapted(AdaptedModel):
         if unexpected:
             raise AdapterError(f"{directory}: tensors this {cls.method} model does not have: {unexpected[:5]}")
         return self
+
+
+class LowRankAdapted(SelfWrittenAdapted):
+    """A self-written method on LoRA-shaped factors (its layers are LowRankLinear): LoRA's count, r·(d_in + d_out)."""
+
+    @classmethod
+    def parameters_per_module(cls, d_in, d_out, r=8, **_):
+        return r * (d_in + d_out)

@@ -131,8 +131,8 @@ class DoRA(LoRA):
     use_dora = True
 
     @classmethod
-    def parameters_per_module(cls, d_in, d_out, r=8, **_):
-        return r * (d_in + d_out) + d_out
+    def parameters_per_module(cls, d_in, d_out, **kwargs):
+        return super().parameters_per_module(d_in, d_out, **kwargs) + d_out  # LoRA's, plus the magnitude vector
 
 
 @register("vera")

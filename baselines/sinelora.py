@@ -13,7 +13,7 @@ import math
 import torch
 
 from baselines.core import register
-from baselines.layers import LowRankLinear, SelfWrittenAdapted
+from baselines.layers import LowRankAdapted, LowRankLinear
 
 
 class SineLoRALinear(LowRankLinear):
@@ -27,12 +27,8 @@ class SineLoRALinear(LowRankLinear):
 
 
 @register("sinelora")
-class SineLoRA(SelfWrittenAdapted):
+class SineLoRA(LowRankAdapted):
     label = "SineLoRA"
-
-    @classmethod
-    def parameters_per_module(cls, d_in, d_out, r=8, **_):
-        return r * (d_in + d_out)
 
     def make_layer(self, name, linear, r=8, lora_alpha=None, dropout=0.0, omega=200.0, s=None):
         return SineLoRALinear(linear, r, lora_alpha, dropout, omega, s)
