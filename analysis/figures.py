@@ -15,6 +15,7 @@ import pandas as pd
 
 from analysis.registry import target
 from analysis.tables import _cell_runs, _col, _layer_groups, _method_rows, _ordered_columns
+from lrlora._atomic import check_owned, write_owned
 
 GROUPS = ("attention", "MLP")
 
@@ -29,11 +30,17 @@ def _plt():
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """fig as out/name.png and .pdf, each replacing only a file analysis wrote there (lrlora._atomic.write_owned)."""
+    import io
+
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    for p in paths:  # both refused before either is written
+        check_owned(p)
     fig.tight_layout()
     for p in paths:
-        fig.savefig(p, dpi=130)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=p.suffix[1:], dpi=130)
+        write_owned(p, buf.getvalue())
     _plt().close(fig)
     return paths
 
@@ -136,10 +143,15 @@ def fig_spectra(df: pd.DataFrame, ctx) -> list[Path]:
 
 
 def _snapshot_file(row) -> Path | None:
+    from experiments.results import PathOutsideRoot, path_under_root
+
     adapter_dir = row.get("adapter_dir")
-    if not isinstance(adapter_dir, str):
+    if not isinstance(adapter_dir, str) or not row.get("path"):
         return None
-    p = Path(adapter_dir).parent / "sigma_snapshots.json"
+    try:  # the run folder under the results file's own root (the path it records is relative to that root)
+        p = path_under_root(row["path"], adapter_dir).parent / "sigma_snapshots.json"
+    except PathOutsideRoot:
+        return None
     return p if p.exists() else None
 
 
@@ -213,7 +225,9 @@ def fig_landscape(_df, ctx) -> list[Path]:
     run = ctx.run
     results = run.parent.parent / "results" / f"{run.name}.json"
     if not results.exists() or not (run / "adapter").exists():
-        raise FileNotFoundError(f"{run}: needs the run's adapter/ and its results file {results}; run it first")
+        from analysis.load import ResultsError
+
+        raise ResultsError(f"--run {run}: needs the run's adapter/ and its results file {results}; run it first")
     cfg = OmegaConf.create(json.loads(results.read_text())["config"])
     n, steps = int(ctx.options.get("examples", 64)), int(ctx.options.get("points", 11))
     data = load_splits(cfg.regime, cfg.paths.data_dir)
@@ -249,6 +263,6 @@ def fig_landscape(_df, ctx) -> list[Path]:
     ax2.set(xlabel="α", ylabel="β", title="2-D: L(θ + α d₁ + β d₂)")
     fig.suptitle(f"{run.name} ({len(examples)} training examples)", fontsize=9)
     paths = _save(fig, ctx.out, f"fig_landscape__{run.name}")
-    (ctx.out / f"fig_landscape__{run.name}.json").write_text(json.dumps(
+    write_owned(ctx.out / f"fig_landscape__{run.name}.json", json.dumps(
         {"alphas": alphas.tolist(), "line": line, "grid": grid_ab.tolist(), "surface": surface.tolist()}))
     return paths

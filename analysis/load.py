@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from lrlora.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -38,8 +40,9 @@ HEADLINE = (("commonsense_gen", "accuracy"), ("vision", "top1"), ("lm_eval", "ac
 GLUE_METRIC = {"cola": "matthews", "stsb": "pearson"}  # the rest: accuracy (Table 2, RandLoRA's protocol)
 
 
-class ResultsError(ValueError):
-    """A results file that cannot be read, or no results where some were asked for."""
+class ResultsError(UserError, ValueError):
+    """A results file that cannot be read, no results where some were asked for, or two files that claim one run
+    with different numbers."""
 
 
 def _flatten(d, prefix: str, out: dict, keep_dicts: tuple = ()) -> dict:
@@ -180,11 +183,32 @@ def load_results(dirs=("outputs/results",), strict: bool = True) -> pd.DataFrame
                 if strict:
                     raise
                 print(f"warning: {e}")
+    rows = _one_row_per_run(rows)
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=["run_name", "backbone", "adapter", "regime", "r", "seed", "tags", "method",
                                      "data", "column", "score"])
-    return df.drop_duplicates("run_name", keep="last").reset_index(drop=True)
+    return df.reset_index(drop=True)
+
+
+_SAME_NUMBERS = ("metrics.", "params.")  # what two copies of one run's results file must agree on
+
+
+def _one_row_per_run(rows: list[dict]) -> list[dict]:
+    """Copies of one run's results file (the same run name in two folders) count once; two files that claim one
+    run name with different numbers are an error naming both, never a silent pick of one."""
+    seen: dict[str, dict] = {}
+    for row in rows:
+        first = seen.setdefault(row["run_name"], row)
+        if first is row:
+            continue
+        numbers = [{k: v for k, v in r.items() if k.startswith(_SAME_NUMBERS) and not _isnan(v)} for r in (first, row)]
+        if numbers[0] != numbers[1]:
+            differ = sorted(k for k in set(numbers[0]) | set(numbers[1]) if numbers[0].get(k) != numbers[1].get(k))
+            raise ResultsError(f"{first['path']} and {row['path']} both claim run {row['run_name']!r} with different "
+                               f"numbers ({', '.join(differ[:3])}); keep the one you mean and move the other out of "
+                               f"the results folders given")
+    return list(seen.values())
 
 
 def has_tag(df: pd.DataFrame, tag: str) -> pd.Series:

@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrlora._atomic import atomic_write
+from lrlora._atomic import check_owned, write_owned
 
 MISSING = "missing"
 
@@ -71,9 +71,11 @@ class Table:
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir) -> list[Path]:
+        """out_dir/name.md, .csv, .tex; each replaces only a file analysis wrote there, unchanged since
+        (lrlora._atomic.write_owned): a user's file of that name is refused before any of the three is written."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for ext, text in (("md", self.markdown()), ("csv", self.csv()), ("tex", self.latex())):
-            paths.append(atomic_write(out / f"{self.name}.{ext}", text))
-        return paths
+        texts = {out / f"{self.name}.{ext}": text for ext, text in
+                 (("md", self.markdown()), ("csv", self.csv()), ("tex", self.latex()))}
+        for path in texts:
+            check_owned(path)
+        return [write_owned(path, text) for path, text in texts.items()]

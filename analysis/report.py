@@ -3,80 +3,127 @@
     python -m analysis.report REPRODUCTION.md                 # rewrite every generated block
     python -m analysis.report REPRODUCTION.md --check         # exit 1 if a block differs from what analysis gives
 
-A generated block is the text between `<!-- analysis: <target> -->` and `<!-- /analysis -->`: the markdown of
-that analysis target (analysis/claims.py, or any table target) built from `--results`. Only those blocks are
-written; the prose around them is the author's and is never touched.
+A generated block is the text between a line `<!-- analysis: <target> -->` and the next line `<!-- /analysis -->`:
+the markdown of that analysis target (analysis/claims.py, or any table target) built from `--results`. Only those
+blocks are written; the prose around them is the author's and is never touched. Markers are read strictly: a
+block is rebuilt only when its opening and closing lines are both found, in that order, with no marker between;
+a line that looks like a damaged marker (`<!-- /analysis ->`, `<!-- analysis:claim1-->`, ...) or markers out of
+order are an error naming the line, and nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from lrlora import cli
 from lrlora._atomic import atomic_write
+from lrlora.errors import UserError
 
-BLOCK = re.compile(r"(<!-- analysis: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /analysis -->)", re.S)
+OPEN = re.compile(r"<!-- analysis: (?P<name>[\w-]+) -->")
+CLOSE = "<!-- /analysis -->"
+LOOKS_LIKE = re.compile(r"^<!?-*\s*/?\s*analysis\b|analysis\s*:?\s*[\w-]*\s*-*>\s*$", re.I)  # a marker, damaged
 RESULTS = "results/reproduction/results"
 
 
+class ReportError(UserError, ValueError):
+    """A report whose block markers are damaged or out of order, or a block naming no table target."""
+
+
+@dataclass
+class Block:
+    name: str
+    start: int  # offset of the first character after the opening line
+    end: int    # offset of the closing line
+
+
+def parse(text: str, path: str = "the report") -> list[Block]:
+    """The generated blocks of `text`, in order; ReportError for a damaged marker or markers out of order."""
+    blocks, open_at, offset = [], None, 0
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        s = line.strip()
+        m = OPEN.fullmatch(s)
+        if m:
+            if open_at is not None:
+                raise ReportError(f"{path}:{number}: block {m.group('name')!r} opens before block "
+                                  f"{open_at[0]!r} (line {open_at[1]}) is closed with {CLOSE}; nothing was written")
+            open_at = (m.group("name"), number, offset + len(line))
+        elif s == CLOSE:
+            if open_at is None:
+                raise ReportError(f"{path}:{number}: {CLOSE} closes no block; nothing was written")
+            blocks.append(Block(open_at[0], open_at[2], offset))
+            open_at = None
+        elif "`" not in s and LOOKS_LIKE.search(s):
+            raise ReportError(f"{path}:{number}: {s!r} looks like a damaged block marker: fix it to "
+                              f"'<!-- analysis: NAME -->' or {CLOSE!r}; nothing was written")
+        offset += len(line)
+    if open_at is not None:
+        raise ReportError(f"{path}:{open_at[1]}: block {open_at[0]!r} is never closed with {CLOSE}; nothing was "
+                          f"written")
+    return blocks
+
+
 def blocks(text: str) -> list[str]:
-    return [m.group("name") for m in BLOCK.finditer(text)]
+    return [b.name for b in parse(text)]
 
 
-def regenerate(text: str, results=(RESULTS,)) -> str:
-    """The report with every generated block rebuilt from the results files."""
+def regenerate(text: str, results=(RESULTS,), path: str = "the report") -> str:
+    """The report with every generated block rebuilt from the results files; the text outside blocks unchanged."""
     from analysis.load import load_results
     from analysis.registry import TARGETS, _load_all, build
 
+    found = parse(text, path)
     _load_all()
+    for b in found:
+        if b.name not in TARGETS or TARGETS[b.name].kind != "table":
+            raise ReportError(f"report block {b.name!r} is not a table target; known: "
+                              f"{', '.join(t for t in sorted(TARGETS) if TARGETS[t].kind == 'table')}")
     df = load_results(list(results))
+    out, at = [], 0
+    for b in found:
+        out += [text[at:b.start], build(b.name, df=df, write=False).markdown()]
+        at = b.end
+    new = "".join(out) + text[at:]
+    if _outside(text, found) != _outside(new, parse(new, path)):  # never changes the author's prose
+        raise RuntimeError("the rebuilt report differs outside its blocks")
+    return new
 
-    def body(m: re.Match) -> str:
-        name = m.group("name")
-        if name not in TARGETS or TARGETS[name].kind != "table":
-            raise ValueError(f"report block {name!r} is not a table target; known: "
-                             f"{', '.join(t for t in sorted(TARGETS) if TARGETS[t].kind == 'table')}")
-        table = build(name, df=df, write=False)
-        return m.group(1) + table.markdown() + m.group(4)
 
-    return BLOCK.sub(body, text)
+def _outside(text: str, found: list[Block]) -> list[str]:
+    edges = [0, *[x for b in found for x in (b.start, b.end)], len(text)]
+    return [text[edges[i]:edges[i + 1]] for i in range(0, len(edges), 2)]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m analysis.report", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("report", nargs="?", default="REPRODUCTION.md")
     ap.add_argument("--results", nargs="+", default=[RESULTS])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is out of date")
     args = ap.parse_args(argv)
     path = Path(args.report)
     if not path.is_file():
-        print(f"error: no report at {path}; pass the path of REPRODUCTION.md", file=sys.stderr)
-        return 2
+        raise ReportError(f"no report at {path}; pass the path of REPRODUCTION.md")
     text = path.read_text()
-    if not blocks(text):
-        print(f"error: {path} has no generated block (<!-- analysis: <target> --> ... <!-- /analysis -->)",
-              file=sys.stderr)
-        return 2
-    try:
-        new = regenerate(text, args.results)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    stale = [n for n, a, b in zip(blocks(text), BLOCK.finditer(text), BLOCK.finditer(new)) if a.group(0) != b.group(0)]
+    old = parse(text, str(path))
+    if not old:
+        raise ReportError(f"{path} has no generated block (<!-- analysis: <target> --> ... {CLOSE})")
+    new = regenerate(text, args.results, str(path))
+    fresh = parse(new, str(path))
+    stale = [a.name for a, b in zip(old, fresh) if text[a.start:a.end] != new[b.start:b.end]]
     if args.check:
         if stale:
-            print(f"{path}: out of date: {', '.join(stale)} (run python -m analysis.report {path})", file=sys.stderr)
+            print(f"{path}: out of date: {', '.join(stale)} (run python -m analysis.report {path})")
             return 1
-        print(f"{path}: {len(blocks(text))} generated blocks, all current")
+        print(f"{path}: {len(old)} generated blocks, all current")
         return 0
     if stale:
         atomic_write(path, new)
-    print(f"{path}: {len(stale)} of {len(blocks(text))} blocks rebuilt" + (f" ({', '.join(stale)})" if stale else ""))
+    print(f"{path}: {len(stale)} of {len(old)} blocks rebuilt" + (f" ({', '.join(stale)})" if stale else ""))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -41,12 +41,14 @@ from pathlib import Path
 import yaml
 
 from analysis import paper
+from lrlora import cli
+from lrlora.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
 
-class ReproduceError(ValueError):
+class ReproduceError(UserError, ValueError):
     """A table or scale that analysis/scales.yaml does not define."""
 
 
@@ -301,8 +303,8 @@ def staleness(cfg, any_commit: bool = False, commit: str | None = None) -> str |
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.reproduce", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m analysis.reproduce", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("table")
     ap.add_argument("--scale", default="smoke")
     ap.add_argument("--root", default=None, help="paths.root for the runs (default: conf/train.yaml's, outputs)")
@@ -321,20 +323,11 @@ def main(argv=None) -> int:
     from experiments.results import git_info
 
     if args.table == "reproduction":
-        try:
-            shard = parse_shard(args.shard)
-            return run_reproduction(args.root, args.dry_run, shard, args.claims)
-        except ReproduceError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return run_reproduction(args.root, args.dry_run, parse_shard(args.shard), args.claims)
 
     t0 = time.perf_counter()
-    try:
-        cells = plan(args.table, args.scale, args.seeds, args.variants)
-        i_shard, n_shard = parse_shard(args.shard)
-    except ReproduceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cells = plan(args.table, args.scale, args.seeds, args.variants)
+    i_shard, n_shard = parse_shard(args.shard)
     note = paper.scales()["scales"][args.scale].get("note")
     if note:  # what the scale caps, and what it costs: said before anything runs
         print(f"[reproduce] scale {args.scale}: {' '.join(note.split())}")
@@ -372,9 +365,8 @@ def main(argv=None) -> int:
                 cfg.trainer.force = True
         try:
             run(cfg)
-        except UserError as e:  # the user's to fix
-            print(f"error: {cfg.run_name}: {e}", file=sys.stderr)
-            return 2
+        except UserError as e:  # the user's to fix: named with the cell it stopped at
+            raise ReproduceError(f"{cfg.run_name}: {e}") from None
         print(f"[reproduce] {i}/{len(todo)} {cfg.run_name} ({time.perf_counter() - t:.1f} s)")
 
     from analysis.load import load_results
@@ -390,4 +382,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lrlora._atomic import atomic_directory, dumps_strict, recover_interrupted_swap
+from lrlora._atomic import atomic_directory, dumps_strict, recover_interrupted_swap, verify_checksums
 from lrlora.errors import AdapterError, AdapterNotFound, ConfigError
 from lrlora.io import is_adapter_folder
 from lrlora.targets import find_targets
@@ -275,8 +275,14 @@ def read_meta(directory: str | os.PathLike) -> dict:
 def load_adapted(base_model: nn.Module, directory: str | os.PathLike) -> AdaptedModel:
     """Rebuild the handle that `AdaptedModel.save(directory)` wrote, on a fresh copy of the base model."""
     meta = read_meta(directory)
+    bad = verify_checksums(directory)  # a payload corrupted under an intact header would otherwise load
+    if bad:
+        raise AdapterError(f"{Path(directory) / bad[0]} is corrupt (its sha256 differs from the one recorded when it "
+                           f"was saved); restore the adapter folder from a copy, or re-train the run")
     try:
         return get_method(meta["name"])._load(base_model, Path(directory), meta["kwargs"])
     except (OSError, RuntimeError, KeyError) as e:  # a weights file missing, truncated or of other shapes
-        raise AdapterError(f"could not load the adapter in {directory}: {str(e).splitlines()[0][:300]}; "
+        hint = (" (an LR-LoRA folder in PEFT's format: import lrlora.peft before PEFT reads it)"
+                if str(e).strip("'\"") == "LRLORA" else "")
+        raise AdapterError(f"could not load the adapter in {directory}: {str(e).splitlines()[0][:300]}{hint}; "
                            f"re-save it, or load it onto the base model it was trained on") from None

@@ -1,10 +1,10 @@
 """PARA: post-hoc, data-free rank allocation for a trained LoRA (arXiv 2604.27796), and the same export for
 any adapter whose ΔW we can form (LR-LoRA -> plain LoRA of adaptive per-layer rank).
 
-    python -m baselines.para --adapter runs/x/adapter --keep-energy 0.9 --out runs/x/adapter_para90
-    python -m baselines.para --adapter runs/x/adapter --reduction 0.8 --out runs/x/adapter_para_r80
-    # a non-LoRA adapter written by baselines (e.g. lrlora) needs its base model:
-    python -m baselines.para --adapter runs/y/adapter --base-model PATH --num-labels 5 --keep-energy 0.9 --out ...
+    compress_peft_lora("runs/x/adapter", "runs/x/adapter_para90", keep_energy=0.9)
+    compress_handle(load_adapted(base, "runs/y/adapter"), "lora90", keep_energy=0.9)   # any adapter, via its ΔW
+    # the command line is experiments.para (one PARA command, with or without scoring):
+    python -m experiments.para adapter_dir=runs/x/adapter out=runs/x/adapter_para90 para.keep_energy=0.9
 
 For every adapted module, ΔW = U diag(S) Vᵀ: for a LoRA, cheaply from B = Q_B R_B, Aᵀ = Q_A R_A and the SVD
 of the r×r core s·R_B R_Aᵀ; otherwise from the SVD of the dense ΔW. ONE threshold τ on the singular
@@ -17,20 +17,18 @@ dropped from target_modules, so no zero-size tensor is ever written (PEFT #1539)
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from baselines.core import META_FILE, is_head_param, read_meta
-from lrlora._atomic import atomic_directory, check_writable
-from lrlora.errors import AdapterError, AdapterNotFound, ConfigError, UnsafeWrite, UserError
+from baselines.core import META_FILE, is_head_param
+from lrlora._atomic import atomic_directory, check_writable, verify_checksums
+from lrlora.errors import AdapterError, AdapterNotFound, ConfigError, UnsafeWrite
 
 LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 PREFIX = "base_model.model."
@@ -105,9 +103,12 @@ def spectra_from_peft_lora(adapter_dir: str | Path) -> tuple[dict[str, Spectrum]
         raise AdapterNotFound(f"{e.filename} not found: {adapter_dir} is not a complete PEFT adapter folder") from None
     except Exception as e:  # json or safetensors: a truncated or foreign file
         raise AdapterError(f"{adapter_dir} holds an unreadable adapter ({str(e)[:200]}); re-save it") from None
+    if verify_checksums(adapter_dir):  # a payload corrupted under an intact header would otherwise be read
+        raise AdapterError(f"{adapter_dir / 'adapter_model.safetensors'} is corrupt (its sha256 differs from the one "
+                           f"recorded when it was saved); restore the adapter folder from a copy, or re-train the run")
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias"):
         raise AdapterError(f"{adapter_dir}: PARA takes a plain LoRA adapter (got peft_type={cfg.get('peft_type')}, "
-                         f"use_dora={cfg.get('use_dora')}); for others pass --base-model to go through ΔW")
+                         f"use_dora={cfg.get('use_dora')}); for others pass base_model=PATH to go through ΔW")
     factors, other = {}, {}
     for k, v in state.items():
         m = LORA_KEY.match(k)
@@ -155,11 +156,12 @@ def is_para_output(directory: Path) -> bool:
     return (Path(directory) / "para_report.json").is_file()
 
 
-def check_out(adapter: str | Path, out: str | Path) -> None:
-    """Never write into the input, nor into a non-empty folder that is not an adapter of ours."""
+def check_out(adapter: str | Path, out: str | Path, names: tuple[str, str] = ("adapter", "out")) -> None:
+    """Never write into the input, nor into a non-empty folder that is not an adapter of ours; `names` are how
+    the caller's command line spells the two."""
     a, o = Path(adapter).resolve(), Path(out).resolve()
     if o == a or a in o.parents or o in a.parents:
-        raise UnsafeWrite(f"--out {out} is, contains or lies inside the input --adapter {adapter}: PARA never "
+        raise UnsafeWrite(f"{names[1]}={out} is, contains or lies inside the input {names[0]}={adapter}: PARA never "
                           f"writes into its own input; choose a new folder, e.g. {Path(adapter).name}_para")
     check_writable(o, is_para_output, "PARA adapter folder")
 
@@ -271,8 +273,9 @@ def compress_handle(handle, out_dir, keep_energy=None, reduction=None, max_rank=
     return result
 
 
-# --- CLI -------------------------------------------------------------------------------------------------
-def _load_base(path: str, num_labels: int | None):
+# --- what the command line (experiments.para) uses ------------------------------------------------------
+def load_base(path: str, num_labels: int | None):
+    """The base model a non-LoRA adapter was trained on (a classifier with `num_labels`, else a causal LM)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
@@ -280,7 +283,7 @@ def _load_base(path: str, num_labels: int | None):
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
         return AutoModelForCausalLM.from_pretrained(path)
     except OSError as e:
-        raise ConfigError(f"--base-model {path} could not be loaded ({str(e).splitlines()[0][:200]}); pass the "
+        raise ConfigError(f"base_model={path} could not be loaded ({str(e).splitlines()[0][:200]}); pass the "
                           f"folder of the base model the adapter was trained on") from None
 
 
@@ -294,56 +297,3 @@ def format_ranks(result: ParaResult) -> str:
                  f"{result.params_after:,} ({100 * result.reduction:.1f}% fewer); energy kept "
                  f"{100 * result.energy_kept:.2f}%")
     return "\n".join(lines)
-
-
-def main(argv=None) -> ParaResult:
-    ap = argparse.ArgumentParser(prog="python -m baselines.para", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--adapter", required=True, help="PEFT LoRA dir, or any dir written by AdaptedModel.save")
-    ap.add_argument("--out", required=True, help="where the PEFT LoRA adapter is written")
-    how = ap.add_mutually_exclusive_group(required=True)
-    how.add_argument("--keep-energy", type=float, help="fraction of Σσ² over all modules to keep, e.g. 0.9")
-    how.add_argument("--reduction", type=float, help="fraction of the LoRA parameters to remove, e.g. 0.8")
-    ap.add_argument("--base-model", help="base model path, needed for non-LoRA adapters (ΔW is formed on it)")
-    ap.add_argument("--num-labels", type=int, help="sequence-classification base with this many labels")
-    ap.add_argument("--max-rank", type=int, help="cap per module for dense (non-LoRA) spectra")
-    args = ap.parse_args(argv)
-    adapter = Path(args.adapter)
-    # Every check before any loading or computing: threshold, input, output.
-    check_threshold(args.keep_energy, args.reduction)
-    if not adapter.is_dir():
-        raise AdapterNotFound(f"--adapter {adapter} does not exist: pass an adapter folder (outputs/runs/RUN/adapter)")
-    check_out(adapter, args.out)
-    cfg_file = adapter / "adapter_config.json"
-    try:
-        peft_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    except ValueError as e:
-        raise AdapterError(f"{cfg_file} is corrupt ({e}); re-save the adapter") from None
-    is_lora = peft_cfg.get("peft_type") == "LORA" and not peft_cfg.get("use_dora")
-    if is_lora:
-        result = compress_peft_lora(adapter, args.out, args.keep_energy, args.reduction)
-    else:
-        meta = read_meta(adapter)
-        if not args.base_model:
-            raise ConfigError(f"{adapter} holds a {meta['name']!r} adapter, not a plain LoRA: pass --base-model "
-                              f"PATH (and --num-labels N for a classifier) so its ΔW can be formed")
-        from baselines import load_adapted
-
-        handle = load_adapted(_load_base(args.base_model, args.num_labels), adapter)
-        result = compress_handle(handle, args.out, args.keep_energy, args.reduction, args.max_rank)
-    print(format_ranks(result))
-    print(f"wrote {args.out}")
-    return result
-
-
-def cli(argv=None) -> int:
-    """The command line: a user error is one `error: ...` line on stderr and exit status 2."""
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -11,6 +11,8 @@ import torch
 
 from lrlora._atomic import atomic_write
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository: benchmarks run as `python -m benchmarks.NAME` from it
+
 # glibc otherwise raises its mmap threshold after the first large free and keeps freed blocks resident,
 # so peak RSS would measure the allocator's caching, not the computation. Set in each worker's env.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 17)}

@@ -1,17 +1,16 @@
 """Markdown tables from the benchmark files, as quoted in docs/performance.md.
 
-    python benchmarks/report.py                  # benchmarks/results/{train_step,sigma_op}.json
-    python benchmarks/report.py --train benchmarks/results/train_step_cuda.json --sigma benchmarks/results/sigma_op_cuda.json
+    python -m benchmarks.report                  # benchmarks/results/{train_step,sigma_op}.json
+    python -m benchmarks.report --train benchmarks/results/train_step_cuda.json --sigma benchmarks/results/sigma_op_cuda.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lrlora import cli
+from lrlora.errors import ConfigError
 
 RESULTS = Path(__file__).parent / "results"
 MB = 2**20
@@ -103,13 +102,20 @@ def target_table(train: dict | None, sigma: dict | None) -> str:
     return "\n".join(out)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _read(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not a benchmark results file ({e}); re-run the benchmark or pass another") from None
+
+
+def main(argv=None):
+    ap = cli.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     ap.add_argument("--train", default=str(RESULTS / "train_step.json"))
     ap.add_argument("--sigma", nargs="+", default=[str(RESULTS / "sigma_op.json")])
-    args = ap.parse_args()
-    sigmas = {p: json.loads(Path(p).read_text()) for p in args.sigma if Path(p).exists()}
-    train = json.loads(Path(args.train).read_text()) if Path(args.train).exists() else None
+    args = ap.parse_args(argv)
+    sigmas = {p: _read(p) for p in args.sigma if Path(p).exists()}
+    train = _read(args.train) if Path(args.train).exists() else None
     for path, d in sigmas.items():
         print(f"\n{path}\n" + sigma_table(d))
     if train:
@@ -118,4 +124,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

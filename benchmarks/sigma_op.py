@@ -1,8 +1,8 @@
 """σ-op benchmark: forward + backward at the Qwen2-0.5B adapted shapes, naive vs exact vs fast.
 
-    make bench                                  # or: python benchmarks/sigma_op.py [--device cuda] [--repeats 5]
-    python benchmarks/sigma_op.py --quick       # down_proj only, the two fast paths
-    python benchmarks/sigma_op.py --paths fast fast_torch   # every shape, skipping the slow naive/exact
+    make bench                                  # or: python -m benchmarks.sigma_op [--device cuda] [--repeats 5]
+    python -m benchmarks.sigma_op --quick       # down_proj only, the two fast paths
+    python -m benchmarks.sigma_op --paths fast fast_torch   # every shape, skipping the slow naive/exact
 
 Paths: ``naive`` (broadcast over K), ``exact`` (the reference), ``fast`` (the table with the fused
 compiled kernels, lrlora._kernels, on CPU), ``fast_torch`` (the same table in pure PyTorch, as taken
@@ -39,9 +39,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import MALLOC_ENV, available_bytes, rss_bytes  # noqa: E402
-from lrlora import TransferFunction, sigma, sigma_naive  # noqa: E402
+from benchmarks.common import MALLOC_ENV, ROOT, available_bytes, rss_bytes
+from lrlora import TransferFunction, cli, sigma, sigma_naive
 
 SHAPES = {  # Qwen2-0.5B: hidden 896, 2 KV heads × 64, MLP 4864
     "q_proj/o_proj": (896, 896),
@@ -135,8 +134,8 @@ def worker(shape, path, device, repeats) -> dict:
             "peak_extra_bytes": int(peak), "peak_extra_x_matrix": peak / matrix, "matrix_bytes": matrix}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    ap = cli.ArgumentParser(prog="python -m benchmarks.sigma_op", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
@@ -145,7 +144,7 @@ def main():
     ap.add_argument("--processes", type=int, default=3, help="timing processes per case (the median one is kept)")
     ap.add_argument("--spread", type=float, default=0.8, help="t ~ spread · N(0, 1)")
     ap.add_argument("--worker", nargs=3, metavar=("ROWS", "COLS", "PATH"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     global SPREAD
     SPREAD = args.spread
     if args.worker:
@@ -175,18 +174,18 @@ def main():
                 print(f"{module:<18} {str(shape):>10} {path:>6}   skipped: {case['skipped']}")
                 results["cases"].append(case)
                 continue
-            cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats),
+            cmd = [sys.executable, "-m", "benchmarks.sigma_op", "--device", args.device, "--repeats", str(args.repeats),
                    "--spread", str(args.spread), "--worker", str(shape[0]), str(shape[1]), path]
             extension = {"LRLORA_NO_EXTENSION": "1"} if path == "fast_torch" else {}
             # Memory with glibc's mmap threshold pinned (else freed blocks stay resident and peak RSS
             # measures the allocator's caching); time without it (pinned, every large allocation is a
             # fresh mmap whose pages fault in, which no training process pays).
-            proc = subprocess.run(cmd, capture_output=True, text=True,
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, **MALLOC_ENV, **extension})
             # Time in several fresh processes and keep the one with the median time: on this shared machine
             # a process's time is bimodal (whether its large outputs come back as fresh, faulting pages or
             # not), so one process can land in either mode; every process's median is recorded.
-            runs = [subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **extension})
+            runs = [subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **extension})
                     for _ in range(args.processes)]
             ok = [json.loads(r.stdout.strip().splitlines()[-1]) for r in runs if r.returncode == 0]
             timing = next((r for r in runs if r.returncode != 0), runs[0])
@@ -220,4 +219,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -2,8 +2,8 @@
 elementwise pass (down_proj shape, 896×4864, sinc, K = 50), and the two passes over t in the compiled C++
 kernels (lrlora._kernels) against the same passes written in PyTorch and compiled by torch.compile.
 
-    python benchmarks/sigma_op_breakdown.py [--spread 0.8] [--repeats 15] [--no-compile]
-    MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=1000000000 python benchmarks/sigma_op_breakdown.py
+    python -m benchmarks.sigma_op_breakdown [--spread 0.8] [--repeats 15] [--no-compile]
+    MALLOC_TRIM_THRESHOLD_=1000000000 MALLOC_MMAP_THRESHOLD_=1000000000 python -m benchmarks.sigma_op_breakdown
         # the same with glibc keeping freed memory mapped: no page faults on the op's large outputs
 
 Prints medians in ms and writes them, with each as a multiple of one elementwise pass into a buffer, to
@@ -16,18 +16,16 @@ issue named: compared here, not used by the library.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_info, write_json_atomic  # noqa: E402
-from lrlora import TransferFunction, ops, sigma  # noqa: E402
+from benchmarks.common import machine_info, write_json_atomic
+from lrlora import TransferFunction, cli, ops, sigma
+from lrlora.errors import ConfigError
 
 
 def compiled_passes(tab):
@@ -62,13 +60,13 @@ def compiled_passes(tab):
     return torch.compile(forward, dynamic=False), torch.compile(backward, dynamic=False)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    ap = cli.ArgumentParser(prog="python -m benchmarks.sigma_op_breakdown", description=__doc__.splitlines()[0])
     ap.add_argument("--spread", type=float, default=0.8, help="t ~ spread · N(0, 1)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sigma_op_breakdown.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     tf = TransferFunction("sinc", K=50, L=3.0, amplitude_init="random", amplitude_init_std=0.1)
     t = (torch.randn(896, 4864) * args.spread).requires_grad_()
@@ -92,7 +90,7 @@ def main():
 
     tab = ops.make_table(td, tf.spec, tf.a, tf.rho, tf.grid, 1024)
     if tab is None or ops._kernels_for(td) is None:
-        sys.exit("error: needs the compiled kernels (a C++ compiler; LRLORA_NO_EXTENSION unset) and a finite t")
+        raise ConfigError("needs the compiled kernels (a C++ compiler; LRLORA_NO_EXTENSION unset) and a finite t")
     tab.vals, tab.dvals  # noqa: B018  (build both before timing the passes that read them)
     _, hist = tab.backward(td, g, True, True)
     rows = {
@@ -128,4 +126,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -2,9 +2,9 @@
 frozen floor, on decoder layers of the paper's shapes with random weights.
 
     make bench                                        # σ op + this, CPU, results in benchmarks/results/
-    python benchmarks/train_step.py --quick           # 2 Qwen2 layers, 512 tokens, the main methods
-    python benchmarks/train_step.py --device cuda     # same cases on a GPU (bf16 base weights)
-    python benchmarks/train_step.py --models qwen2_0.5b:2 llama3_8b:1 --tokens 512 2048 8192
+    python -m benchmarks.train_step --quick           # 2 Qwen2 layers, 512 tokens, the main methods
+    python -m benchmarks.train_step --device cuda     # same cases on a GPU (bf16 base weights)
+    python -m benchmarks.train_step --models qwen2_0.5b:2 llama3_8b:1 --tokens 512 2048 8192
 
 A step is forward, backward and AdamW (lr 1e-4) on random token ids (causal-LM loss), sequences of
 256 tokens, ``--tokens`` per step. Models: ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` built from the
@@ -54,15 +54,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     MALLOC_ENV,
+    ROOT,
     machine_info,
     peak_rss_bytes,
     reset_peak_rss,
     rss_bytes,
     write_json_atomic,
 )
+from lrlora import cli
+from lrlora.errors import ConfigError
 
 MODELS = {
     # Qwen2-0.5B (config.json of Qwen/Qwen2-0.5B)
@@ -237,7 +239,7 @@ def run_case(args, model, layers, tokens, method) -> dict:
     # With interleaved timing, a memory case needs only its warm-up step and one more.
     timed_here = method.startswith("interleaved") or method == "inference" or args.no_interleave
     repeats = args.repeats if timed_here else 1
-    cmd = [sys.executable, __file__, "--device", args.device, "--repeats", str(repeats), "--vocab", str(args.vocab),
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--device", args.device, "--repeats", str(repeats), "--vocab", str(args.vocab),
            "--threads", str(args.threads), "--worker", model, str(layers), str(tokens), method]
     # The pinned mmap threshold makes peak RSS measure the computation, but it also makes every large
     # allocation a fresh mmap whose pages fault in (tens of ms per 17 MB here): timing runs without it.
@@ -245,7 +247,7 @@ def run_case(args, model, layers, tokens, method) -> dict:
     env = {**os.environ, **({} if timing_only else MALLOC_ENV), "OMP_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     case["wall_s"] = time.perf_counter() - t0
     case["load_average_after"] = os.getloadavg()
     if proc.returncode != 0:
@@ -279,8 +281,8 @@ def largest_adapted_matrix_bytes(model: str) -> int:
     return spec["hidden_size"] * spec["intermediate_size"] * 4  # fp32, gate/up/down
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    ap = cli.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", nargs="+", default=None, help="MODEL:LAYERS, e.g. qwen2_0.5b:2 llama3_8b:1")
     ap.add_argument("--tokens", nargs="+", type=int, default=None, help="tokens per step (multiples of 256)")
@@ -293,7 +295,7 @@ def main():
     ap.add_argument("--no-interleave", action="store_true", help="step times from the per-case processes only")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", nargs=4, metavar=("MODEL", "LAYERS", "TOKENS", "METHOD"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:
         args.case_model, layers, tokens, args.case_method = args.worker
@@ -308,7 +310,7 @@ def main():
 
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch sees no GPU; run on a GPU machine or drop --device cuda")
+        raise ConfigError("--device cuda but torch sees no GPU; run on a GPU machine or drop --device cuda")
     if args.quick:
         models, tokens, methods = ["qwen2_0.5b:2"], [512], list(QUICK_METHODS)
         args.repeats = min(args.repeats, 2)
@@ -319,12 +321,12 @@ def main():
     models, tokens, methods = args.models or models, args.tokens or tokens, args.methods or methods
     for t in tokens:
         if t % SEQ:
-            sys.exit(f"error: --tokens {t} is not a multiple of the sequence length {SEQ}; use e.g. 512 or 2048")
+            raise ConfigError(f"--tokens {t} is not a multiple of the sequence length {SEQ}; use e.g. 512 or 2048")
     parsed = []
     for spec in models:
         name, _, layers = spec.partition(":")
         if name not in MODELS or not layers.isdigit():
-            sys.exit(f"error: --models {spec!r}: use MODEL:LAYERS with MODEL one of {', '.join(MODELS)}")
+            raise ConfigError(f"--models {spec!r}: use MODEL:LAYERS with MODEL one of {', '.join(MODELS)}")
         parsed.append((name, int(layers)))
 
     out = Path(args.out or Path(__file__).parent / "results" / f"train_step{'_cuda' if cuda else ''}.json")
@@ -380,4 +382,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -14,10 +14,11 @@ W&B runs offline unless WANDB_MODE says otherwise.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
+
+from lrlora import cli
 
 EXPERIMENTS = {"LoRA": "demo_bbc_lora", "LR-LoRA": "demo_bbc_lrlora"}
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -32,7 +33,7 @@ def compose(experiment: str, overrides: list[str]):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs/demo", help="runs, results, table and figure go here")
     ap.add_argument("--fresh", action="store_true", help="retrain finished demo runs (trainer.force=true)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to both runs")
@@ -64,14 +65,14 @@ def main(argv=None) -> dict:
              f"{r0['metrics']['train']['steps']} steps; wall time {wall:.0f} s for both runs "
              f"({r0['torch_threads']} torch threads; 1-min load average {load0:.1f} at start, "
              f"{os.getloadavg()[0]:.1f} at end, on {os.cpu_count()} cores)")
-    from lrlora._atomic import atomic_json, atomic_write
+    from lrlora._atomic import dumps_strict, write_owned
 
-    atomic_write(out / "table.md", f"{text}\n\n{scale}\n")
-    atomic_json(out / "demo_summary.json", {"wall_s": wall, "table": text})
+    write_owned(out / "table.md", f"{text}\n\n{scale}\n")  # never over a file of the same name we did not write
+    write_owned(out / "demo_summary.json", dumps_strict({"wall_s": wall, "table": text}, indent=2) + "\n")
     print("\n" + text + "\n\n" + scale)
     print(f"figure: {fig}\ntable: {out / 'table.md'}\nresults files: {out / 'results'}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -19,9 +19,11 @@ reports "done" when finished (exit 0), or starts over with `trainer.force=true`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrlora._atomic import atomic_json
+from lrlora._atomic import atomic_json, exclusive_lock
 from lrlora.errors import ConfigError, UserError
 
 RUN_META = "run.json"
@@ -39,6 +41,9 @@ NON_RESULT = ("logger", "paths", "run_name", "tags", "hydra", "trainer.progress"
               "trainer.log_every", "trainer.save_every", "trainer.resume", "trainer.force")
 # What a run of ours writes into its folder: the only entries a forced restart removes.
 OWN_ENTRIES = ("checkpoint", "metrics.jsonl", "transfer_functions.png", RUN_META)
+# Everything a run, its protocols and its re-scoring write into its folder: what `make clean` removes there.
+RUN_ENTRIES = (*OWN_ENTRIES, "adapter", "sigma_snapshots.json", "predictions", "lm_eval_tasks",
+               "mt_bench_answers.jsonl", "mt_bench_judgments.jsonl", "wandb")
 
 
 class DataError(UserError, ValueError):
@@ -103,6 +108,9 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, f"{t}.precision", ("auto", "no", "fp16", "bf16"))
     for k in ("resume", "force", "compute_ranks", "progress"):
         _choice(cfg, f"{t}.{k}", (True, False))
+    threads = OmegaConf.select(cfg, f"{t}.num_threads")
+    if threads not in ("auto", None):
+        _int(cfg, f"{t}.num_threads", hint=" or auto (the free cores) or null (torch's default)")
     r = "regime.train"
     _int(cfg, f"{r}.batch_size")
     _int(cfg, f"{r}.epochs")
@@ -114,8 +122,9 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, f"{r}.eval_every", optional=True)
     _choice(cfg, f"{r}.schedule", ("linear", "cosine"))
     _choice(cfg, f"{r}.metric_mode", ("max", "min"))
-    for k in ("n_train", "n_val", "n_test"):
+    for k in ("n_train", "n_val", "n_test", "max_length"):
         _int(cfg, f"regime.{k}", optional=True)
+    check_known_keys(cfg)
     metrics = TASK_METRICS.get(cfg.regime.task)
     if metrics and cfg.regime.get("pairs"):  # (question, option) pairs: also the per-question accuracy
         metrics = (*metrics, "choice_accuracy")
@@ -133,6 +142,83 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"adapter: {e}") from None
 
 
+# --- settings nothing reads -----------------------------------------------------------------------------------
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_KNOWN: dict = {}
+
+
+def _keys(node, prefix: str, out: set, depth: int) -> set:
+    for k, v in (node or {}).items():
+        if k in ("defaults", "hydra"):
+            continue
+        key = f"{prefix}{k}"
+        out.add(key)
+        if isinstance(v, dict) and v and depth > 1:
+            _keys(v, key + ".", out, depth - 1)
+    return out
+
+
+def known_keys() -> set[str]:
+    """Every setting the conf/ files define (the root config, the experiment and sweep files, each group's files
+    under its group): a setting outside these is read by nothing. The adapter group is left to the method,
+    which refuses a keyword it does not take; a protocol's settings to conf/protocol/<name>.yaml."""
+    if not _KNOWN:
+        import yaml
+
+        known: set = {d.name for d in CONF_DIR.iterdir() if d.is_dir()}  # the groups themselves
+        for f in [CONF_DIR / "train.yaml", *(CONF_DIR / "experiment").glob("*.yaml"),
+                  *(CONF_DIR / "sweep").glob("*.yaml")]:
+            _keys(yaml.safe_load(f.read_text()), "", known, 4)
+        for group in ("backbone", "regime", "logger"):
+            for f in (CONF_DIR / group).glob("*.yaml"):
+                _keys(yaml.safe_load(f.read_text()), f"{group}.", known, 3)
+        _KNOWN["keys"] = known
+    return _KNOWN["keys"]
+
+
+def check_known_keys(cfg) -> None:
+    """ConfigError for a setting nothing reads (`+trainer.max_step=3` beside trainer.max_steps): it would be
+    accepted and silently ignored. Checked: the root, trainer, paths and eval settings, and the backbone,
+    regime (and regime.train / regime.generation) and logger groups; eval.settings.<protocol> against its YAML."""
+    import difflib
+
+    from experiments.protocols import check_protocol_settings
+
+    known = known_keys()
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    found = set()
+    for top, v in tree.items():
+        if top in ("hydra", "adapter"):
+            continue
+        found.add(top)
+        if isinstance(v, dict) and top in ("trainer", "paths", "eval", "backbone", "regime", "logger"):
+            for k, w in v.items():
+                found.add(f"{top}.{k}")
+                if top == "regime" and k in ("train", "generation") and isinstance(w, dict):
+                    found.update(f"regime.{k}.{x}" for x in w)
+    for key in sorted(found - known):
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        raise ConfigError(f"{key} is not a setting of this harness{f' (did you mean {near[0]}?)' if near else ''}: "
+                          f"nothing reads it, so it is refused rather than ignored; see conf/ for the settings")
+    for name, settings in ((tree.get("eval") or {}).get("settings") or {}).items():
+        check_protocol_settings(name, settings, where=f"eval.settings.{name}")
+
+
+def check_keys_of(cfg, yaml_file: Path, skip=()) -> None:
+    """ConfigError for a setting of a command's config (experiments.evaluate, experiments.para) that its YAML does
+    not define (added with +key=...): nothing would read it."""
+    import yaml
+
+    reference = yaml.safe_load(Path(yaml_file).read_text()) or {}
+    known = _keys(reference, "", set(), 2)
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    found = {k for k in tree if k not in ("hydra", *skip)}
+    found |= {f"{k}.{x}" for k, v in tree.items() if k not in ("hydra", *skip) and isinstance(v, dict) for x in v}
+    for key in sorted(found - known):
+        raise ConfigError(f"{key} is not a setting of this command: nothing reads it, so it is refused rather than "
+                          f"ignored; the settings are in {Path(yaml_file).relative_to(CONF_DIR.parent)}")
+
+
 # The validation metrics experiments.protocols.forward.evaluate gives per task (f1: binary classification only;
 # choice_accuracy as well for the pair regimes, regime.pairs=true).
 TASK_METRICS = {"classification": ("accuracy", "matthews", "f1", "loss"), "regression": ("pearson", "spearman", "loss"),
@@ -140,6 +226,7 @@ TASK_METRICS = {"classification": ("accuracy", "matthews", "f1", "loss"), "regre
 
 
 # --- data --------------------------------------------------------------------------------------------------
+SCORED_AGAINST = ("answer", "target")  # an empty one is an error, not an example quietly skipped
 REQUIRED = {"classification": ("text", "label"), "regression": ("text", "label"),
             "causal_lm": ("prompt", "target"), "image_classification": ("image", "label")}
 
@@ -161,6 +248,10 @@ def check_splits(regime, data) -> None:
                 if not isinstance(ex, dict) or ex.get(f) is None:
                     raise DataError(f"{split} example {i} of regime {regime.name} lacks field {f!r}, which the "
                                     f"{regime.task} task needs; fix the data (or its regime's loader settings)")
+                if f in SCORED_AGAINST and not str(ex[f]).strip():  # never left out of the score in silence
+                    raise DataError(f"{split} example {i} of regime {regime.name} has an empty {f!r}, which the "
+                                    f"{regime.task} task scores against; fix the data (give it one, or remove "
+                                    f"the example)")
 
 
 def _hash_value(h, v) -> None:
@@ -284,6 +375,44 @@ def clear_own_outputs(out_dir: Path) -> None:
             p.unlink()
         for left in list(Path(out_dir).glob(f".{name}.new.*")) + list(Path(out_dir).glob(f".{name}.old.*")):
             shutil.rmtree(left, ignore_errors=True)  # an interrupted save's folder (lrlora._atomic's names)
+
+
+@contextlib.contextmanager
+def run_lock(cfg: DictConfig):
+    """One process at a time per run folder: a second launch of the same run is refused (the lock lives in the
+    temp folder, so a refused launch writes nothing; the other processes of a multi-GPU run take none)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with exclusive_lock(Path(cfg.paths.output_dir), wait=False,
+                        busy=f"run {cfg.run_name} is already running in another process ({{pid}}); wait for it to "
+                             f"finish (then this command resumes it or reports it done), or give this one its own "
+                             f"run_name="):
+        yield
+
+
+RUN_LEFTOVERS = (RUN_META, "metrics.jsonl", "transfer_functions.png", "sigma_snapshots.json")
+
+
+@contextlib.contextmanager
+def no_leftovers(out_dir: Path):
+    """A run that fails (a refused setting, a NaN, a crash) before its first checkpoint leaves no run folder: what
+    it wrote there is removed, and the folders it created, once empty. A folder that existed before is never
+    touched, nor one holding a checkpoint (the next run resumes from it)."""
+    out_dir = Path(out_dir)
+    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        if created and out_dir.is_dir() and not (out_dir / "checkpoint").exists():
+            for name in RUN_LEFTOVERS:
+                (out_dir / name).unlink(missing_ok=True)
+        for folder in created:  # the deepest first; rmdir removes only an empty folder
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def write_run_meta(out_dir: Path, config: dict, data_hash: str, fingerprint: str, git: dict,

@@ -130,6 +130,12 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
     run writes anything; CheckpointError names it."""
     from safetensors.torch import load_file
 
+    from lrlora._atomic import verify_checksums
+
+    for name in verify_checksums(ckpt_dir):  # a payload corrupted under an intact header would otherwise load
+        raise CheckpointError(f"checkpoint file {Path(ckpt_dir) / name} is truncated or corrupt (its sha256 differs "
+                              f"from the one recorded when it was saved); pass trainer.force=true to retrain this "
+                              f"configuration from the start")
     for f in sorted(Path(ckpt_dir).iterdir()):
         try:
             if f.suffix == ".safetensors":
@@ -291,7 +297,12 @@ def train(handle, data, collate, cfg, accelerator, tracker, out_dir: Path, resum
 
             last = state.step >= total_steps
             if state.step % eval_every == 0 or last:
-                m = evaluate(model, val, collate, cfg.regime.task, micro_bs * 2, device, accelerator.autocast)
+                try:
+                    m = evaluate(model, val, collate, cfg.regime.task, micro_bs * 2, device, accelerator.autocast)
+                except NonFiniteError:  # a NaN validation loss is a diverged run, like a NaN training loss
+                    raise NonFiniteError(f"validation loss is not finite at step {state.step} of {cfg.run_name}: the "
+                                         f"model diverged and nothing was recorded; try a lower regime.train.lr, "
+                                         f"gradient clipping (regime.train.grad_clip) or trainer.precision=no") from None
                 m = {"val_loss" if k == "loss" else f"val_{k}": v for k, v in m.items()}
                 key = tc.metric if tc.metric in m else f"val_{tc.metric}"
                 if key not in m:

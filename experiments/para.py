@@ -1,7 +1,16 @@
-"""PARA through the harness: compress a finished LoRA run's adapter and score it as a run of its own.
+"""PARA, the one command: compress a finished LoRA run's adapter and score it as a run of its own, or compress
+any adapter folder into a plain PEFT LoRA.
 
     python -m experiments.para run=outputs/runs/RUN para.keep_energy=0.9      # keep 90% of Σσ² (all modules)
     python -m experiments.para run=RUN para.reduction=0.75 paths.root=results/reproduction   # 75% fewer params
+    python -m experiments.para adapter_dir=outputs/runs/RUN/adapter out=para90 para.keep_energy=0.9   # a folder only
+    python -m experiments.para adapter_dir=DIR out=lora95 para.keep_energy=0.95 base_model=PATH num_labels=5
+                                                           # a non-LoRA adapter (LR-LoRA, ...): ΔW formed on its base
+
+With `adapter_dir=DIR out=DIR` (baselines.para does the work) nothing is scored: the compressed PEFT LoRA adapter is
+written to `out` and its per-module ranks printed; an adapter other than a plain LoRA needs `base_model=` (and
+`num_labels=` for a classifier). `out` is never the input, inside it or around it, nor a folder this code did not
+write.
 
 The run's saved adapter (`adapter_dir` of its results file) goes through baselines.para (one global threshold on
 the singular values of every ΔW = BA, per-module ranks); the compressed PEFT LoRA adapter is written to a new run
@@ -17,22 +26,40 @@ overwritten. Bad input is one `error: ...` line and exit status 2.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from baselines.core import read_meta
-from baselines.para import check_out, check_threshold, compress_peft_lora
-from experiments.evaluate import eval_batch_size, provenance, read_run, score_adapter, source_adapter
-from experiments.protocols import protocol_config, protocol_names
-from experiments.results import git_info, package_versions, peak_memory, write_results
+from baselines.para import (
+    ParaResult,
+    check_out,
+    check_threshold,
+    compress_handle,
+    compress_peft_lora,
+    format_ranks,
+    load_base,
+)
+from experiments.evaluate import (
+    check_settings,
+    checked_data,
+    data_fingerprint_of,
+    eval_batch_size,
+    provenance,
+    read_run,
+    score_adapter,
+    source_adapter,
+)
+from experiments.guard import check_keys_of, result_config
+from experiments.protocols import check_fits, protocol_config, protocol_names
+from experiments.results import git_info, package_versions, peak_memory, recorded_path, write_results
+from lrlora import cli
 from lrlora._atomic import file_sha256
-from lrlora.errors import AdapterError, UnsafeWrite, UserError
+from lrlora.errors import AdapterError, AdapterNotFound, ConfigError, UnsafeWrite
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 NAMES = ("para.keep_energy", "para.reduction")  # how the thresholds are spelt on this command line
 
 
@@ -66,8 +93,8 @@ def check_lora(adapter: Path, run_name: str) -> None:
         raise AdapterError(f"{peft_cfg} is corrupt ({e}); the run's adapter cannot be read") from None
     if meta["name"] != "lora" or cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias"):
         raise AdapterError(f"run {run_name!r} trained a {meta['name']!r} adapter: PARA through the harness takes a "
-                           f"plain LoRA run; for others use python -m baselines.para --adapter {adapter} "
-                           f"--base-model PATH (through the dense ΔW)")
+                           f"plain LoRA run; for others use python -m experiments.para adapter_dir={adapter} "
+                           f"out=DIR base_model=PATH (through the dense ΔW)")
 
 
 def run_para(run: str, keep_energy: float | None = None, reduction: float | None = None,
@@ -76,12 +103,19 @@ def run_para(run: str, keep_energy: float | None = None, reduction: float | None
     """Compress, reload, score and write one PARA run (module docstring); returns its results dict."""
     t0 = time.perf_counter()
     check_threshold(keep_energy, reduction, NAMES)  # every check before anything is read or written
+    check_settings(batch_size, device)
     path, src = read_run(run, results_dir)
+    root = path.resolve().parent.parent  # the root the user chose: everything below is read and written there
     adapter = source_adapter(src, path)
     check_lora(adapter, src["run_name"])
+    protocols = source_protocols(src)
+    for p in protocols:
+        check_fits(p, OmegaConf.create(src["config"]).regime, src["run_name"])
+    fingerprint = data_fingerprint_of(path, src)
+    data = checked_data(OmegaConf.create(src["config"]), src["run_name"], fingerprint)  # before anything is written
     name = para_run_name(src["run_name"], keep_energy, reduction)
     out_path = path.parent / f"{name}.json"
-    run_dir = adapter.parent.parent / name  # next to the source run folder (runs/{run}/adapter)
+    run_dir = root / "runs" / name  # next to the source run folder (runs/{run}/adapter)
     para_adapter = run_dir / "adapter"
     # The source config, pointed at the new run (so that experiments.evaluate on it writes into its own folder),
     # plus what PARA did: the results file's config is enough to recompute it.
@@ -89,7 +123,8 @@ def run_para(run: str, keep_energy: float | None = None, reduction: float | None
     config["run_name"] = name
     config.setdefault("paths", {})["output_dir"] = str(run_dir)
     config["para"] = {"keep_energy": keep_energy, "reduction": reduction, "source_run": src["run_name"]}
-    source = {"run_name": src["run_name"], "results_file": str(path), "adapter_dir": str(adapter),
+    source = {"run_name": src["run_name"], "results_file": recorded_path(path, root),
+              "adapter_dir": recorded_path(adapter, root),
               "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors"),
               "params_trainable": (src.get("params") or {}).get("trainable"), "git": src.get("git")}
     if out_path.exists():
@@ -97,7 +132,8 @@ def run_para(run: str, keep_energy: float | None = None, reduction: float | None
             old = json.loads(out_path.read_text())
         except (OSError, ValueError):
             old = {}
-        if old.get("config") == config and (old.get("source") or {}).get("adapter_sha256") == source["adapter_sha256"]:
+        same = result_config(old.get("config") or {}) == result_config(config)  # the paths aside: a copy is the same
+        if same and (old.get("source") or {}).get("adapter_sha256") == source["adapter_sha256"]:
             print(f"[{name}] already done: {out_path} exists (PARA of {src['run_name']} at this setting); "
                   f"nothing to do")
             return old
@@ -110,9 +146,8 @@ def run_para(run: str, keep_energy: float | None = None, reduction: float | None
     result = compress_peft_lora(adapter, para_adapter, keep_energy, reduction)
     para_s = time.perf_counter() - t
     t = time.perf_counter()
-    protocols = source_protocols(src)
     metrics, loaded = score_adapter(para_adapter, OmegaConf.create(src["config"]), protocols, run_dir, name,
-                                    eval_batch_size(src, batch_size), device)
+                                    eval_batch_size(src, batch_size), device, data=data)
     eval_s = time.perf_counter() - t
     if loaded["trainable"] != result.params_after:  # the reloaded model must hold what PARA wrote, no more
         raise RuntimeError(f"{para_adapter} reloads with {loaded['trainable']:,} LoRA parameters, PARA wrote "
@@ -130,7 +165,8 @@ def run_para(run: str, keep_energy: float | None = None, reduction: float | None
         # as experiments.train counts them: adapter parameters (here the compressed LoRA's), the head apart
         "params": {"trainable": loaded["trainable"], "total": total,
                    "trainable_percent": 100 * loaded["trainable"] / total, "head": loaded["head"]},
-        "adapter_dir": str(para_adapter),
+        "adapter_dir": recorded_path(para_adapter, root),
+        "data_fingerprint": fingerprint,
         "source": source,
         "timing": {"wall_s": time.perf_counter() - t0, "para_s": para_s, "eval_s": eval_s},
         "memory": peak_memory(), "device": loaded["device"], "torch_threads": torch.get_num_threads(),
@@ -145,17 +181,64 @@ def run_para(run: str, keep_energy: float | None = None, reduction: float | None
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="para")
+def para_folder(adapter: str | Path, out: str | Path, keep_energy: float | None = None,
+                reduction: float | None = None, base_model: str | None = None, num_labels: int | None = None,
+                max_rank: int | None = None) -> ParaResult:
+    """PARA on an adapter folder -> a plain PEFT LoRA adapter in `out` (nothing scored). Every check (threshold,
+    input, output) comes before any loading or computing."""
+    adapter = Path(adapter)
+    check_threshold(keep_energy, reduction, NAMES)
+    if not adapter.is_dir():
+        raise AdapterNotFound(f"adapter_dir={adapter} does not exist: pass an adapter folder (outputs/runs/RUN/adapter)")
+    check_out(adapter, out, names=("adapter_dir", "out"))
+    cfg_file = adapter / "adapter_config.json"
+    try:
+        peft_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    except ValueError as e:
+        raise AdapterError(f"{cfg_file} is corrupt ({e}); re-save the adapter") from None
+    if peft_cfg.get("peft_type") == "LORA" and not peft_cfg.get("use_dora"):
+        result = compress_peft_lora(adapter, out, keep_energy, reduction)
+    else:
+        meta = read_meta(adapter)
+        if not base_model:
+            raise ConfigError(f"{adapter} holds a {meta['name']!r} adapter, not a plain LoRA: pass base_model=PATH "
+                              f"(and num_labels=N for a classifier) so its ΔW can be formed")
+        from baselines import load_adapted
+
+        handle = load_adapted(load_base(base_model, num_labels), adapter)
+        result = compress_handle(handle, out, keep_energy, reduction, max_rank)
+    print(format_ranks(result))
+    print(f"wrote {out}")
+    return result
+
+
 def main(cfg: DictConfig) -> None:
+    """The Hydra task (lrlora.cli.run_hydra reports its errors: one `error:` line and exit 2 for the user's)."""
+    check_keys_of(cfg, CONF_DIR / "para.yaml")
+    check_threshold(cfg.para.keep_energy, cfg.para.reduction, NAMES)
+    check_settings(cfg.batch_size, cfg.device, cfg.num_threads)
+    for key in ("num_labels", "max_rank"):
+        if cfg[key] is not None and (isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer or null")
+    if (cfg.run is None) == (cfg.adapter_dir is None):
+        raise ConfigError("pass run=RUN (a finished LoRA run, compressed and scored as a run of its own) or "
+                          "adapter_dir=DIR out=DIR (an adapter folder, compressed only): exactly one of the two")
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
-    try:
-        run_para(str(cfg.run), cfg.para.keep_energy, cfg.para.reduction, cfg.paths.results_dir, cfg.batch_size,
-                 cfg.device)
-    except UserError as e:  # the user's to fix: one line, no stack trace
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if cfg.adapter_dir is not None:
+        if cfg.out is None:
+            raise ConfigError("adapter_dir=DIR needs out=DIR: the folder the compressed PEFT LoRA adapter is written "
+                              "to")
+        para_folder(str(cfg.adapter_dir), str(cfg.out), cfg.para.keep_energy, cfg.para.reduction, cfg.base_model,
+                    cfg.num_labels, cfg.max_rank)
+        return
+    for key in ("out", "base_model", "num_labels", "max_rank"):
+        if cfg[key] is not None:
+            raise ConfigError(f"{key}= goes with adapter_dir=DIR; with run=RUN the compressed run goes to "
+                              f"runs/RUN__para-.../ under the run's root")
+    run_para(str(cfg.run), cfg.para.keep_energy, cfg.para.reduction, cfg.paths.results_dir, cfg.batch_size,
+             cfg.device)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_hydra(main, CONF_DIR, "para")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from lrlora._atomic import atomic_json
+from lrlora.errors import UserError
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "hydra-core", "omegaconf", "wandb", "datasets",
             "numpy", "lrlora")
@@ -86,6 +87,32 @@ def peak_memory() -> dict:
     if torch.cuda.is_available():
         out["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
+
+
+class PathOutsideRoot(UserError, ValueError):
+    """A path a results file records that does not lie under the root the user chose."""
+
+
+def recorded_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """How a results file records a path: relative to its root (`runs/NAME/adapter`), so that a copied outputs
+    folder is whole by itself and never points back into the original."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(root).resolve())).as_posix()
+
+
+def path_under_root(results_file: str | os.PathLike, recorded: str, expected: str | None = None) -> Path:
+    """A path recorded in `results_file`, placed under that file's root (`<root>/results/NAME.json` -> `<root>`):
+    the root the user chose, never the one the file was written under. Older files record the path as it was
+    spelt then (`outputs/runs/NAME/adapter`, absolute or not): its tail from `runs/` or `results/` is kept.
+    `expected` (e.g. `runs/NAME/adapter`) must then be what it names. PathOutsideRoot otherwise."""
+    root = Path(results_file).resolve().parent.parent
+    parts = Path(str(recorded)).parts
+    anchor = max((i for i, part in enumerate(parts[:-1]) if part in ("runs", "results")), default=None)
+    tail = Path(*parts[anchor:]) if anchor is not None else None
+    if tail is None or ".." in tail.parts or (expected is not None and tail.as_posix() != expected):
+        raise PathOutsideRoot(f"{results_file} records {recorded!r}, which is not "
+                              f"{expected or 'a path under its root (runs/... or results/...)'}; nothing was read "
+                              f"or written: restore the results file, or re-run that run")
+    return root / tail
 
 
 def write_results(results: dict, results_dir: str | os.PathLike) -> Path:

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,11 +29,20 @@ from experiments.backbones import build_backbone
 from experiments.data import load_splits, make_collate
 from experiments.evaluate import provenance
 from experiments.loop import train, truncate_metrics
-from experiments.protocols import EvalContext, protocol_config, protocol_names, run_protocol
-from experiments.results import git_info, package_versions, peak_memory, rank_stats, write_results
+from experiments.protocols import EvalContext, check_fits, protocol_config, protocol_names, run_protocol
+from experiments.results import (
+    git_info,
+    package_versions,
+    peak_memory,
+    rank_stats,
+    recorded_path,
+    write_results,
+)
 from experiments.tracking import SigmaSnapshots, Tracker, plot_transfer_functions
+from lrlora import cli
 from lrlora.errors import UserError
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HARNESS_KEYS = ("name", "lr")  # adapter-YAML fields the harness reads; everything else goes to apply_adapter
 
 
@@ -84,15 +92,23 @@ def num_threads(setting) -> int:
 
 
 def run(cfg: DictConfig) -> dict:
-    """One run, start to finish (or resumed); returns the results dict that was written."""
+    """One run, start to finish (or resumed); returns the results dict that was written. One process at a time
+    per run folder (a second launch is refused); a run that fails before its first checkpoint leaves no folder."""
+    with guard.run_lock(cfg), guard.no_leftovers(Path(cfg.paths.output_dir)):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict:
     t_start = time.perf_counter()
-    torch.set_num_threads(num_threads(cfg.trainer.num_threads))
     out_dir = Path(cfg.paths.output_dir)
 
     # Checks before anything slow or anything on disk: config, data, then whether this run folder is ours.
     guard.validate_config(cfg)
+    torch.set_num_threads(num_threads(cfg.trainer.num_threads))
     settings = (cfg.get("eval") or {}).get("settings") or {}  # an unknown protocol fails now, not after training
     eval_cfgs = {name: protocol_config(name, settings.get(name)) for name in protocol_names(cfg)}
+    for name in eval_cfgs:  # a protocol that cannot score this kind of run: now, not after training
+        check_fits(name, cfg.regime, cfg.run_name)
     regime = cfg.regime
     data = load_splits(regime, cfg.paths.data_dir)  # a missing dataset fails before minutes of backbone loading
     guard.check_splits(regime, data)
@@ -191,7 +207,8 @@ def run(cfg: DictConfig) -> dict:
         "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total,
                    "head": head},
         "stable_ranks": ranks,
-        "adapter_dir": str(adapter_dir),
+        "adapter_dir": recorded_path(adapter_dir, cfg.paths.root),  # relative to the root: a copy stands alone
+        "data_fingerprint": data_hash,  # experiments.evaluate scores only the data the run was trained on
         "adapter_extra": adapter_extra,
         "timing": {"wall_s": wall, "train_s": loop["train_time"],
                    "tokens_per_s": loop["tokens"] / loop["train_time"] if loop["train_time"] else None,
@@ -217,23 +234,10 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-def _remove_if_empty(folder: Path) -> None:
-    """Hydra creates the run folder before run() starts; a run refused at its checks leaves none behind."""
-    try:
-        folder.rmdir()  # only ever succeeds on an empty folder
-    except OSError:
-        pass
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        results = run(cfg)
-    except UserError as e:  # the user's to fix: one line, no stack trace
-        _remove_if_empty(Path(cfg.paths.output_dir))
-        sys.exit(f"error: {e}")
-    return results["metrics"]["train"]["best_val"]  # for Hydra sweepers
+    """The Hydra task (lrlora.cli.run_hydra reports its errors: one `error:` line and exit 2 for the user's)."""
+    return run(cfg)["metrics"]["train"]["best_val"]  # for Hydra sweepers
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_hydra(main, CONF_DIR, "train")

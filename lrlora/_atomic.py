@@ -5,11 +5,17 @@
     with atomic_file(path) as tmp: torch.save(x, tmp) # any writer that wants a path
     with atomic_directory(folder) as tmp: ...         # a folder: built aside, then swapped in
 
+    write_owned(folder / "table1.md", text)           # a file among others: never over one we did not write
+    with exclusive_lock(path, wait=False): ...        # one process at a time per path (lock file removed after)
+
 Temporary names come from `tempfile` (unique per call), so two writers never collide on a temp file.
 `atomic_directory` never deletes what it did not write: an existing non-empty folder must carry this
 helper's manifest (or pass `is_ours`), or it is refused; files in it that the new version does not
-contain and that no earlier save of ours wrote (a user's notes, say) are carried over untouched.
-Stdlib only: `lrlora` stays importable with torch alone.
+contain and that no earlier save of ours wrote (a user's notes, say) are carried over untouched. The
+manifest also records the sha256 of every weight file the save wrote (`verify_checksums` compares on load:
+a payload corrupted under an intact header is caught). `write_owned` keeps a ledger of the files it wrote
+into a shared folder (`.lrlora-files`, name -> sha256): it replaces only those, unchanged since, and a clean
+removes only those. Stdlib only: `lrlora` stays importable with torch alone.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from pathlib import Path
 
 from lrlora.errors import NonFiniteError, UnsafeWrite
 
-MANIFEST = ".lrlora-manifest.json"  # names of the entries a save wrote into a folder
+MANIFEST = ".lrlora-manifest.json"  # names of the entries a save wrote into a folder (and its weights' sha256)
+LEDGER = ".lrlora-files"  # name -> sha256 of the files write_owned put into a shared folder
+CHECKED = (".safetensors", ".bin", ".pkl", ".pt")  # payloads whose sha256 the manifest keeps and loads check
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -185,7 +193,9 @@ def atomic_directory(directory: str | os.PathLike, is_ours: Callable[[Path], boo
                     shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
                 else:
                     _link_or_copy(entry, tmp / entry.name)
-        (tmp / MANIFEST).write_text(json.dumps({"files": written, "writer": what}))
+        sums = {str(f.relative_to(tmp)): file_sha256(f) for f in sorted(tmp.rglob("*"))
+                if f.is_file() and f.suffix in CHECKED and f.parts[len(tmp.parts)] in written}
+        (tmp / MANIFEST).write_text(json.dumps({"files": written, "writer": what, "sha256": sums}))
         _fsync_dir(tmp)
         if directory.exists():
             old = _hidden_temp(directory, "old")
@@ -206,3 +216,144 @@ def _link_or_copy(src, dst):
     except OSError:
         shutil.copy2(src, dst)
     return dst
+
+
+def verify_checksums(directory: str | os.PathLike) -> list[str]:
+    """The weight files of `directory` whose bytes differ from the sha256 its manifest recorded when they were
+    written ([] when all match, or for a folder written before checksums were kept)."""
+    meta = _manifest(Path(directory)) or {}
+    sums = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
+    bad = []
+    for name, digest in sorted(sums.items()):
+        f = Path(directory) / name
+        try:
+            if file_sha256(f) != digest:
+                bad.append(name)
+        except OSError:
+            bad.append(name)
+    return bad
+
+
+# --- files among others: the ledger -----------------------------------------------------------------------------
+def _read_ledger(folder: Path) -> dict:
+    try:
+        d = json.loads((folder / LEDGER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def owned_files(folder: str | os.PathLike) -> list[Path]:
+    """The files write_owned wrote into `folder` that are still exactly as it wrote them."""
+    folder = Path(folder)
+    out = []
+    for name, digest in sorted(_read_ledger(folder).items()):
+        f = folder / name
+        try:
+            if f.is_file() and file_sha256(f) == digest:
+                out.append(f)
+        except OSError:
+            continue
+    return out
+
+
+def check_owned(path: str | os.PathLike) -> None:
+    """Raise UnsafeWrite if `path` exists and is not a file write_owned wrote (unchanged since)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    digest = _read_ledger(path.parent).get(path.name)
+    if not path.is_file() or digest is None or file_sha256(path) != digest:
+        why = "was changed since this code wrote it" if digest else "was not written by this code"
+        raise UnsafeWrite(f"{path} exists and {why}; nothing was written: move it away or choose another "
+                          f"output folder")
+
+
+def write_owned(path: str | os.PathLike, data: str | bytes) -> Path:
+    """atomic_write, refusing to replace a file this code did not write, and recording what it wrote."""
+    path = Path(path)
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(path.parent / LEDGER):
+            check_owned(path)
+            atomic_write(path, data)
+            ledger = _read_ledger(path.parent)
+            ledger[path.name] = file_sha256(path)
+            atomic_write(path.parent / LEDGER, json.dumps(ledger, indent=1, sort_keys=True))
+    except BaseException:
+        for folder in created:  # a refused or failed write leaves no empty folder behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    return path
+
+
+def remove_owned(folder: str | os.PathLike) -> list[Path]:
+    """Delete the files write_owned wrote into `folder` (unchanged since), then its ledger if nothing else is
+    in it, then the folder if empty; returns what was removed. A file changed since stays."""
+    folder = Path(folder)
+    removed = []
+    for f in owned_files(folder):
+        f.unlink()
+        removed.append(f)
+    ledger = {k: v for k, v in _read_ledger(folder).items() if (folder / k).exists()}
+    if ledger:
+        atomic_write(folder / LEDGER, json.dumps(ledger, indent=1, sort_keys=True))
+    elif (folder / LEDGER).exists():
+        (folder / LEDGER).unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+    return removed
+
+
+# --- one process at a time ----------------------------------------------------------------------------------------
+class Busy(UnsafeWrite):
+    """Another process holds the lock on this path."""
+
+
+def lock_file(path: str | os.PathLike) -> Path:
+    """Where the lock on `path` lives: in the temp folder, named by the path's hash, so that taking it writes
+    nothing beside the path (a refused run leaves nothing behind)."""
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"lrlora-{key}.lock"
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, wait: bool = True, busy: str = "") -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (fcntl; released by the kernel if the process dies). With
+    wait=False, a lock held elsewhere raises Busy(`busy`, its `{pid}` replaced by the holder's). The lock file is removed on
+    release; a process that opened it meanwhile finds it replaced and takes a fresh one."""
+    import fcntl
+
+    lock = lock_file(path)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            busy = busy or f"{path} is in use by another process ({{pid}})"
+            raise Busy(busy.replace("{pid}", f"process {holder or '?'}")) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed this file after we opened it: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        try:
+            lock.unlink()
+        except OSError:
+            pass
+        os.close(fd)

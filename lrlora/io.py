@@ -26,6 +26,7 @@ from lrlora._atomic import (  # noqa: F401 (re-exported)
     atomic_json,
     atomic_write,
     recover_interrupted_swap,
+    verify_checksums,
 )
 from lrlora.config import LRLoRAConfig
 from lrlora.errors import AdapterError, AdapterNotFound
@@ -107,6 +108,9 @@ INIT_ONLY = ("init_B", "amplitude_init", "amplitude_init_std", "bandwidth_init")
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     if not (directory / WEIGHTS).is_file():
         raise AdapterNotFound(f"{directory / WEIGHTS} not found: the adapter folder is incomplete; re-save it")
+    if verify_checksums(directory):  # a payload corrupted under an intact header would otherwise load
+        raise AdapterError(f"{directory / WEIGHTS} is unreadable or corrupt (its sha256 differs from the one "
+                           f"recorded when it was saved); restore the adapter folder from a copy or re-save it")
     try:
         return load_file(directory / WEIGHTS)
     except (SafetensorError, OSError, RuntimeError) as e:

@@ -56,7 +56,9 @@ from peft.utils.peft_types import PeftType
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lrlora._atomic import verify_checksums
 from lrlora.config import LRLoRAConfig
+from lrlora.errors import AdapterError, AdapterNotFound
 from lrlora.io import CONFIG as LIB_CONFIG
 from lrlora.io import FORMAT as LIB_FORMAT
 from lrlora.io import WEIGHTS as LIB_WEIGHTS
@@ -395,11 +397,19 @@ def _library_key(peft_key: str) -> str:
     return f"{owner}.{param}" if sep else key
 
 
+def _check_sums(src) -> None:
+    bad = verify_checksums(src)
+    if bad:
+        raise AdapterError(f"{Path(src) / bad[0]} is corrupt (its sha256 differs from the one recorded when it was "
+                           f"saved); restore the adapter folder from a copy or re-save it")
+
+
 def library_to_peft(src: str | os.PathLike, out: str | os.PathLike, **peft_kwargs) -> Path:
     """A library adapter folder (``lrlora.save_adapter``) -> a PEFT folder ``PeftModel.from_pretrained`` loads.
 
     ``peft_kwargs`` go to the PEFT config, e.g. ``base_model_name_or_path=...``, ``task_type="SEQ_CLS"``."""
     meta = read_adapter_config(src)
+    _check_sums(src)
     config = peft_config_from(LRLoRAConfig.from_dict(meta["config"]), **peft_kwargs)
     modules = list(meta["modules"])
     state = load_file(str(Path(src) / LIB_WEIGHTS))
@@ -414,10 +424,14 @@ def peft_to_library(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A PEFT folder of this method (``save_pretrained``) -> a library folder that ``lrlora.load_adapter`` loads."""
     src = Path(src)
     if not (src / PEFT_CONFIG).is_file() or not (src / PEFT_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{src} lacks {PEFT_CONFIG} or {PEFT_WEIGHTS}: is it a folder save_pretrained wrote?")
-    raw = json.loads((src / PEFT_CONFIG).read_text())
+        raise AdapterNotFound(f"{src} lacks {PEFT_CONFIG} or {PEFT_WEIGHTS}: is it a folder save_pretrained wrote?")
+    try:
+        raw = json.loads((src / PEFT_CONFIG).read_text())
+    except ValueError as e:
+        raise AdapterError(f"{src / PEFT_CONFIG} is corrupt ({e}); re-save the adapter") from None
     if raw.get("peft_type") != LRLORA.value:
-        raise ValueError(f"{src} holds a {raw.get('peft_type')!r} adapter, not an LR-LoRA one ({LRLORA.value!r})")
+        raise AdapterError(f"{src} holds a {raw.get('peft_type')!r} adapter, not an LR-LoRA one ({LRLORA.value!r})")
+    _check_sums(src)
     config = LRLoRAPeftConfig.from_pretrained(str(src)).to_lrlora()
     state = load_file(str(src / PEFT_WEIGHTS))
     library = {_library_key(k): v for k, v in state.items()}
@@ -433,11 +447,10 @@ def peft_to_library(src: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def main(argv=None) -> Path:
     """python -m lrlora.peft to-peft LIBRARY_DIR OUT [--task-type SEQ_CLS] | to-library PEFT_DIR OUT"""
-    import argparse
-    import sys
+    from lrlora import cli
 
-    ap = argparse.ArgumentParser(prog="python -m lrlora.peft", description="Convert LR-LoRA adapter folders "
-                                 "between the library's format (lrlora.save_adapter) and PEFT's, exactly.")
+    ap = cli.ArgumentParser(prog="python -m lrlora.peft", description="Convert LR-LoRA adapter folders "
+                            "between the library's format (lrlora.save_adapter) and PEFT's, exactly.")
     sub = ap.add_subparsers(dest="command", required=True)
     to_peft = sub.add_parser("to-peft", help="library folder -> PEFT folder")
     to_peft.add_argument("src")
@@ -448,20 +461,19 @@ def main(argv=None) -> Path:
     to_library.add_argument("src")
     to_library.add_argument("out")
     args = ap.parse_args(argv)
-    try:
-        if args.command == "to-peft":
-            out = library_to_peft(args.src, args.out, task_type=args.task_type,
-                                  base_model_name_or_path=args.base_model_name_or_path)
-        else:
-            out = peft_to_library(args.src, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    if args.command == "to-peft":  # the input's faults and a refused output are typed errors: one line each
+        out = library_to_peft(args.src, args.out, task_type=args.task_type,
+                              base_model_name_or_path=args.base_model_name_or_path)
+    else:
+        out = peft_to_library(args.src, args.out)
     print(f"wrote {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    from lrlora import cli
+
+    cli.run(main)
 
 
 __all__ = [

@@ -84,6 +84,10 @@ def find_targets(modules: nn.Module | Iterable[tuple[str, nn.Module]], target_mo
     indices = [layer_index(n) for n, _ in linear]
     known = [i for i in indices if i is not None]
     keep = resolve_layers(layers_to_transform, max(known) + 1 if known else 0)
+    missing = sorted(keep - set(known)) if keep is not None and isinstance(layers_to_transform, (int, list, tuple)) else []
+    if missing:  # an index past the last layer (or of no matched module) would be dropped in silence
+        raise ConfigError(f"{pre}layers_to_transform={layers_to_transform!r} names layer(s) {missing}, which hold no "
+                          f"matched module: the model's are layers {sorted(set(known))}")
     if keep is not None:
         linear = [(n, m) for (n, m), i in zip(linear, indices) if i in keep]
         if not linear:

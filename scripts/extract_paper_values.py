@@ -1,6 +1,6 @@
 """Write analysis/paper/*.csv, the paper's numbers that analysis/ prints beside ours, from the paper's text.
 
-    python scripts/extract_paper_values.py /work/shared/seeds/lr-lora-paper.txt
+    python -m scripts.extract_paper_values PAPER.txt      # the paper's text (pdftotext -layout)
 
 Each row keeps its source (table, row, column as the paper prints them). Numbers are parsed from the text,
 never typed in; values the text lost (Table 3's K values, Table 4's stable ranks) are left out.
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import re
-import sys
 from pathlib import Path
+
+from lrlora import cli
+from lrlora.errors import ConfigError
 
 OUT = Path(__file__).resolve().parent.parent / "analysis" / "paper"
 NUM = r"([0-9]+\.[0-9]+)"
@@ -28,7 +30,12 @@ def cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def main(paper: str) -> None:
+def main(argv=None) -> None:
+    ap = cli.ArgumentParser(prog="python -m scripts.extract_paper_values", description=__doc__.split("\n\n")[0])
+    ap.add_argument("paper", help="the paper as text (pdftotext -layout)")
+    paper = ap.parse_args(argv).paper
+    if not Path(paper).is_file():
+        raise ConfigError(f"no paper text at {paper}; pass the path of the paper converted to text")
     text = Path(paper).read_text()
     out: dict[str, list[dict]] = {}
 
@@ -147,4 +154,4 @@ def main(paper: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/seeds/lr-lora-paper.txt")
+    cli.run(main)

@@ -3,8 +3,8 @@
 An optional, older source: the reproduction's first round ran on it. PyPI may no longer serve the sdist it
 needs; `make data` (experiments/commonsense_suite.py) builds the paper's own eight tasks instead.
 
-    python scripts/make_commonsense_bb.py                 # = make data-bb; writes data/commonsense_bb/
-    python scripts/make_commonsense_bb.py --out DIR --cache DIR
+    python -m scripts.make_commonsense_bb                 # = make data-bb; writes data/commonsense_bb/
+    python -m scripts.make_commonsense_bb --out DIR --cache DIR
 
 Downloads the BIG-bench sdist from PyPI once (`pip download --no-deps bigbench==1.0.0`, ~360 MB, Apache-2.0;
 kept in the cache folder, checked against its SHA-256), reads only the eight task.json files below from the
@@ -25,7 +25,6 @@ The build is deterministic: `--check` compares the files with scripts/commonsens
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import subprocess
@@ -33,6 +32,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from lrlora import cli
 from lrlora._atomic import atomic_write, file_sha256
 
 SDIST = "bigbench-1.0.0.tar.gz"
@@ -157,7 +157,7 @@ def build(sdist: Path, out: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="python -m scripts.make_commonsense_bb", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "data" / "commonsense_bb")
     ap.add_argument("--cache", type=Path, default=ROOT / "data" / "cache" / "pypi",
                     help="where the downloaded sdist is kept (reused by later builds)")
@@ -177,4 +177,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)  # sys.exit("error: ...") above: one line, exit status 2

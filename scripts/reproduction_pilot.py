@@ -1,8 +1,8 @@
 """The reproduction pilot's table, from the pilot's results files: per bb_<task>, LoRA's test score, the chance level of
 the very test slice it was scored on, the run's cost, and whether the task is kept for the grid.
 
-    python scripts/reproduction_pilot.py                       # results/reproduction/pilot/results
-    python scripts/reproduction_pilot.py --results DIR --margin 10
+    python -m scripts.reproduction_pilot                       # results/reproduction/pilot/results
+    python -m scripts.reproduction_pilot --results DIR --margin 10
 
 Kept: at least `margin` points above chance and `margin` points below 100 (LoRA clearly between chance and
 ceiling, so a difference between methods can show either way). Chance: pair regimes (one question, k options)
@@ -13,12 +13,13 @@ the share of the most frequent label in the test slice (the cap is stratified, s
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 
+from lrlora import cli
+from lrlora.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def chance(regime: dict, data_dir: str) -> tuple[float, int]:
@@ -35,7 +36,8 @@ def chance(regime: dict, data_dir: str) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m scripts.reproduction_pilot", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(ROOT / "results/reproduction/pilot/results"))
     ap.add_argument("--data-dir", default=str(ROOT / "data"))
     ap.add_argument("--margin", type=float, default=10.0, help="points above chance and below 100 to keep a task")
@@ -46,9 +48,8 @@ def main(argv=None) -> int:
     df = load_results([args.results])
     df = df[df["tags"].apply(lambda t: "repro_pilot" in (t or ()))]
     if not len(df):
-        print(f"error: no pilot results (tag repro_pilot) in {args.results}; run the pilot first "
-              f"(results/reproduction/README.md)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"no pilot results (tag repro_pilot) in {args.results}; run the pilot first "
+                          f"(results/reproduction/README.md)")
     df = df[df["config.trainer.max_steps"] == df["config.trainer.max_steps"].max()]  # the pilot proper
     print("| task | metric | LoRA r=4 (%) | chance (%) | test questions | steps | run wall (s) | kept |")
     print("|---|---|---|---|---|---|---|---|")
@@ -80,4 +81,4 @@ def _nest(flat: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -15,6 +15,7 @@ from analysis.claims import claim1, claim2, claim8
 from analysis.load import load_results
 from analysis.registry import Context
 from analysis.stats import paired_ci
+from lrlora import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +95,7 @@ def test_report_rebuilds_only_its_blocks(grid, tmp_path, capsys):
     assert report.main([str(doc), "--results", str(grid), "--check"]) == 0
     doc.write_text("<!-- analysis: no_such_target -->\n<!-- /analysis -->\n")
     capsys.readouterr()
-    assert report.main([str(doc), "--results", str(grid)]) == 2
+    assert cli.call(report.main, [str(doc), "--results", str(grid)]) == 2
     assert "error: report block 'no_such_target'" in capsys.readouterr().err
 
 

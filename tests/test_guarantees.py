@@ -1,33 +1,39 @@
-"""Nothing lost, nothing false: a table of bad inputs and faults, each failing with its one-line message and
-leaving every file on disk as it was; a NaN run; two configurations under one name; a finished run re-run.
+"""Nothing lost, nothing false: two tables of bad inputs and faults -- the library and harness called in Python
+(CASES), and every entry point's command line (CLI_CASES: exit status 2 and exactly one `error:` line) -- each
+leaving every file on disk as it was; then the data-loss and false-result cases one by one (a copied outputs
+folder, changed data, an empty answer, two results files for one run, --out over a user's file, a damaged
+report marker, make clean), leftovers, a NaN run, two configurations under one name, a finished run re-run.
 
-    python -m pytest -q tests/test_guarantees.py            # the table and the rest (CPU, ~1 min)
-    python -m pytest -q -m slow tests/test_guarantees.py    # + kill -9 at random points, resumed
+    python -m pytest -q tests/test_guarantees.py            # the tables and the rest (CPU, ~3 min)
+    python -m pytest -q -m slow tests/test_guarantees.py    # + every entry point as a process; kill -9, resumed
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from baselines import apply_adapter, load_adapted
-from baselines.para import cli as para_cli
 from experiments.backbones import build_backbone
 from experiments.results import write_results
 from experiments.train import adapter_kwargs, run
-from lrlora import LRLoRAConfig, apply_lrlora, load_adapter, lrlora_modules, save_adapter
-from lrlora._atomic import atomic_directory, atomic_file
+from lrlora import LRLoRAConfig, apply_lrlora, cli, load_adapter, lrlora_modules, save_adapter
+from lrlora._atomic import atomic_directory, atomic_file, exclusive_lock, lock_file
 from lrlora.errors import UserError
 from tests.test_harness import cfg_for as _harness_cfg
 
@@ -83,7 +89,13 @@ def template(tmp_path_factory):
     (data / "train.json").write_text(json.dumps(good))
     (data / "boolq").mkdir()
     (data / "boolq" / "test.json").write_text(json.dumps(good))
+    run(cfg_for(root / "lora_out", adapter="lora", extra=[f"run_name={LORA_RUN}"]))  # PARA's input
+    (root / "report.md").write_text(REPORT)
     return root
+
+
+LORA_RUN = "tiny_encoder__lora__bbc_news__r2__s42"
+REPORT = "# Notes\n\nMy words.\n\n<!-- analysis: table1 -->\nold table\n<!-- /analysis -->\n\nMore of my words.\n"
 
 
 @pytest.fixture
@@ -170,19 +182,22 @@ def _save_handle_to(target, adapter="lora"):
     return case
 
 
-def _para(*args):
-    def case(w):
-        argv = []
-        for a in args:
-            argv.append(str(w / a[1:]) if isinstance(a, str) and a.startswith("@") else a)
-        code = para_cli(argv)
-        assert code == 2
-        raise _ParaFailed()
-    return case
+def _flip_payload(rel: str):
+    """Change one byte of a safetensors file's tensor data, its header intact: the file still parses."""
+    def prepare(w):
+        p = w / rel
+        data = bytearray(p.read_bytes())
+        header = int.from_bytes(data[:8], "little")
+        data[8 + header] ^= 0x40
+        p.write_bytes(bytes(data))
+    return prepare
 
 
-class _ParaFailed(Exception):
-    pass
+def _busy(w):
+    """A second launch of a run while the first holds it."""
+    cfg = cfg_for(w / "out", extra=["trainer.force=true"])
+    with exclusive_lock(Path(cfg.paths.output_dir), wait=False):
+        run(cfg)
 
 
 def _write_nan_results(w):
@@ -277,13 +292,13 @@ CASES = [
      r"baselines_meta\.json is corrupt"),
     ("load truncated peft", (_write("lora_adapter/adapter_model.safetensors", b"\x00"),
                              _model_unchanged(lambda m, kw, w: load_adapted(m, w / "lora_adapter"))),
-     r"adapter_model\.safetensors is missing or unreadable"),
+     r"adapter_model\.safetensors is (missing or unreadable|corrupt)"),
     ("load truncated lrlora", (_write("lrlora_adapter/adapter_model.safetensors", b"\x00"),
                                _model_unchanged(lambda m, kw, w: load_adapter(m, w / "lrlora_adapter"))),
      r"adapter_model\.safetensors is unreadable or corrupt"),
     ("load truncated self-written", (lambda w: _save_handle_to("sine", "sinelora")(w) or _write(
         "sine/adapter.safetensors", b"\x00")(w), _model_unchanged(lambda m, kw, w: load_adapted(m, w / "sine"))),
-     r"adapter\.safetensors is missing or unreadable"),
+     r"adapter\.safetensors is (missing or unreadable|corrupt)"),
     ("load lrlora, other shapes", _model_unchanged(lambda m, kw, w: load_adapter(
         build_backbone(cfg_for(w, "tiny_decoder").backbone, "causal_lm")[0], w / "lrlora_adapter")),
      r"does not fit this model|other module shapes"),
@@ -308,73 +323,754 @@ CASES = [
     ("apply: unknown", _model_unchanged(lambda m, kw, w: apply_adapter(m, name="foo", **kw)),
      r"^unknown adapter 'foo'"),
     ("results NaN", _write_nan_results, r"refusing to write a non-finite value at metrics\.glue\.accuracy"),
-    # PARA's command line: one error line, exit status 2, never writing into its input
-    ("para keep-energy 1.5", _para("--adapter", "@lora_adapter", "--keep-energy", "1.5", "--out", "@p"),
-     r"^error: --keep-energy must be in \(0, 1\], got 1\.5"),
-    ("para keep-energy 0", _para("--adapter", "@lora_adapter", "--keep-energy", "0", "--out", "@p"),
-     r"^error: --keep-energy must be in \(0, 1\]"),
-    ("para reduction 1", _para("--adapter", "@lora_adapter", "--reduction", "1", "--out", "@p"),
-     r"^error: --reduction must be in \[0, 1\), got 1\.0"),
-    ("para reduction <0", _para("--adapter", "@lora_adapter", "--reduction", "-0.1", "--out", "@p"),
-     r"^error: --reduction must be in \[0, 1\)"),
-    ("para missing adapter", _para("--adapter", "@nope", "--keep-energy", "0.9", "--out", "@p"),
-     r"^error: --adapter .*nope does not exist"),
-    ("para out = input", _para("--adapter", "@lora_adapter", "--keep-energy", "0.9", "--out", "@lora_adapter"),
-     r"^error: --out .* is, contains or lies inside the input --adapter .*: PARA never writes into its own input"),
-    ("para out inside input", _para("--adapter", "@lora_adapter", "--keep-energy", "0.9", "--out",
-                                    "@lora_adapter/sub"), r"lies inside the input"),
-    ("para out contains input", _para("--adapter", "@lora_adapter", "--keep-energy", "0.9", "--out", "@."),
-     r"lies inside the input"),
-    ("para out foreign", _para("--adapter", "@lora_adapter", "--keep-energy", "0.9", "--out", "@notes"),
-     r"^error: .*notes is not empty and was not written as a PARA adapter folder"),
-    ("para out = a trained adapter", _para("--adapter", "@lora_adapter", "--keep-energy", "0.9", "--out",
-                                          "@lrlora_adapter"), r"^error: .*lrlora_adapter is not empty and was not "
-                                                              r"written as a PARA adapter folder"),
-    ("para lrlora no base", _para("--adapter", "@lrlora_run_adapter", "--keep-energy", "0.9", "--out", "@p"),
-     r"^error: .* holds a 'lrlora' adapter, not a plain LoRA: pass --base-model"),
-    ("para non-adapter", _para("--adapter", "@notes", "--keep-energy", "0.9", "--out", "@p"),
-     r"^error: .*notes is not an adapter folder"),
+    # settings that nothing can use, or nothing reads: refused before data or backbone load
+    ("max_length=0", harness("regime.max_length=0"), r"^regime\.max_length=0 must be a positive integer or null"),
+    ("num_threads=0", harness("trainer.num_threads=0"), r"^trainer\.num_threads=0 must be a positive integer or auto"),
+    ("num_threads=-2", harness("trainer.num_threads=-2"), r"^trainer\.num_threads=-2 must be a positive integer"),
+    ("+trainer.max_step=3", harness("+trainer.max_step=3"),
+     r"^trainer\.max_step is not a setting of this harness \(did you mean trainer\.max_steps\?\): nothing reads it"),
+    ("+regime.train.lrr", harness("+regime.train.lrr=0.1"), r"^regime\.train\.lrr is not a setting of this harness"),
+    ("+seeds=3", harness("+seeds=3"), r"^seeds is not a setting of this harness \(did you mean seed\?\)"),
+    ("+eval.settings typo", harness("+eval.settings.glue.limt=3"),
+     r"^eval\.settings\.glue\.limt is not a setting of protocol glue; its settings: name, limit"),
+    ("+eval.settings limit=0", harness("+eval.settings.glue.limit=0"),
+     r"^eval\.settings\.glue\.limit=0 must be a positive integer or null"),
+    ("protocol does not fit", harness("eval.protocols=[vision]"),
+     r"^protocol vision scores image_classification runs, and .* is a classification run \(regime bbc_news\); "
+     r"choose protocol=glue"),
+    ("protocol unknown", harness("eval.protocols=[nope]"), r"unknown protocol 'nope'"),
+    ("layers_to_transform past the last", harness("adapter.layers_to_transform=[5]", root="new"),
+     r"layers_to_transform=\[5\] names layer\(s\) \[5\], which hold no matched module: the model's are layers \[0, 1\]"),
+    ("test answer empty", commonsense(test=json.dumps([{"instruction": "q", "output": "a", "answer": ""}])),
+     r"test example 0 of regime commonsense_15k has an empty 'answer'.*fix the data"),
+    ("run launched twice at once", _busy, r"^run .* is already running in another process \(process \d+\); wait for it to finish"),
+    # weights whose bytes changed under an intact header: the sha256 recorded when they were written says so
+    ("payload: LoRA adapter", (_flip_payload("lora_adapter/adapter_model.safetensors"),
+                               _model_unchanged(lambda m, kw, w: load_adapted(m, w / "lora_adapter"))),
+     r"lora_adapter/adapter_model\.safetensors is corrupt \(its sha256 differs from the one recorded"),
+    ("payload: LR-LoRA library", (_flip_payload("lrlora_adapter/adapter_model.safetensors"),
+                                  _model_unchanged(lambda m, kw, w: load_adapter(m, w / "lrlora_adapter"), "lrlora")),
+     r"adapter_model\.safetensors is unreadable or corrupt \(its sha256 differs"),
+    ("payload: LR-LoRA run", (_flip_payload("lrlora_run_adapter/adapter_model.safetensors"),
+                              _model_unchanged(lambda m, kw, w: load_adapted(m, w / "lrlora_run_adapter"), "lrlora")),
+     r"adapter_model\.safetensors is corrupt \(its sha256 differs"),
+    ("payload: checkpoint", (_flip_payload(f"part/runs/{RUN}/checkpoint/model.safetensors"), corrupt("x")[1]),
+     r"checkpoint file .*model\.safetensors is truncated or corrupt \(its sha256 differs"),
 ]
 
 
 @pytest.mark.parametrize("case, fault, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line_and_changes_nothing(world, case, fault, message, capsys):
+def test_bad_input_is_one_clear_line_and_changes_nothing(world, case, fault, message):
     if isinstance(fault, tuple):  # (put the fault in place, then act): the snapshot is taken in between
         prepare, fault = fault
         prepare(world)
     before = snapshot(world)
-    with pytest.raises((UserError, _ParaFailed)) as info:
+    with pytest.raises(UserError) as info:
         fault(world)
-    text = capsys.readouterr().err.strip() if info.type is _ParaFailed else str(info.value)
+    text = str(info.value)
     assert "\n" not in text, text
-    assert __import__("re").search(message, text), text
+    assert re.search(message, text), text
     assert snapshot(world) == before, "a refused input changed files on disk"
 
 
-def test_the_table_has_at_least_40_cases():
-    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+def test_the_tables_have_their_cases():
+    assert len(CASES) >= 80 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CLI_CASES) >= 90 and len({c[1] for c in CLI_CASES}) == len(CLI_CASES)
+    assert {c[2] for c in CLI_CASES} == set(ENTRIES), "every entry point has its cases"
 
 
-# --- the command line: one line on stderr, no traceback, no run folder left behind --------------------------
-def test_cli_bad_override_is_one_line_and_leaves_no_run_folder(tmp_path):
-    cmd = [sys.executable, "-m", "experiments.train", "backbone=tiny_encoder", "adapter.r=abc", "logger=none",
-           f"paths.root={tmp_path}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines() == ["error: adapter.r='abc' must be a positive integer, e.g. adapter.r=8 "
-                                             "(lrlora)"]
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+# --- every entry point's command line: exit status 2 and one `error:` line; nothing on disk changes -----------
+# entry point -> (its module, its Hydra config or None for argparse); called in this process through lrlora.cli
+# exactly as `python -m <entry point>` calls it (the slow test below runs them as processes).
+ENTRIES = {
+    "experiments.train": ("experiments.train", "train"),
+    "experiments.evaluate": ("experiments.evaluate", "evaluate"),
+    "experiments.para": ("experiments.para", "para"),
+    "experiments.demo": ("experiments.demo", None),
+    "experiments.clean": ("experiments.clean", None),
+    "analysis": ("analysis.__main__", None),
+    "analysis.reproduce": ("analysis.reproduce", None),
+    "analysis.report": ("analysis.report", None),
+    "lrlora.peft": ("lrlora.peft", None),
+    "benchmarks.report": ("benchmarks.report", None),
+    "benchmarks.sigma_op": ("benchmarks.sigma_op", None),
+    "benchmarks.sigma_op_breakdown": ("benchmarks.sigma_op_breakdown", None),
+    "benchmarks.train_step": ("benchmarks.train_step", None),
+    "scripts.cache_smollm2": ("scripts.cache_smollm2", None),
+    "scripts.extract_paper_values": ("scripts.extract_paper_values", None),
+    "scripts.make_commonsense_bb": ("scripts.make_commonsense_bb", None),
+    "scripts.para_bbc": ("scripts.para_bbc", None),
+    "scripts.reproduction_pilot": ("scripts.reproduction_pilot", None),
+}
+CONF = REPO / "conf"
 
 
-def test_para_cli_threshold_out_of_range_is_one_line(tmp_path):
-    cmd = [sys.executable, "-m", "baselines.para", "--adapter", str(tmp_path), "--keep-energy", "1.5", "--out",
-           str(tmp_path / "out")]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines() == ["error: --keep-energy must be in (0, 1], got 1.5 (e.g. 0.9 keeps 90% "
-                                             "of Σσ²)"]
+def call_entry(entry: str, argv: list[str]) -> int:
+    module, config = ENTRIES[entry]
+    mod = importlib.import_module(module)
+    if config:
+        return cli.call_hydra(mod.main, CONF, config, argv)
+    return cli.call(mod.main, argv)
+
+
+def argv_in(world: Path, argv) -> list[str]:
+    """`@x` is world/x; in `key=@x`, the value."""
+    def one(a):
+        key, sep, value = a.partition("=@")
+        if sep:
+            return f"{key}={world / value}"
+        return str(world / a[1:]) if a.startswith("@") else a
+    return [one(a) for a in argv]
+
+
+def _edit_json(rel, fn):
+    def prepare(w):
+        p = w / rel
+        d = json.loads(p.read_text())
+        fn(d)
+        p.write_text(json.dumps(d))
+    return prepare
+
+
+def _put(rel, text):
+    def prepare(w):
+        (w / rel).parent.mkdir(parents=True, exist_ok=True)
+        (w / rel).write_text(text)
+    return prepare
+
+
+def _report(text):
+    return _put("report.md", text)
+
+
+def _duplicate(w):
+    """A second results file claiming the run, with another accuracy."""
+    d = json.loads((w / "out" / "results" / f"{RUN}.json").read_text())
+    d["metrics"]["glue"]["accuracy"] = 0.99
+    (w / "dup").mkdir()
+    (w / "dup" / f"{RUN}.json").write_text(json.dumps(d))
+
+
+RES = f"out/results/{RUN}.json"
+LORA_RES = f"lora_out/results/{LORA_RUN}.json"
+EV = [f"run=@out/runs/{RUN}", "protocol=glue"]
+PA = ["adapter_dir=@lora_adapter", "out=@p"]
+AN = ["--results", "@out/results", "--out", "@tables"]
+NEW = ["backbone=tiny_encoder", "logger=none", "paths.root=@new"]
+BLOCK = "<!-- analysis: table1 -->\nold table\n"
+# (family, case, entry point, argv, put the fault in place (or None), the one line on stderr)
+CLI_CASES = [
+    # Hydra's own errors, worded as one line with the fix
+    ("hydra", "train: misspelled key", "experiments.train", ["trainer.max_step=3", *NEW],
+     None, r"^error: trainer\.max_step is not a setting of this command; did you mean trainer\.max_steps\? unknown "
+           r"settings are refused"),
+    ("hydra", "train: unknown option", "experiments.train", ["--foo"], None, r"^error: unrecognized arguments: --foo"),
+    ("hydra", "train: override without =", "experiments.train", ["adapter.r"], None,
+     r"^error: cannot parse the override 'adapter\.r' \(missing EQUAL"),
+    ("hydra", "train: unknown group option", "experiments.train", ["adapter=foo"], None,
+     r"^error: adapter=foo is not an option of adapter; choose one of adalora, dora"),
+    ("hydra", "train: group given twice", "experiments.train", ["+adapter=lora"], None, r"^error: adapter is given twice"),
+    ("hydra", "train: unclosed list", "experiments.train", ["adapter.target_modules=[q"], None,
+     r"^error: cannot parse the override"),
+    ("hydra", "train: missing interpolation", "experiments.train", ["regime.train.lr=${nope}", *NEW], None,
+     r"^error: .*nope.*\(at regime\.train\.lr\)"),
+    ("hydra", "train: run_name holding =", "experiments.train", ["run_name=mine__a=b", "adapter.r=0", *NEW], None,
+     r"^error: adapter\.r=0 must be a positive integer"),  # the name parses: the next check speaks
+    ("hydra", "evaluate: misspelled key", "experiments.evaluate", [*EV, "batchsize=4"], None,
+     r"^error: batchsize is not a setting of this command; did you mean batch_size\?"),
+    ("hydra", "evaluate: unknown protocol", "experiments.evaluate", [EV[0], "protocol=nope"], None,
+     r"^error: protocol=nope is not an option of protocol; choose one of commonsense_gen, glue"),
+    ("hydra", "evaluate: no protocol", "experiments.evaluate", [EV[0]], None, r"^error: .*protocol"),
+    ("hydra", "para: misspelled key", "experiments.para", [*PA, "para.keep_energi=0.9"], None,
+     r"^error: para\.keep_energi is not a setting of this command; did you mean para\.keep_energy\?"),
+    # settings nothing reads, added with + (Hydra's suggested fix for a typo): refused, not ignored
+    ("unknown key", "train: +trainer.max_step", "experiments.train", ["+trainer.max_step=3", *NEW], None,
+     r"^error: trainer\.max_step is not a setting of this harness \(did you mean trainer\.max_steps\?\)"),
+    ("unknown key", "train: +regime.max_len", "experiments.train", ["+regime.max_len=3", *NEW], None,
+     r"^error: regime\.max_len is not a setting of this harness \(did you mean regime\.max_length\?\)"),
+    ("unknown key", "evaluate: +protocol.limt", "experiments.evaluate", [*EV, "+protocol.limt=3"], None,
+     r"^error: protocol\.limt is not a setting of protocol glue; its settings: name, limit"),
+    ("unknown key", "evaluate: +batchsize", "experiments.evaluate", [*EV, "+batchsize=3"], None,
+     r"^error: batchsize is not a setting of this command: nothing reads it"),
+    ("unknown key", "para: +para.keep=0.9", "experiments.para", [*PA, "+para.keep=0.9"], None,
+     r"^error: para\.keep is not a setting of this command"),
+    # settings: checked before anything is read or written (an impossible one never reaches a results file)
+    ("settings", "train: r=abc", "experiments.train", ["adapter.r=abc", *NEW], None,
+     r"^error: adapter\.r='abc' must be a positive integer, e\.g\. adapter\.r=8 \(lrlora\)$"),
+    ("settings", "train: num_threads=0", "experiments.train", ["trainer.num_threads=0", *NEW], None,
+     r"^error: trainer\.num_threads=0 must be a positive integer or auto"),
+    ("settings", "train: max_length=0", "experiments.train", ["regime.max_length=0", *NEW], None,
+     r"^error: regime\.max_length=0 must be a positive integer or null"),
+    ("false result", "evaluate: batch_size=-2", "experiments.evaluate", [*EV, "batch_size=-2"], None,
+     r"^error: batch_size=-2 must be a positive integer, or null for the default$"),
+    ("false result", "evaluate: batch_size=0", "experiments.evaluate", [*EV, "batch_size=0"], None,
+     r"^error: batch_size=0 must be a positive integer"),
+    ("settings", "evaluate: batch_size=abc", "experiments.evaluate", [*EV, "batch_size=abc"], None,
+     r"^error: batch_size='abc' must be a positive integer"),
+    ("false result", "evaluate: protocol.limit=0", "experiments.evaluate", [*EV, "protocol.limit=0"], None,
+     r"^error: protocol\.limit=0 must be a positive integer or null$"),
+    ("settings", "evaluate: protocol.limit=-1", "experiments.evaluate", [*EV, "protocol.limit=-1"], None,
+     r"^error: protocol\.limit=-1 must be"),
+    ("settings", "evaluate: unknown device", "experiments.evaluate", [*EV, "device=foo"], None,
+     r"^error: device='foo' is not a device: use auto, cpu, cuda, cuda:N or mps$"),
+    ("settings", "evaluate: absent GPU", "experiments.evaluate", [*EV, "device=cuda:99"], None,
+     r"^error: device=cuda:99 but torch sees \d+ GPU\(s\); use device=cpu or device=auto$"),
+    ("settings", "evaluate: num_threads=0", "experiments.evaluate", [*EV, "num_threads=0"], None,
+     r"^error: num_threads=0 must be a positive integer"),
+    ("settings", "evaluate: no run=", "experiments.evaluate", ["protocol=glue"], None,
+     r"^error: run= is required: pass run=<run folder>"),
+    ("settings", "para: keep-energy 1.5", "experiments.para", [*PA, "para.keep_energy=1.5"], None,
+     r"^error: para\.keep_energy must be in \(0, 1\], got 1\.5"),
+    ("settings", "para: keep-energy 0", "experiments.para", [*PA, "para.keep_energy=0"], None,
+     r"^error: para\.keep_energy must be in \(0, 1\]"),
+    ("settings", "para: reduction 1", "experiments.para", [*PA, "para.reduction=1"], None,
+     r"^error: para\.reduction must be in \[0, 1\), got 1"),
+    ("settings", "para: reduction < 0", "experiments.para", [*PA, "para.reduction=-0.1"], None,
+     r"^error: para\.reduction must be in \[0, 1\)"),
+    ("settings", "para: two thresholds", "experiments.para", [*PA, "para.reduction=0.5", "para.keep_energy=0.9"],
+     None, r"^error: give exactly one of para\.keep_energy or para\.reduction$"),
+    ("settings", "para: no threshold", "experiments.para", PA, None, r"^error: give exactly one of"),
+    ("settings", "para: run and adapter_dir", "experiments.para", [*PA, f"run={RUN}", "para.keep_energy=0.9"], None,
+     r"^error: pass run=RUN .* or adapter_dir=DIR out=DIR .*: exactly one of the two$"),
+    ("settings", "para: neither run nor adapter_dir", "experiments.para", ["para.keep_energy=0.9"], None,
+     r"exactly one of the two"),
+    ("settings", "para: adapter_dir without out", "experiments.para", [PA[0], "para.keep_energy=0.9"], None,
+     r"^error: adapter_dir=DIR needs out=DIR"),
+    ("settings", "para: run with out", "experiments.para", [f"run=@lora_out/runs/{LORA_RUN}", "out=@p",
+                                                            "para.keep_energy=0.9"], None,
+     r"^error: out= goes with adapter_dir=DIR"),
+    ("settings", "para: num_labels=0", "experiments.para", [*PA, "para.keep_energy=0.9", "num_labels=0"], None,
+     r"^error: num_labels=0 must be a positive integer or null$"),
+    ("false result", "para: batch_size=-1", "experiments.para", [f"run=@lora_out/runs/{LORA_RUN}",
+                                                                "para.keep_energy=0.9", "batch_size=-1"], None,
+     r"^error: batch_size=-1 must be a positive integer"),
+    ("settings", "para: unknown device", "experiments.para", [f"run=@lora_out/runs/{LORA_RUN}", "para.keep_energy=0.9",
+                                                              "device=tpu"], None, r"^error: device='tpu' is not a device"),
+    # a protocol that does not fit the run: before anything loads
+    ("fit", "train: protocol vision on text", "experiments.train", ["eval.protocols=[vision]", *NEW], None,
+     r"^error: protocol vision scores image_classification runs, and .* is a classification run"),
+    ("fit", "evaluate: protocol vision on text", "experiments.evaluate", [EV[0], "protocol=vision"], None,
+     r"^error: protocol vision scores image_classification runs, and .* is a classification run \(regime "
+     r"bbc_news\); choose protocol=glue$"),
+    ("fit", "evaluate: generation on a classifier", "experiments.evaluate", [EV[0], "protocol=commonsense_gen"],
+     None, r"^error: protocol commonsense_gen scores causal_lm runs"),
+    ("fit", "evaluate: lm_eval on a classifier", "experiments.evaluate", [EV[0], "protocol=lm_eval"],
+     None, r"^error: protocol lm_eval scores causal_lm runs"),
+    ("fit", "para: an LR-LoRA run", "experiments.para", [f"run=@out/runs/{RUN}", "para.keep_energy=0.9"], None,
+     r"^error: run '.*' trained a 'lrlora' adapter: PARA through the harness takes a plain LoRA run; for others use "
+     r"python -m experiments\.para adapter_dir="),
+    # the run named, its results file and its adapter: missing, truncated, corrupt, or not under the root chosen
+    ("missing or corrupt", "evaluate: no such run", "experiments.evaluate", ["run=nope", "paths.root=@out",
+                                                                             "protocol=glue"], None,
+     r"^error: no results file for run 'nope'"),
+    ("missing or corrupt", "evaluate: printed name with =", "experiments.evaluate",
+     ["run=tiny__center=true__basis=gaussian", "paths.root=@out", "protocol=glue"], None,
+     r"^error: no results file for run 'tiny__center=true__basis=gaussian'"),  # parsed as printed
+    ("missing or corrupt", "evaluate: truncated results file", "experiments.evaluate", EV, _put(RES, '{"run_name'),
+     r"^error: .*\.json is truncated or not JSON .*; restore it from a copy or re-run that run"),
+    ("missing or corrupt", "evaluate: results file of another run", "experiments.evaluate",
+     ["run=@out/results/other.json", "protocol=glue"],
+     lambda w: shutil.copy(w / RES, w / "out" / "results" / "other.json"), r"^error: .*other\.json holds run"),
+    ("missing or corrupt", "evaluate: adapter gone", "experiments.evaluate", EV,
+     lambda w: shutil.rmtree(w / "out" / "runs" / RUN / "adapter"), r"^error: the run's adapter is not at .*/out/runs/"),
+    ("missing or corrupt", "evaluate: corrupt adapter payload", "experiments.evaluate", EV,
+     _flip_payload(f"out/runs/{RUN}/adapter/adapter_model.safetensors"),
+     r"^error: .*adapter_model\.safetensors is corrupt \(its sha256 differs"),
+    ("missing or corrupt", "para: truncated results file", "experiments.para",
+     [f"run=@lora_out/runs/{LORA_RUN}", "para.keep_energy=0.9"], _put(LORA_RES, "{"),
+     r"^error: .*\.json is truncated or not JSON"),
+    ("missing or corrupt", "para: no such run", "experiments.para", ["run=nope", "paths.root=@lora_out",
+                                                                     "para.keep_energy=0.9"], None,
+     r"^error: no results file for run 'nope'"),
+    ("missing or corrupt", "para: missing adapter", "experiments.para", ["adapter_dir=@nope", "out=@p",
+                                                                         "para.keep_energy=0.9"], None,
+     r"^error: adapter_dir=.*nope does not exist"),
+    ("missing or corrupt", "para: not an adapter", "experiments.para", ["adapter_dir=@notes", "out=@p",
+                                                                        "para.keep_energy=0.9"], None,
+     r"^error: .*notes is not an adapter folder"),
+    ("missing or corrupt", "para: LR-LoRA without its base", "experiments.para",
+     ["adapter_dir=@lrlora_run_adapter", "out=@p", "para.keep_energy=0.9"], None,
+     r"^error: .* holds a 'lrlora' adapter, not a plain LoRA: pass base_model=PATH"),
+    ("missing or corrupt", "para: base model missing", "experiments.para",
+     ["adapter_dir=@lrlora_run_adapter", "out=@p", "para.keep_energy=0.9", "base_model=@nope"], None,
+     r"^error: base_model=.*nope could not be loaded"),
+    ("missing or corrupt", "para: corrupt adapter payload", "experiments.para", [*PA, "para.keep_energy=0.9"],
+     _flip_payload("lora_adapter/adapter_model.safetensors"), r"^error: .*adapter_model\.safetensors is corrupt"),
+    ("missing or corrupt", "peft: missing folder", "lrlora.peft", ["to-peft", "@nope", "@x"], None,
+     r"^error: adapter folder .*nope does not exist"),
+    ("missing or corrupt", "peft: not LR-LoRA", "lrlora.peft", ["to-library", "@lora_adapter", "@x"], None,
+     r"^error: .*lora_adapter holds a 'LORA' adapter, not an LR-LoRA one"),
+    ("missing or corrupt", "peft: PEFT folder as library", "lrlora.peft", ["to-peft", "@lrlora_run_adapter", "@x"],
+     None, r"^error: .*adapter_config\.json has format None, expected 'lrlora-adapter/1': not an LR-LoRA adapter"),
+    ("missing or corrupt", "peft: corrupt payload", "lrlora.peft", ["to-library", "@lrlora_run_adapter", "@x"],
+     _flip_payload("lrlora_run_adapter/adapter_model.safetensors"), r"^error: .* is corrupt \(its sha256 differs"),
+    ("missing or corrupt", "analysis: no results folder", "analysis", ["table1", "--results", "@nope", "--out",
+                                                                       "@tables"], None,
+     r"^error: .*nope: no such results folder"),
+    ("missing or corrupt", "analysis: truncated results file", "analysis", ["table1", *AN],
+     _put("out/results/cut.json", '{"run_name": "x", "met'), r"^error: .*cut\.json: not a readable results file"),
+    ("missing or corrupt", "analysis: a run folder missing", "analysis",
+     ["fig_landscape", "--run", "@nope", "--out", "@tables"], None, r"^error: --run .*nope: needs the run's adapter"),
+    ("missing or corrupt", "report: no report", "analysis.report", ["@nope.md", "--results", "@out/results"], None,
+     r"^error: no report at .*nope\.md"),
+    ("missing or corrupt", "benchmarks: not a results file", "benchmarks.report", ["--train", "@afile"], None,
+     r"^error: .*afile is not a benchmark results file"),
+    ("missing or corrupt", "scripts: no pilot results", "scripts.reproduction_pilot", ["--results", "@notes"], None,
+     r"^error: no pilot results \(tag repro_pilot\) in .*notes"),
+    ("missing or corrupt", "scripts: no paper text", "scripts.extract_paper_values", ["@nope.txt"], None,
+     r"^error: no paper text at .*nope\.txt"),
+    # results that would be false: data changed since training, two files for one run
+    ("false result", "evaluate: data changed since training", "experiments.evaluate", EV,
+     _edit_json(RES, lambda d: d.update(data_fingerprint="0" * 64)),
+     r"^error: the data of regime bbc_news .* is not the data run .* was trained and tested on \(its fingerprint "
+     r"differs\): nothing was scored"),
+    ("false result", "evaluate: no data fingerprint recorded", "experiments.evaluate", EV,
+     lambda w: (_edit_json(RES, lambda d: d.pop("data_fingerprint"))(w),
+                _edit_json(f"out/runs/{RUN}/run.json", lambda d: d.pop("data"))(w)),
+     r"^error: .* records no data fingerprint, and .*run\.json is missing or unreadable"),
+    ("false result", "para: data changed since training", "experiments.para",
+     [f"run=@lora_out/runs/{LORA_RUN}", "para.keep_energy=0.9"],
+     _edit_json(LORA_RES, lambda d: d.update(data_fingerprint="0" * 64)), r"^error: the data of regime bbc_news"),
+    ("false result", "analysis: one run, two results", "analysis", ["table1", "--results", "@out/results", "@dup",
+                                                                    "--out", "@tables"], _duplicate,
+     r"^error: .* and .* both claim run '.*' with different numbers \(metrics\.glue\.accuracy\); keep the one you "
+     r"mean"),
+    # paths a results file records: only ever under the root the user chose
+    ("data loss", "evaluate: adapter recorded outside the root", "experiments.evaluate", EV,
+     _edit_json(RES, lambda d: d.update(adapter_dir="/elsewhere/adapter")),
+     r"^error: .* records '/elsewhere/adapter', which is not runs/.*/adapter; nothing was read or written"),
+    ("data loss", "evaluate: adapter recorded as another run's", "experiments.evaluate", EV,
+     _edit_json(RES, lambda d: d.update(adapter_dir=f"runs/{LORA_RUN}/adapter")), r"which is not runs/"),
+    ("data loss", "para: adapter recorded outside the root", "experiments.para",
+     [f"run=@lora_out/runs/{LORA_RUN}", "para.keep_energy=0.9"],
+     _edit_json(LORA_RES, lambda d: d.update(adapter_dir="../../x/adapter")), r"^error: .* records '\.\./\.\./x"),
+    # writes that would replace what this code did not write
+    ("data loss", "para: out = input", "experiments.para", ["adapter_dir=@lora_adapter", "out=@lora_adapter",
+                                                           "para.keep_energy=0.9"], None,
+     r"^error: out=.* is, contains or lies inside the input adapter_dir=.*: PARA never writes into its own input"),
+    ("data loss", "para: out inside input", "experiments.para", ["adapter_dir=@lora_adapter", "out=@lora_adapter/sub",
+                                                                "para.keep_energy=0.9"], None, r"lies inside the input"),
+    ("data loss", "para: out contains input", "experiments.para", ["adapter_dir=@lora_adapter", "out=@.",
+                                                                  "para.keep_energy=0.9"], None, r"lies inside the input"),
+    ("data loss", "para: out foreign", "experiments.para", ["adapter_dir=@lora_adapter", "out=@notes",
+                                                           "para.keep_energy=0.9"], None,
+     r"^error: .*notes is not empty and was not written as a PARA adapter folder"),
+    ("data loss", "para: out = a trained adapter", "experiments.para", ["adapter_dir=@lora_adapter",
+                                                                       "out=@lrlora_adapter", "para.keep_energy=0.9"],
+     None, r"^error: .*lrlora_adapter is not empty and was not written as a PARA adapter folder"),
+    ("data loss", "peft: into a foreign folder", "lrlora.peft", ["to-library", "@lrlora_run_adapter", "@notes"], None,
+     r"^error: .*notes is not empty and was not written as a folder by this code \(it holds todo\.txt\)"),
+    ("data loss", "peft: onto a file", "lrlora.peft", ["to-peft", "@lrlora_adapter", "@afile"], None,
+     r"^error: .*afile is a file, not a folder"),
+    ("data loss", "analysis: --out over a user's table", "analysis", ["table1", *AN],
+     _put("tables/table1.md", "my own table\n"),
+     r"^error: .*tables/table1\.md exists and was not written by this code; nothing was written"),
+    ("data loss", "analysis: --out over an edited table", "analysis", ["table1", *AN],
+     lambda w: (call_entry("analysis", argv_in(w, ["table1", *AN])), (w / "tables" / "table1.csv").write_text("x\n")),
+     r"^error: .*tables/table1\.csv exists and was changed since this code wrote it"),
+    ("leftover", "analysis: --out = the results folder", "analysis", ["table1", "--results", "@out/results",
+                                                                      "--out", "@out/results"], None,
+     r"^error: --out .*out/results is a folder of results files \(or inside one\)"),
+    ("leftover", "analysis: --out inside the results folder", "analysis",
+     ["table1", "--results", "@out/results", "--out", "@out/results/tables"], None, r"is a folder of results files"),
+    ("leftover", "analysis: --out at another results folder", "analysis",
+     ["table1", "--results", "@out/results", "--out", "@lora_out/results"], None, r"is a folder of results files"),
+    # a report whose block markers are damaged: an error line, and not a byte of the report changes
+    ("report marker", "report: damaged closing marker", "analysis.report", ["@report.md", "--results", "@out/results"],
+     _report(f"# Notes\n\n{BLOCK}<!-- /analysis ->\n\nMy words.\n\n<!-- analysis: table1 -->\n<!-- /analysis -->\n"),
+     r"^error: .*report\.md:5: '<!-- /analysis ->' looks like a damaged block marker: fix it to"),
+    ("report marker", "report: damaged opening marker", "analysis.report", ["@report.md", "--results", "@out/results"],
+     _report("# Notes\n\n<!-- analysis:table1-->\nold\n<!-- /analysis -->\n"),
+     r"^error: .*report\.md:3: '<!-- analysis:table1-->' looks like a damaged block marker"),
+    ("report marker", "report: block never closed", "analysis.report", ["@report.md", "--results", "@out/results"],
+     _report(f"# Notes\n\n{BLOCK}\nMy words.\n"), r"^error: .*report\.md:3: block 'table1' is never closed"),
+    ("report marker", "report: close without open", "analysis.report", ["@report.md", "--results", "@out/results"],
+     _report("# Notes\n\nold\n<!-- /analysis -->\n"), r"^error: .*report\.md:4: <!-- /analysis --> closes no block"),
+    ("report marker", "report: block inside a block", "analysis.report", ["@report.md", "--results", "@out/results"],
+     _report(f"{BLOCK}{BLOCK}<!-- /analysis -->\n"), r"^error: .*report\.md:3: block 'table1' opens before block"),
+    ("report marker", "report: --check on a damaged marker", "analysis.report",
+     ["@report.md", "--check", "--results", "@out/results"], _report(f"{BLOCK}<!-- /analysis --\n"),
+     r"looks like a damaged block marker"),
+    ("report marker", "report: no block", "analysis.report", ["@report.md", "--results", "@out/results"],
+     _report("just words\n"), r"^error: .*report\.md has no generated block"),
+    ("report marker", "report: a block of no table", "analysis.report", ["@report.md", "--results", "@out/results"],
+     _report("<!-- analysis: no_such_target -->\n<!-- /analysis -->\n"),
+     r"^error: report block 'no_such_target' is not a table target"),
+    # command lines: unknown options and values, one line each
+    ("usage", "analysis: unknown target", "analysis", ["nosuch", *AN], None,
+     r"^error: unknown target 'nosuch'; choose one of"),
+    ("usage", "analysis: unknown option", "analysis", ["tables", "--bogus"], None,
+     r"^error: python -m analysis: unrecognized arguments: --bogus \(see python -m analysis --help\)$"),
+    ("usage", "analysis: needs --run", "analysis", ["fig_landscape", *AN], None,
+     r"^error: fig_landscape is built from one run folder: pass --run"),
+    ("usage", "report: unknown option", "analysis.report", ["--bogus"], None, r"^error: .*unrecognized arguments"),
+    ("usage", "reproduce: unknown table", "analysis.reproduce", ["nosuch", "--dry-run", "--root", "@r"], None,
+     r"^error: no grid for 'nosuch' in analysis/scales\.yaml"),
+    ("usage", "reproduce: unknown scale", "analysis.reproduce", ["table1", "--scale", "huge", "--dry-run",
+                                                                 "--root", "@r"], None,
+     r"^error: unknown scale 'huge'"),
+    ("usage", "reproduce: bad shard", "analysis.reproduce", ["reproduction", "--shard", "3/2", "--dry-run",
+                                                             "--root", "@r"], None,
+     r"^error: --shard '3/2': I must be between 1 and N"),
+    ("usage", "reproduce: an option abbreviated", "analysis.reproduce", ["table1", "--seed", "1", "--dry-run",
+                                                                         "--root", "@r"], None,
+     r"^error: python -m analysis\.reproduce: unrecognized arguments"),
+    ("usage", "peft: missing arguments", "lrlora.peft", ["to-peft"], None,
+     r"^error: python -m lrlora\.peft to-peft: the following arguments are required: src, out"),
+    ("usage", "peft: unknown command", "lrlora.peft", ["convert", "@a", "@b"], None, r"^error: .*invalid choice"),
+    ("usage", "demo: unknown option", "experiments.demo", ["--bogus"], None, r"^error: python -m experiments\.demo: "),
+    ("usage", "demo: bad override", "experiments.demo", ["--out", "@demo", "adapter.r=abc"], None,
+     r"^error: adapter\.r='abc' must be a positive integer"),
+    ("usage", "demo: misspelled key", "experiments.demo", ["--out", "@demo", "trainer.max_step=1"], None,
+     r"^error: trainer\.max_step is not a setting of this command"),
+    ("usage", "clean: root is a file", "experiments.clean", ["--root", "@afile"], None,
+     r"^error: --root .*afile is a file, not an outputs folder$"),
+    ("usage", "clean: unknown option", "experiments.clean", ["--all"], None, r"^error: .*unrecognized arguments"),
+    ("usage", "benchmarks: unknown option", "benchmarks.report", ["--bogus"], None, r"^error: .*unrecognized"),
+    ("usage", "benchmarks: bad model", "benchmarks.train_step", ["--models", "foo:2", "--out", "@b.json"], None,
+     r"^error: --models 'foo:2': use MODEL:LAYERS with MODEL one of"),
+    ("usage", "benchmarks: bad tokens", "benchmarks.train_step", ["--tokens", "100", "--out", "@b.json"], None,
+     r"^error: --tokens 100 is not a multiple of the sequence length"),
+    ("usage", "benchmarks: unknown path", "benchmarks.sigma_op", ["--paths", "nope"], None, r"^error: .*invalid choice"),
+    ("usage", "benchmarks: bad repeats", "benchmarks.sigma_op_breakdown", ["--repeats", "x"], None,
+     r"^error: .*invalid int value: 'x'"),
+    ("usage", "scripts: unknown option (cache)", "scripts.cache_smollm2", ["--bogus"], None, r"^error: .*unrecognized"),
+    ("usage", "scripts: unknown option (suite)", "scripts.make_commonsense_bb", ["--bogus"], None,
+     r"^error: .*unrecognized"),
+    ("usage", "scripts: unknown option (para_bbc)", "scripts.para_bbc", ["--bogus"], None, r"^error: .*unrecognized"),
+    ("usage", "scripts: missing argument", "scripts.extract_paper_values", [], None,
+     r"^error: .*the following arguments are required: paper"),
+]
+
+
+@pytest.mark.parametrize("family, case, entry, argv, prepare, message", CLI_CASES, ids=[c[1] for c in CLI_CASES])
+def test_entry_point_user_error_is_one_line_exit_2_and_changes_nothing(world, family, case, entry, argv, prepare,
+                                                                         message, capsys):
+    if prepare:
+        prepare(world)
+    capsys.readouterr()
+    before = snapshot(world)
+    code = call_entry(entry, argv_in(world, argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(message, lines[0]), lines[0]
+    assert snapshot(world) == before, "a refused command changed files on disk"
+
+
+def _disk_refuses(code):
+    @contextmanager
+    def refuse(path):
+        raise OSError(code, os.strerror(code), str(path))
+        yield  # pragma: no cover
+    return refuse
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "No space left on device; free some space"),
+                                         (errno.EROFS, "Read-only file system; that file system is read-only")])
+@pytest.mark.parametrize("entry, argv", [("analysis", ["table1", *AN]), ("experiments.evaluate", EV),
+                                         ("experiments.train", NEW)], ids=["analysis", "evaluate", "train"])
+def test_a_disk_that_refuses_the_write_is_one_line(world, monkeypatch, capsys, code, words, entry, argv):
+    """A full or read-only disk: one line naming the file and what to do, exit 2, and nothing left behind."""
+    monkeypatch.setattr("lrlora._atomic.atomic_file", _disk_refuses(code))
+    before = snapshot(world)
+    assert call_entry(entry, argv_in(world, argv)) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "warn" not in line.lower()]
+    assert len(lines) == 1 and re.match(rf"^error: cannot write .*: {words}", lines[-1]), lines
+    assert snapshot(world) == before
+
+
+def test_an_internal_failure_keeps_its_traceback_and_exits_1(tmp_path):
+    """Not a user error: the traceback is the report (exit 1), never an `error:` line that hides it."""
+    def crash(argv=None):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        cli.call(crash, [])
+    p = subprocess.run([sys.executable, "-c", "from lrlora import cli; cli.run(lambda: 1 / 0)"], capture_output=True,
+                       text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 1 and "Traceback" in p.stderr and "ZeroDivisionError" in p.stderr
+
+
+def test_bad_arguments_as_processes_exit_2_with_one_line(tmp_path):
+    """The same convention through `python -m`, for the main commands (the slow test runs every entry point)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for entry, argv in (("experiments.train", ["adapter.r=abc", "logger=none", f"paths.root={tmp_path}"]),
+                        ("experiments.evaluate", [f"run={tmp_path}/nope", "protocol=glue"]),
+                        ("analysis", ["tables", "--bogus"])):
+        p = subprocess.run([sys.executable, "-m", entry, *argv], capture_output=True, text=True, cwd=REPO,
+                           timeout=300, env=env)
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (entry, p.stderr)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir()), "a refused run leaves no folder"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+def test_every_entry_point_as_a_process(entry, tmp_path):
+    """Each entry point's first table case, run as `python -m <entry point>`: exit 2, one `error:` line."""
+    family, case, _, argv, prepare, message = next(c for c in CLI_CASES if c[2] == entry and c[4] is None)
+    p = subprocess.run([sys.executable, "-m", entry, *argv_in(tmp_path, argv)], capture_output=True, text=True,
+                       cwd=REPO, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (case, p.stderr)
+
+
+# --- nothing lost: a copied outputs folder is re-scored and compressed in the copy alone ----------------------
+def _tree(world: Path, top: str) -> dict:
+    return {k: v for k, v in snapshot(world).items() if k == top or k.startswith(top + "/")}
+
+
+def test_rescoring_and_compressing_a_copy_write_only_into_the_copy(world, capsys):
+    """`run=COPY/runs/X` and `paths.root=COPY`: the copy's results file, run folder and PARA run change; the
+    original not by a byte, also when the copy's results files record the original's absolute paths (as results
+    files did before paths were relative to their root)."""
+    shutil.copytree(world / "out", world / "copy")
+    shutil.copytree(world / "lora_out", world / "lora_copy")
+    _edit_json(f"copy/results/{RUN}.json",
+               lambda d: d.update(adapter_dir=str(world / "out" / "runs" / RUN / "adapter")))(world)
+    _edit_json(f"lora_copy/results/{LORA_RUN}.json",
+               lambda d: d.update(adapter_dir=str(world / "lora_out" / "runs" / LORA_RUN / "adapter")))(world)
+    originals = {top: _tree(world, top) for top in ("out", "lora_out")}
+    assert call_entry("experiments.evaluate", [f"run={world / 'copy' / 'runs' / RUN}", "protocol=glue"]) == 0
+    assert call_entry("experiments.para", [f"run={LORA_RUN}", f"paths.root={world / 'lora_copy'}",
+                                           "para.keep_energy=0.9"]) == 0
+    assert {top: _tree(world, top) for top in originals} == originals, "the original outputs folder changed"
+    rescored = json.loads((world / "copy" / "results" / f"{RUN}.json").read_text())
+    assert rescored["protocols"]["glue"]["by"] == "experiments.evaluate"
+    para = json.loads((world / "lora_copy" / "results" / f"{LORA_RUN}__para-keep0.90.json").read_text())
+    assert para["adapter_dir"] == f"runs/{LORA_RUN}__para-keep0.90/adapter"  # relative to its root
+    assert (world / "lora_copy" / para["adapter_dir"] / "adapter_model.safetensors").is_file()
+    assert para["source"]["adapter_dir"] == f"runs/{LORA_RUN}/adapter"
+    assert para["source"]["results_file"] == f"results/{LORA_RUN}.json"
+
+
+def test_results_files_record_paths_relative_to_their_root(template):
+    d = json.loads((template / "out" / "results" / f"{RUN}.json").read_text())
+    assert d["adapter_dir"] == f"runs/{RUN}/adapter" and len(d["data_fingerprint"]) == 64
+
+
+# --- nothing false: the data a run is scored on, every test example ---------------------------------------------
+def _commonsense_cfg(root: Path, data: Path, extra=()):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[
+            "backbone=tiny_decoder", "regime=commonsense_15k", "adapter=lora", "adapter.r=2", "logger=none",
+            "trainer.max_steps=1", "trainer.progress=false", "trainer.num_threads=1", f"paths.root={root}",
+            f"regime.data_path={data / 'train.json'}", f"regime.eval_dir={data}", "regime.eval_tasks=[boolq]",
+            "regime.n_val=1", "regime.train.batch_size=2", "regime.max_length=48", "eval.protocols=[glue]",
+            *extra])
+
+
+def test_evaluate_scores_only_the_data_the_run_was_trained_on(tmp_path, capsys):
+    """Test data changed after training is refused (not scored under the run's old identity); the same data
+    scores; a test example whose answer is empty is an error, never left out of `n`."""
+    data = tmp_path / "data"
+    (data / "boolq").mkdir(parents=True)
+    rows = [{"instruction": f"Is {i} even?", "input": "", "output": f"the correct answer is {'true' if i % 2 else 'false'}",
+             "answer": "true" if i % 2 else "false"} for i in range(6)]
+    (data / "train.json").write_text(json.dumps(rows))
+    (data / "boolq" / "test.json").write_text(json.dumps(rows[:4]))
+    res = run(_commonsense_cfg(tmp_path / "out", data, ["eval.protocols=[]"]))
+    results = tmp_path / "out" / "results" / f"{res['run_name']}.json"
+    args = [f"run={tmp_path / 'out' / 'runs' / res['run_name']}", "protocol=commonsense_gen", "protocol.limit=2",
+            "protocol.max_new_tokens=2", "protocol.num_beams=1"]
+    assert call_entry("experiments.evaluate", args) == 0
+    scored = json.loads(results.read_text())
+    assert scored["metrics"]["commonsense_gen"]["n"] == 2
+    (data / "boolq" / "test.json").write_text(json.dumps(rows[1:5]))  # the test set changed after training
+    before = results.read_bytes()
+    capsys.readouterr()
+    assert call_entry("experiments.evaluate", args) == 2
+    assert re.match(r"error: the data of regime commonsense_15k .* is not the data run .* was trained and tested on",
+                    capsys.readouterr().err)
+    assert results.read_bytes() == before
+    (data / "boolq" / "test.json").write_text(json.dumps([rows[0], {**rows[1], "answer": ""}, *rows[2:4]]))
+    assert call_entry("experiments.evaluate", args) == 2
+    assert "test example 1 of regime commonsense_15k has an empty 'answer'" in capsys.readouterr().err
+    assert results.read_bytes() == before
+
+
+def test_the_generation_protocol_never_scores_a_quiet_subset():
+    """Called directly (an EvalContext built by hand), an example without its answer is an error, not dropped."""
+    from omegaconf import OmegaConf
+
+    from experiments.protocols import EvalContext, ProtocolError
+    from experiments.protocols.commonsense_gen import commonsense_gen
+
+    regime = OmegaConf.create({"task": "causal_lm", "name": "x"})
+    ctx = EvalContext(model=None, processor=None, regime=regime,
+                      test=[{"prompt": "p", "answer": "true", "task": "boolq"}, {"prompt": "p", "answer": "", "task": "boolq"}])
+    with pytest.raises(ProtocolError, match="test example 1 has no answer"):
+        commonsense_gen(ctx, OmegaConf.create({"limit": None}))
+
+
+def test_two_copies_of_one_results_file_count_once(world):
+    """The same run in two folders with the same numbers is one run; with other numbers, an error (the table)."""
+    from analysis.load import load_results
+
+    (world / "dup").mkdir()
+    shutil.copy(world / "out" / "results" / f"{RUN}.json", world / "dup")
+    df = load_results([world / "out" / "results", world / "dup"])
+    assert list(df["run_name"]).count(RUN) == 1
+
+
+def test_out_replaces_only_the_files_analysis_wrote_there(world, capsys):
+    """A second build into the same --out replaces its own files; a user's file beside them stays."""
+    (world / "tables").mkdir()
+    (world / "tables" / "mine.md").write_text("mine\n")
+    argv = argv_in(world, ["table1", *AN])
+    assert call_entry("analysis", argv) == 0
+    first = (world / "tables" / "table1.md").read_text()
+    assert call_entry("analysis", argv) == 0
+    assert (world / "tables" / "table1.md").read_text() == first
+    assert (world / "tables" / "mine.md").read_text() == "mine\n"
+
+
+def test_report_rebuilds_blocks_and_nothing_outside_them(world):
+    """Prose before, between and after blocks stays byte for byte; only the block body is rebuilt."""
+    doc = world / "report.md"
+    prose = "# Notes\n\nMy words <!-- a comment of mine -->, and `<!-- analysis: x -->` quoted.\n\n"
+    doc.write_text(prose + BLOCK + "<!-- /analysis -->\n\nMiddle words.\n\n" + BLOCK + "<!-- /analysis -->\nEnd.\n")
+    assert call_entry("analysis.report", [str(doc), "--results", str(world / "out" / "results")]) == 0
+    text = doc.read_text()
+    assert text.startswith(prose + "<!-- analysis: table1 -->\n") and text.endswith("<!-- /analysis -->\nEnd.\n")
+    assert "\n<!-- /analysis -->\n\nMiddle words.\n\n<!-- analysis: table1 -->\n" in text and "old table" not in text
+
+
+# --- make clean: only what the harness wrote, by its marks ------------------------------------------------------
+def test_clean_removes_only_what_the_harness_wrote(world, capsys):
+    """Run folders, results files, PARA runs and analysis tables go; a user's notes in outputs/ (in a run folder
+    too), a table the user edited, and a top-level runs/ the harness never writes stay."""
+    out = world / "out"
+    assert call_entry("experiments.para", [f"run={LORA_RUN}", f"paths.root={world / 'lora_out'}",
+                                           "para.keep_energy=0.9"]) == 0
+    shutil.copytree(world / "lora_out" / "runs", out / "runs", dirs_exist_ok=True)
+    shutil.copytree(world / "lora_out" / "results", out / "results", dirs_exist_ok=True)
+    assert call_entry("analysis", ["table1", "--results", str(out / "results"), "--out", str(out / "analysis")]) == 0
+    (out / "analysis" / "table1.csv").write_text("edited by me\n")
+    (out / "notes.txt").write_text("mine\n")
+    (out / "runs" / RUN / "mine.txt").write_text("mine\n")
+    (out / "results" / "mine.json").write_text('{"not": "a results file"}')
+    (world / "runs").mkdir()
+    (world / "runs" / "keep.txt").write_text("a top-level runs/ of mine\n")
+    assert call_entry("experiments.clean", ["--root", str(out)]) == 0
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["analysis/.lrlora-files", "analysis/table1.csv", "notes.txt", "results/mine.json",
+                    f"runs/{RUN}/mine.txt"], left
+    assert (world / "runs" / "keep.txt").is_file()
+    recipe = subprocess.run(["make", "-n", "clean", f"OUTPUTS={out}"], capture_output=True, text=True, cwd=REPO).stdout
+    assert "experiments.clean" in recipe and not re.search(r"rm -rf[^\n]*\b(outputs|runs|multirun)\b", recipe)
+
+
+# --- leftovers: failed runs, locks ------------------------------------------------------------------------------
+def _nan_in_validation(monkeypatch):
+    import experiments.train as train_mod
+
+    real = train_mod.build_backbone
+
+    def build(*a, **k):
+        model, proc = real(*a, **k)
+        forward = model.forward
+
+        def nan_forward(*fa, **fk):
+            out = forward(*fa, **fk)
+            if not model.training:
+                out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = nan_forward
+        return model, proc
+
+    monkeypatch.setattr(train_mod, "build_backbone", build)
+
+
+def test_a_nan_validation_loss_is_one_line_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    _nan_in_validation(monkeypatch)
+    cfg = cfg_for(tmp_path / "out", extra=["trainer.max_steps=2"])
+    assert cli.call(run, cfg) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"error: validation loss is not finite at step 2 of .*: the model diverged "
+                                        r"and nothing was recorded; try a lower regime\.train\.lr", lines[0]), lines
+    assert not (tmp_path / "out").exists(), "a run that failed before its first checkpoint leaves nothing"
+
+
+def test_a_crash_inside_training_keeps_its_traceback_and_leaves_no_run_folder(tmp_path, monkeypatch):
+    import experiments.train as train_mod
+
+    def crash(*a, **k):
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(train_mod, "train", crash)
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        cli.call(run, cfg_for(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_stopped_after_a_checkpoint_keeps_it(tmp_path, monkeypatch):
+    """What a failed run leaves is exactly what a resume needs: its folder, once a checkpoint exists."""
+    _nan_from_step(monkeypatch, 3)
+    with pytest.raises(UserError):
+        run(cfg_for(tmp_path, extra=["trainer.max_steps=4", "trainer.save_every=2"]))
+    assert (tmp_path / "runs" / RUN / "checkpoint" / "checkpoint.json").is_file()
+
+
+def test_evaluate_and_train_leave_no_lock_file(world):
+    assert call_entry("experiments.evaluate", [f"run={world / 'out' / 'runs' / RUN}", "protocol=glue"]) == 0
+    results = world / "out" / "results" / f"{RUN}.json"
+    assert not lock_file(results).exists() and not list(world.rglob("*.lock"))
+    assert not lock_file(world / "out" / "runs" / RUN).exists()
+
+
+def test_a_second_launch_of_a_running_run_is_refused_as_a_process(tmp_path):
+    """While one process holds a run (here: this test, as the first launch would), `python -m experiments.train`
+    of the same run is one line and exit 2, writing nothing; once it is released, the lock file is gone."""
+    argv = [sys.executable, "-m", "experiments.train", "backbone=tiny_encoder", "logger=none", "adapter.r=2",
+            "trainer.max_steps=2", "trainer.progress=false", f"paths.root={tmp_path}", f"run_name={RUN}"]
+    with exclusive_lock(tmp_path / "runs" / RUN, wait=False):
+        p = subprocess.run(argv, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                           timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert re.match(rf"error: run {RUN} is already running in another process \(process {os.getpid()}\); wait",
+                    lines[0]), lines
+    assert not any(tmp_path.iterdir()) and not lock_file(tmp_path / "runs" / RUN).exists()
+
+
+def test_a_printed_run_name_works_as_printed(tmp_path, capsys):
+    """Run names carry their settings (`__center=true`): passed back as `run=NAME` they parse."""
+    res = run(_harness_cfg(tmp_path, "tiny_encoder", "lrlora", ["adapter.center=true"]))
+    assert "center=true" in res["run_name"] and f"[{res['run_name']}]" in capsys.readouterr().out
+    assert call_entry("experiments.evaluate", [f"run={res['run_name']}", f"paths.root={tmp_path}",
+                                               "protocol=glue"]) == 0
+
+
+def test_refused_settings_never_load_the_backbone(world, monkeypatch):
+    """A protocol that does not fit, an impossible setting: refused before minutes of backbone loading."""
+    import experiments.evaluate as evaluate_mod
+    import experiments.train as train_mod
+
+    def no(*a, **k):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(train_mod, "build_backbone", no)
+    monkeypatch.setattr(evaluate_mod, "build_backbone", no)
+    assert call_entry("experiments.train", argv_in(world, ["eval.protocols=[vision]", *NEW])) == 2
+    assert call_entry("experiments.evaluate", argv_in(world, [EV[0], "protocol=vision"])) == 2
+    assert call_entry("experiments.evaluate", argv_in(world, [*EV, "batch_size=-1"])) == 2
+
+
+def test_a_peft_folder_loads_without_importing_lrlora_peft_first(template):
+    """An LR-LoRA adapter in PEFT's format (what a run saves), read by this repository's loader in a fresh process
+    that never imported lrlora.peft: the loader registers the method itself."""
+    code = ("import sys; from baselines import load_adapted; from tests.test_guarantees import tiny; "
+            "assert 'lrlora.peft' not in sys.modules; "
+            f"h = load_adapted(tiny('lrlora')[0], {str(template / 'lrlora_run_adapter')!r}); print(h.name)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0 and p.stdout.strip().endswith("lrlora"), p.stderr
 
 
 # --- a NaN run -----------------------------------------------------------------------------------------------

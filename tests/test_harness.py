@@ -81,12 +81,13 @@ def test_run_saves_its_adapter_for_reloading_and_para(tmp_path, adapter, monkeyp
     """The results file names the saved adapter; reloaded onto a fresh backbone it gives the trained model's
     outputs, and PARA's CLI compresses it (--base-model for LR-LoRA, whose ΔW is formed on the backbone)."""
     from baselines import apply_adapter, load_adapted
-    from baselines.para import main as para_main
+    from experiments.para import para_folder
 
     cfg = cfg_for(tmp_path, "tiny_encoder", adapter)
     res = run(cfg)
-    adapter_dir = Path(res["adapter_dir"])
-    assert adapter_dir == tmp_path / "runs" / res["run_name"] / "adapter" and adapter_dir.is_dir()
+    assert res["adapter_dir"] == f"runs/{res['run_name']}/adapter"  # relative to the root: a copy stands alone
+    adapter_dir = tmp_path / res["adapter_dir"]
+    assert adapter_dir.is_dir()
 
     def fresh():
         torch.manual_seed(cfg.seed)
@@ -98,10 +99,10 @@ def test_run_saves_its_adapter_for_reloading_and_para(tmp_path, adapter, monkeyp
     with torch.no_grad():
         out, before = reloaded(input_ids=x).logits, untrained(input_ids=x).logits
     assert not torch.allclose(out, before), "the saved adapter must hold the trained weights"
-    extra = [] if adapter == "lora" else ["--base-model", "unused"]
+    extra = {} if adapter == "lora" else {"base_model": "unused"}
     if adapter == "lrlora":  # the CLI would build the base from a path; hand it the tiny backbone instead
-        monkeypatch.setattr("baselines.para._load_base", lambda path, num_labels: fresh())
-    result = para_main(["--adapter", str(adapter_dir), "--keep-energy", "0.9", "--out", str(tmp_path / "para"), *extra])
+        monkeypatch.setattr("experiments.para.load_base", lambda path, num_labels: fresh())
+    result = para_folder(adapter_dir, tmp_path / "para", keep_energy=0.9, **extra)
     assert 0 < result.params_after <= result.params_before and (tmp_path / "para" / "adapter_config.json").exists()
 
 

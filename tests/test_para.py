@@ -10,7 +10,8 @@ import torch
 from peft import PeftModel
 
 from baselines import apply_adapter, load_adapted
-from baselines.para import Spectrum, allocate, compress_handle, compress_peft_lora, lora_spectrum, main
+from baselines.para import Spectrum, allocate, compress_handle, compress_peft_lora, lora_spectrum
+from experiments.para import para_folder
 from lrlora.errors import ConfigError
 from tests.tiny_models import ENCODER_TARGETS, tiny_encoder
 
@@ -106,11 +107,11 @@ def test_peft_loads_the_compressed_adapter_and_rank_zero_layers_are_dropped(tmp_
 
 def test_cli_keep_energy_and_reduction(tmp_path, capsys):
     _trained_lora(tmp_path)
-    res_e90 = main(["--adapter", str(tmp_path / "lora"), "--keep-energy", "0.9", "--out", str(tmp_path / "e90")])
+    res_e90 = para_folder(tmp_path / "lora", tmp_path / "e90", keep_energy=0.9)  # python -m experiments.para adapter_dir=
     out = capsys.readouterr().out
     assert "fewer" in out and "bert.encoder.layer.0.attention.self.query" in out
     assert res_e90.energy_kept >= 0.9
-    res = main(["--adapter", str(tmp_path / "lora"), "--reduction", "0.75", "--out", str(tmp_path / "r75")])
+    res = para_folder(tmp_path / "lora", tmp_path / "r75", reduction=0.75)
     assert res.reduction >= 0.75
     for d in ("e90", "r75"):
         PeftModel.from_pretrained(tiny_encoder(), str(tmp_path / d))
@@ -149,9 +150,9 @@ def test_cli_exports_a_saved_lrlora_adapter_given_its_base_model(tmp_path, capsy
             if p.requires_grad and "classifier" not in n:
                 p.add_(torch.randn_like(p) * 0.1)
     handle.save(tmp_path / "lr")
-    with pytest.raises(ConfigError, match="pass --base-model"):  # not a LoRA: the base model forms ΔW
-        main(["--adapter", str(tmp_path / "lr"), "--keep-energy", "0.9", "--out", str(tmp_path / "x")])
-    res = main(["--adapter", str(tmp_path / "lr"), "--base-model", str(tmp_path / "base"), "--num-labels", "3",
-                "--keep-energy", "0.9", "--out", str(tmp_path / "e90")])
+    with pytest.raises(ConfigError, match="pass base_model=PATH"):  # not a LoRA: the base model forms ΔW
+        para_folder(tmp_path / "lr", tmp_path / "x", keep_energy=0.9)
+    res = para_folder(tmp_path / "lr", tmp_path / "e90", keep_energy=0.9, base_model=str(tmp_path / "base"),
+                      num_labels=3)
     assert res.energy_kept >= 0.9 and "energy kept" in capsys.readouterr().out
     PeftModel.from_pretrained(tiny_encoder(), str(tmp_path / "e90"))

@@ -91,7 +91,7 @@ def test_commonsense_gen_writes_every_prediction(tiny_decoder, tmp_path):
                                "answer_patterns": {"a": "answer1|answer2", "b": "answer1|answer2"}})
     ctx = EvalContext(model=model, processor=tok, regime=regime, test=test, batch_size=2, out_dir=tmp_path)
     m = run_protocol("commonsense_gen", ctx, protocol_config("commonsense_gen"))
-    rows = [json.loads(line) for line in open(m["predictions"])]
+    rows = [json.loads(line) for line in open(tmp_path / m["predictions"])]  # relative to the run folder
     assert len(rows) == 4 and m["n"] == 4 and m["num_beams"] == 2 and m["max_new_tokens"] == 4
     for task in ("a", "b"):
         hits = [r["correct"] for r in rows if r["task"] == task]
@@ -131,7 +131,7 @@ def test_lm_eval_scores_local_tasks_offline(tiny_decoder, tmp_path, monkeypatch)
     ctx = EvalContext(model=model, processor=tok, regime=OmegaConf.create({"task": "causal_lm"}), test=test,
                       batch_size=4, out_dir=tmp_path)
     m = run_protocol("lm_eval", ctx, protocol_config("lm_eval", {"limit": 4}))
-    rows = [json.loads(line) for line in open(m["predictions"])]
+    rows = [json.loads(line) for line in open(tmp_path / m["predictions"])]  # relative to the run folder
     assert m["task_source"] == "local" and m["n"] == 8 and len(rows) == 8
     assert (tmp_path / "lm_eval_tasks" / "a.yaml").exists()
     for task in ("a", "b"):

@@ -3,8 +3,10 @@
     from experiments.protocols import EvalContext, run_protocol
     metrics = run_protocol("glue", ctx, protocol_cfg)     # -> results["metrics"]["glue"]
 
-A protocol is a function `fn(ctx: EvalContext, cfg: DictConfig) -> dict` registered with `@protocol("name")`
-in a module of this package, plus `conf/protocol/<name>.yaml` holding its settings. Adding a protocol touches
+A protocol is a function `fn(ctx: EvalContext, cfg: DictConfig) -> dict` registered with `@protocol("name",
+tasks=(...))` (the regime tasks it scores) in a module of this package, plus `conf/protocol/<name>.yaml` holding
+its settings. Both are checked before anything loads or is written: the settings (`check_protocol_settings`: no
+unknown key, counts positive, flags boolean) and the fit (`check_fits`: the run's task is one the protocol scores). Adding a protocol touches
 those two files (and its tests); `experiments/train.py` does not change. The dict it returns is stored
 under `metrics.<name>` in the run's results file (docs/RESULTS.md gives each protocol's fields).
 """
@@ -21,14 +23,21 @@ from typing import Any
 from lrlora.errors import UserError
 
 PROTOCOLS: dict[str, Callable[..., dict]] = {}
+TASKS: dict[str, tuple[str, ...] | None] = {}  # the regime tasks each protocol scores (None: any)
 
 
-def protocol(name: str):
-    """Register `fn(ctx, cfg) -> dict` under `name` (the file name of its conf/protocol/ YAML)."""
+def protocol(name: str, tasks: tuple[str, ...] | None = None):
+    """Register `fn(ctx, cfg) -> dict` under `name` (the file name of its conf/protocol/ YAML), scoring runs of
+    the regime `tasks` (classification, regression, causal_lm, image_classification; None: any)."""
     def deco(fn):
         PROTOCOLS[name] = fn
+        TASKS[name] = tuple(tasks) if tasks else None
         return fn
     return deco
+
+
+class ProtocolError(UserError, ValueError):
+    """A protocol that does not fit the run, or a protocol setting out of range."""
 
 
 @dataclass
@@ -46,6 +55,15 @@ class EvalContext:
     run_name: str = ""
     adapter: Any = None             # the baselines.AdaptedModel handle of `model` (None: model is already plain)
     _merged: bool = False
+
+    def recorded(self, path) -> str:
+        """How a results file names an audit file: relative to the run folder (`predictions/x.jsonl`), so a
+        copied outputs folder never points back into the original."""
+        path = Path(path)
+        try:
+            return path.resolve().relative_to(Path(self.out_dir).resolve()).as_posix()
+        except (TypeError, ValueError):
+            return str(path)
 
 
 def write_jsonl(rows: list[dict], path) -> Path:
@@ -78,16 +96,82 @@ class UnknownProtocol(UserError, KeyError):
         return str(self.args[0])
 
 
-def protocol_config(name: str, overrides=None):
-    """conf/protocol/<name>.yaml with `overrides` (a dict) merged over it."""
+def _yaml(name: str):
     from omegaconf import OmegaConf
 
     path = CONF_DIR / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
         raise UnknownProtocol(f"unknown protocol {name!r}: there is no {path}. Known protocols: {known}")
-    cfg = OmegaConf.load(path)
-    return OmegaConf.merge(cfg, overrides) if overrides else cfg
+    return OmegaConf.load(path)
+
+
+def protocol_config(name: str, overrides=None):
+    """conf/protocol/<name>.yaml with `overrides` (a dict) merged over it, checked (check_protocol_settings)."""
+    from omegaconf import OmegaConf
+
+    cfg = _yaml(name)
+    if overrides:
+        check_protocol_settings(name, overrides)
+        cfg = OmegaConf.merge(cfg, overrides)
+    check_protocol_settings(name, cfg)
+    return cfg
+
+
+# What a protocol setting of this name must be (the same meaning in every conf/protocol/ file).
+_POSITIVE = ("limit", "batch_size", "num_beams", "max_new_tokens", "max_length", "n_questions", "max_tokens",
+             "timeout_s", "parallel")
+_NON_NEGATIVE = ("num_fewshot", "seed", "max_retries")
+_FLAGS = ("merge",)
+
+
+def check_protocol_settings(name: str, settings, where: str = "protocol") -> None:
+    """ProtocolError for a setting conf/protocol/<name>.yaml does not have, or one out of range (a batch size
+    or limit of 0 or below, a negative few-shot count, a flag that is not true/false): before anything is read
+    or written, so an impossible setting never reaches a results file."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(settings, DictConfig):
+        settings = OmegaConf.to_container(settings, resolve=False)
+    reference = OmegaConf.to_container(_yaml(name), resolve=False)
+
+    def walk(node: dict, ref: dict, prefix: str):
+        for key, value in (node or {}).items():
+            path = f"{where}.{prefix}{key}"
+            if key not in ref:
+                raise ProtocolError(f"{path} is not a setting of protocol {name}; its settings: "
+                                    f"{', '.join(prefix + k for k in ref)} (conf/protocol/{name}.yaml)")
+            if isinstance(ref[key], dict) and isinstance(value, dict):
+                walk(value, ref[key], f"{prefix}{key}.")
+                continue
+            if isinstance(value, str) and value.startswith("${"):
+                continue  # an interpolation, checked once resolved
+            bad = None
+            if key in _POSITIVE and value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                                           or value < 1):
+                bad = "a positive integer or null"
+            elif key in _NON_NEGATIVE and value is not None and (isinstance(value, bool) or
+                                                                 not isinstance(value, int) or value < 0):
+                bad = "an integer >= 0 or null"
+            elif key in _FLAGS and not isinstance(value, bool):
+                bad = "true or false"
+            if bad:
+                raise ProtocolError(f"{path}={value!r} must be {bad}")
+
+    walk(settings, reference, "")
+
+
+def check_fits(name: str, regime, run_name: str = "") -> None:
+    """ProtocolError, before the backbone loads, when the protocol does not score this run's kind of task."""
+    _load_all()
+    if name not in PROTOCOLS:
+        raise UnknownProtocol(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)}")
+    tasks = TASKS.get(name)
+    if tasks and regime.task not in tasks:
+        fits = sorted(n for n, t in TASKS.items() if t is None or regime.task in t)
+        raise ProtocolError(f"protocol {name} scores {'/'.join(tasks)} runs, and "
+                            f"{run_name or 'this run'} is a {regime.task} run (regime {regime.name}); choose "
+                            f"protocol={' or protocol='.join(fits) or '(none fits)'}")
 
 
 def protocol_names(cfg) -> list[str]:

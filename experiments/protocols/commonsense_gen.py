@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.protocols import EvalContext, merged_model, protocol, write_jsonl
+from experiments.protocols import EvalContext, ProtocolError, merged_model, protocol, write_jsonl
 
 # LLM-Adapters' patterns (commonsense_evaluate.py), plus the offline regimes': the options are numbered
 # answer1..answerN in the commonsense_bb suite (conf/regime/commonsense_bb.yaml adds its own per task).
@@ -85,12 +85,14 @@ def generate(model, tokenizer, prompts: list[str], num_beams: int, max_new_token
     return out
 
 
-@protocol("commonsense_gen")
+@protocol("commonsense_gen", tasks=("causal_lm",))
 def commonsense_gen(ctx: EvalContext, cfg) -> dict:
-    test = [ex for ex in ctx.test if ex.get("answer")]
-    if ctx.regime.task != "causal_lm" or not test:
-        raise ValueError("protocol commonsense_gen needs a causal-LM regime whose test examples carry an answer "
-                         "(commonsense_*, commonsense_bb, bbc_news_gen)")
+    test = list(ctx.test)
+    lacking = next((i for i, ex in enumerate(test) if not str(ex.get("answer") or "").strip()), None)
+    if ctx.regime.task != "causal_lm" or not test or lacking is not None:  # never scored on a quiet subset
+        where = f": test example {lacking} has no answer (or an empty one); fix the data" if lacking is not None else ""
+        raise ProtocolError(f"protocol commonsense_gen needs a causal-LM regime whose test examples all carry an "
+                            f"answer (commonsense_*, commonsense_bb, bbc_news_gen){where}")
     if cfg.get("limit"):  # the first n of each task
         by_task: dict = defaultdict(list)
         for ex in test:
@@ -122,5 +124,5 @@ def commonsense_gen(ctx: EvalContext, cfg) -> dict:
         "accuracy": float(np.mean([v["accuracy"] for v in tasks.values()])),
         "strict_accuracy": float(np.mean([v["strict_accuracy"] for v in tasks.values()])),
         "n": len(test), "num_beams": num_beams, "max_new_tokens": max_new_tokens, "merged": ctx._merged,
-        "tasks": tasks, "predictions": str(path) if path else None,
+        "tasks": tasks, "predictions": ctx.recorded(path) if path else None,
     }

@@ -17,6 +17,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from lrlora.errors import NonFiniteError, UserError
+
+
+class NoExamples(UserError, ValueError):
+    """Nothing to score: a metric over no examples is not a result."""
+
 
 def task_metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict:
     """accuracy + Matthews (+ F1 of class 1 for binary tasks), or Pearson + Spearman for regression."""
@@ -51,6 +57,11 @@ def choice_accuracy(logits: np.ndarray, examples) -> float:
 @torch.no_grad()
 def predict(model, examples, collate, task: str, batch_size: int, device, autocast=None):
     """(mean loss, logits or None, labels or None); the loss is token-averaged for causal LM."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: the callers check it is a positive integer")
+    if len(examples) == 0:  # a loss of 0 over nothing would read as a result
+        raise NoExamples("there are no examples to score (an empty split, or a limit that keeps none); check the "
+                         "data and the protocol's limit")
     was_training = model.training
     model.eval()
     total_loss, total_weight, logits_all, labels_all = 0.0, 0, [], []
@@ -69,7 +80,8 @@ def predict(model, examples, collate, task: str, batch_size: int, device, autoca
     model.train(was_training)
     loss = total_loss / max(total_weight, 1)
     if not math.isfinite(loss):
-        raise FloatingPointError(f"evaluation loss is {loss}: the model's outputs are not finite")
+        raise NonFiniteError(f"evaluation loss is {loss}: the model's outputs are not finite, so there is no score; "
+                             f"the adapter diverged: retrain with a lower regime.train.lr")
     if not logits_all:
         return loss, None, None
     return loss, np.concatenate(logits_all), np.concatenate(labels_all)

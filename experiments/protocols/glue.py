@@ -12,7 +12,7 @@ from experiments.protocols import EvalContext, protocol
 from experiments.protocols.forward import evaluate
 
 
-@protocol("glue")
+@protocol("glue", tasks=("classification", "regression"))
 def glue(ctx: EvalContext, cfg) -> dict:
     if ctx.regime.task not in ("classification", "regression"):
         raise ValueError(f"protocol glue scores classification/regression regimes, not {ctx.regime.task!r}")

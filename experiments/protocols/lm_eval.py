@@ -95,7 +95,7 @@ def _metric(task_result: dict, name: str):
     return None if value is None or value == "N/A" else float(value)
 
 
-@protocol("lm_eval")
+@protocol("lm_eval", tasks=("causal_lm",))
 def lm_eval(ctx: EvalContext, cfg) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -159,4 +159,4 @@ def lm_eval(ctx: EvalContext, cfg) -> dict:
 
     return {"acc": mean("acc"), "acc_norm": mean("acc_norm"), "n": sum(t["n"] for t in per_task.values()),
             "tasks": per_task, "task_source": "hub" if tasks else "local", "merged": ctx._merged,
-            "predictions": str(path), "lm_eval_version": metadata.version("lm-eval")}
+            "predictions": ctx.recorded(path), "lm_eval_version": metadata.version("lm-eval")}

@@ -284,7 +284,7 @@ def summarise(judgments: list[dict]) -> dict:
             "failed_parses": len(judgments) - len(valid)}
 
 
-@protocol("mt_bench")
+@protocol("mt_bench", tasks=("causal_lm",))
 def mt_bench(ctx: EvalContext, cfg) -> dict:
     """Answer, judge, average. Returns metrics.mt_bench (docs/RESULTS.md)."""
     if ctx.out_dir is None:  # the answers and judgments are part of the result: they need the run folder
@@ -317,8 +317,8 @@ def mt_bench(ctx: EvalContext, cfg) -> dict:
     write_jsonl(judgments, judgments_path)
 
     metrics = summarise(judgments)
-    metrics.update(judge=cfg.judge.model, questions=len(questions), answers=str(answers_path),
-                   judgments=str(judgments_path))
+    metrics.update(judge=cfg.judge.model, questions=len(questions), answers=ctx.recorded(answers_path),
+                   judgments=ctx.recorded(judgments_path))
     print(f"[mt_bench] score {metrics['score']:.2f} over {metrics['judged']} judgments "
           f"({metrics['failed_parses']} failed parses), judge {cfg.judge.model}", flush=True)
     return metrics

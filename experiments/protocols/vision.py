@@ -10,7 +10,7 @@ from experiments.protocols import EvalContext, protocol
 from experiments.protocols.forward import evaluate
 
 
-@protocol("vision")
+@protocol("vision", tasks=("image_classification",))
 def vision(ctx: EvalContext, cfg) -> dict:
     if ctx.regime.task != "image_classification":
         raise ValueError(f"protocol vision scores image_classification regimes, not {ctx.regime.task!r}")
