@@ -388,6 +388,7 @@ ENTRIES = {
     "experiments.para": ("experiments.para", "para"),
     "experiments.demo": ("experiments.demo", None),
     "experiments.clean": ("experiments.clean", None),
+    "experiments.commonsense_suite": ("experiments.commonsense_suite", None),
     "analysis": ("analysis.__main__", None),
     "analysis.reproduce": ("analysis.reproduce", None),
     "analysis.report": ("analysis.report", None),
@@ -726,6 +727,7 @@ CLI_CASES = [
     ("usage", "clean: root is a file", "experiments.clean", ["--root", "@afile"], None,
      r"^error: --root .*afile is a file, not an outputs folder$"),
     ("usage", "clean: unknown option", "experiments.clean", ["--all"], None, r"^error: .*unrecognized arguments"),
+    ("usage", "suite: unknown option", "experiments.commonsense_suite", ["--bogus"], None, r"^error: .*unrecognized"),
     ("usage", "benchmarks: unknown option", "benchmarks.report", ["--bogus"], None, r"^error: .*unrecognized"),
     ("usage", "benchmarks: bad model", "benchmarks.train_step", ["--models", "foo:2", "--out", "@b.json"], None,
      r"^error: --models 'foo:2': use MODEL:LAYERS with MODEL one of"),
@@ -825,7 +827,7 @@ def _tree(world: Path, top: str) -> dict:
 def test_rescoring_and_compressing_a_copy_write_only_into_the_copy(world, capsys):
     """`run=COPY/runs/X` and `paths.root=COPY`: the copy's results file, run folder and PARA run change; the
     original not by a byte, also when the copy's results files record the original's absolute paths (as results
-    files did before paths were relative to their root)."""
+    files did before paths were relative to their root); and a copy stands alone (its original moved away)."""
     shutil.copytree(world / "out", world / "copy")
     shutil.copytree(world / "lora_out", world / "lora_copy")
     _edit_json(f"copy/results/{RUN}.json",
@@ -833,10 +835,12 @@ def test_rescoring_and_compressing_a_copy_write_only_into_the_copy(world, capsys
     _edit_json(f"lora_copy/results/{LORA_RUN}.json",
                lambda d: d.update(adapter_dir=str(world / "lora_out" / "runs" / LORA_RUN / "adapter")))(world)
     originals = {top: _tree(world, top) for top in ("out", "lora_out")}
-    assert call_entry("experiments.evaluate", [f"run={world / 'copy' / 'runs' / RUN}", "protocol=glue"]) == 0
     assert call_entry("experiments.para", [f"run={LORA_RUN}", f"paths.root={world / 'lora_copy'}",
                                            "para.keep_energy=0.9"]) == 0
+    assert call_entry("experiments.evaluate", [f"run={world / 'copy' / 'runs' / RUN}", "protocol=glue"]) == 0
     assert {top: _tree(world, top) for top in originals} == originals, "the original outputs folder changed"
+    (world / "out").rename(world / "moved")  # the original gone: the copy is re-scored from itself
+    assert call_entry("experiments.evaluate", [f"run={RUN}", f"paths.root={world / 'copy'}", "protocol=glue"]) == 0
     rescored = json.loads((world / "copy" / "results" / f"{RUN}.json").read_text())
     assert rescored["protocols"]["glue"]["by"] == "experiments.evaluate"
     para = json.loads((world / "lora_copy" / "results" / f"{LORA_RUN}__para-keep0.90.json").read_text())
