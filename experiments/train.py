@@ -16,6 +16,7 @@ In Python: `run(cfg)` with a config from Hydra's compose API (see experiments/de
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -72,6 +73,8 @@ def _accelerator(cfg: DictConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    # The console shows progress and results: accelerate's INFO lines (four or more per checkpoint save) are not.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     precision = cfg.trainer.precision
     if precision == "auto":  # the paper's precision on a GPU; CPU autocast in fp16 is not supported
         precision = cfg.regime.train.precision if torch.cuda.is_available() else "no"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -235,6 +236,20 @@ def _cpu_tag() -> str:
     return hashlib.sha1(model.encode()).hexdigest()[:8]
 
 
+def _say_if_compiling(name: str) -> None:
+    """The first build on a machine takes 30-60 s inside the first LR-LoRA step: say so, rather than stall in silence
+    (stdout: a progress note, not an error)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        build = Path(_get_build_directory(name, verbose=False))
+        if any(build.glob(f"{name}*.so")):
+            return
+    except Exception:  # a private helper of torch's: without it, say nothing
+        return
+    print(f"lrlora: compiling the fused σ kernels for this CPU, once (30-60 s; cached in {build})", flush=True)
+
+
 def get():
     """The compiled kernels, or None (no compiler, failed build, or LRLORA_NO_EXTENSION=1)."""
     global _module, _tried
@@ -246,8 +261,10 @@ def get():
     try:
         from torch.utils.cpp_extension import load_inline
 
+        name = f"lrlora_sigma_kernels_v10_{_cpu_tag()}"
+        _say_if_compiling(name)
         _module = load_inline(
-            name=f"lrlora_sigma_kernels_v10_{_cpu_tag()}",
+            name=name,
             cpp_sources=_SOURCE,
             functions=["interp", "interp_backward"],
             extra_cflags=["-O3", "-fopenmp", "-march=native", "-fno-trapping-math", "-mprefer-vector-width=256"],

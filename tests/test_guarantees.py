@@ -1258,3 +1258,25 @@ def test_kill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     rows = (tmp_path / "b" / "runs" / RUN / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(r)["step"] for r in rows if "train_loss" in r]
     assert steps == sorted(set(steps))
+
+
+# --- the console: progress and results, not internals -----------------------------------------------------------
+def test_checkpoint_saves_log_nothing_to_the_console(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    run(cfg_for(tmp_path, extra=["trainer.max_steps=2", "trainer.save_every=1"]))
+    assert not [r for r in caplog.records if r.name.startswith("accelerate") and r.levelno < logging.WARNING]
+
+
+def test_the_one_time_kernel_build_is_announced(tmp_path, monkeypatch, capsys):
+    import torch.utils.cpp_extension as ext
+
+    from lrlora import _kernels
+
+    monkeypatch.setattr(ext, "_get_build_directory", lambda name, verbose=False: str(tmp_path))
+    _kernels._say_if_compiling("lrlora_x")
+    assert "compiling the fused σ kernels for this CPU, once" in capsys.readouterr().out
+    (tmp_path / "lrlora_x.so").write_bytes(b"")
+    _kernels._say_if_compiling("lrlora_x")
+    assert capsys.readouterr().out == ""
