@@ -196,7 +196,13 @@ def _run(cfg: DictConfig) -> dict:
                           batch_size=loop["micro_batch_size"] * 2, out_dir=out_dir, run_name=cfg.run_name,
                           adapter=handle)
         for name, pcfg in eval_cfgs.items():
-            metrics[name] = run_protocol(name, ctx, pcfg)
+            try:
+                metrics[name] = run_protocol(name, ctx, pcfg)
+            except UserError as e:  # a protocol that cannot run here costs neither the run nor the others' numbers
+                print(f"error: protocol {name}: {e}", file=sys.stderr)
+                protocols[name] = {"failed": str(e), "rerun": f"python -m experiments.evaluate run={cfg.run_name} "
+                                                              f"protocol={name}"}
+                continue
             protocols[name] = provenance("experiments.train", OmegaConf.to_container(pcfg, resolve=True))
             accelerator.print(f"[{cfg.run_name}] {name}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in metrics[name].items() if isinstance(v, float)))
