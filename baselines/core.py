@@ -195,6 +195,11 @@ class AdaptedModel:
         """Method-specific facts for the results file (e.g. final per-layer ranks)."""
         return {}
 
+    def sigma_arguments(self) -> dict[str, torch.Tensor]:
+        """Module name -> the argument of an elementwise σ applied to a low-rank product (LR-LoRA: pre_scale · BA),
+        for the mechanism diagnostics (lrlora.mechanism); empty for methods without one."""
+        return {}
+
     def training_state(self) -> dict:
         """State a method keeps outside its trainable tensors (rank schedules, importance scores, its RNG):
         the training checkpoint stores it, so a resumed run continues exactly."""

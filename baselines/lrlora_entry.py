@@ -16,7 +16,9 @@ import tempfile
 from pathlib import Path
 
 from baselines.core import register
-from baselines.peft_methods import PeftAdapted
+import torch
+
+from baselines.peft_methods import ADAPTER, PeftAdapted
 from lrlora.config import LRLoRAConfig
 from lrlora.errors import ConfigError
 
@@ -46,6 +48,13 @@ class LRLoRA(PeftAdapted):
         from lrlora.peft import LRLoRAPeftConfig
 
         return LRLoRAPeftConfig(**self._peft_kwargs(r, target_modules, dropout, modules_to_save, rest))
+
+    @torch.no_grad()
+    def sigma_arguments(self):
+        from lrlora.peft import LAYER_ATTR
+        from lrlora.rank import sigma_argument
+
+        return {name: sigma_argument(getattr(m, LAYER_ATTR)[ADAPTER]) for name, m in self.tuner_layers().items()}
 
     @classmethod
     def _load(cls, base_model, directory: Path, kwargs):

@@ -2,6 +2,7 @@
 
     path = write_results(results, results_dir)   # -> {results_dir}/{run_name}.json
     ranks = rank_stats(handle.delta_weights(), target_modules)
+    mech = mechanism_stats(handle.delta_weights(), r, handle.sigma_arguments())
 
 Fields: run_name, backbone/adapter/regime/r/seed, config (resolved), metrics (val best, test, train),
 params (trainable, total, % of backbone), stable_ranks (per layer and by module type), timing
@@ -57,6 +58,23 @@ def rank_stats(delta_weights: dict, target_modules) -> dict:
         by_type.setdefault(row["type"], []).append(row["stable_rank"])
     return {"per_layer": per_layer, "all": summary([r["stable_rank"] for r in per_layer.values()]),
             "by_type": {t: summary(v) for t, v in by_type.items()}}
+
+
+def mechanism_stats(delta_weights: dict, r: int | None, sigma_arguments: dict | None = None) -> dict:
+    """Per adapted matrix, `lrlora.mechanism`: ΔW's energy beyond the nominal rank r, and for LR-LoRA the range
+    of σ's argument and ΔW's distance from an affine function of it; with the median, min and max of each over
+    the matrices (docs/RESULTS.md). Empty without a nominal rank."""
+    from lrlora import mechanism
+
+    if not r:
+        return {}
+    per_layer = {name: mechanism(dw, int(r), (sigma_arguments or {}).get(name)) for name, dw in delta_weights.items()}
+    fields = sorted({k for row in per_layer.values() for k in row})
+    summary = {}
+    for f in fields:
+        v = np.array([row[f] for row in per_layer.values() if f in row], dtype=float)
+        summary[f] = {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": len(v)}
+    return {"r": int(r), "per_layer": per_layer, "summary": summary}
 
 
 def package_versions() -> dict:

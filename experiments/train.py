@@ -33,6 +33,7 @@ from experiments.loop import train, truncate_metrics
 from experiments.protocols import EvalContext, check_fits, protocol_config, protocol_names, run_protocol
 from experiments.results import (
     git_info,
+    mechanism_stats,
     package_versions,
     peak_memory,
     rank_stats,
@@ -176,7 +177,11 @@ def _run(cfg: DictConfig) -> dict:
     adapter_dir = out_dir / "adapter"
     if accelerator.is_main_process:
         handle.save(adapter_dir)
-    ranks = rank_stats(handle.delta_weights(), kwargs["target_modules"]) if cfg.trainer.compute_ranks else {}
+    ranks, mechanism = {}, {}
+    if cfg.trainer.compute_ranks:
+        deltas = handle.delta_weights()
+        ranks = rank_stats(deltas, kwargs["target_modules"])
+        mechanism = mechanism_stats(deltas, cfg.adapter.get("r"), handle.sigma_arguments())
     adapter_extra = handle.extra_results()
     if accelerator.is_main_process and cfg.logger.get("log_transfer_plot", True):
         fig = plot_transfer_functions(model, out_dir / "transfer_functions.png", kwargs["target_modules"])
@@ -216,6 +221,7 @@ def _run(cfg: DictConfig) -> dict:
         "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total,
                    "head": head},
         "stable_ranks": ranks,
+        "mechanism": mechanism,
         "adapter_dir": recorded_path(adapter_dir, cfg.paths.root),  # relative to the root: a copy stands alone
         "data_fingerprint": data_hash,  # experiments.evaluate scores only the data the run was trained on
         "adapter_extra": adapter_extra,

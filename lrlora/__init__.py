@@ -17,7 +17,7 @@ from lrlora.io import load_adapter, read_adapter_config, save_adapter
 from lrlora.layer import AdaptedLinear, LRLoRALinear
 from lrlora.model import adapter_parameter_count, apply_lrlora, lrlora_modules, merge_and_unload
 from lrlora.ops import sigma, sigma_naive
-from lrlora.rank import normalized_spectrum, rank_report, stable_rank
+from lrlora.rank import mechanism, normalized_spectrum, rank_report, sigma_argument, stable_rank
 from lrlora.targets import find_targets, layer_index
 from lrlora.transfer import BASES, TransferFunction
 
@@ -43,12 +43,14 @@ __all__ = [
     "layer_index",
     "load_adapter",
     "lrlora_modules",
+    "mechanism",
     "merge_and_unload",
     "normalized_spectrum",
     "rank_report",
     "read_adapter_config",
     "save_adapter",
     "sigma",
+    "sigma_argument",
     "sigma_naive",
     "stable_rank",
 ]

@@ -23,9 +23,35 @@ def normalized_spectrum(m: torch.Tensor, top: int | None = None) -> list[float]:
 
 
 @torch.no_grad()
+def mechanism(delta: torch.Tensor, r: int, sigma_arg: torch.Tensor | None = None) -> dict:
+    """Whether a learned update uses more than its nominal rank, and how far LR-LoRA's σ is from affine.
+
+    ``energy_beyond_r`` = Σ_{i>r} s_i² / Σ s_i² over ΔW's singular values: 0 for a rank-r update (LoRA's, always),
+    and for LR-LoRA whenever σ is near-linear on the values it sees. With ``sigma_arg`` (LR-LoRA's argument of σ,
+    pre_scale · BA): its ``t_absmax`` and ``t_rms``, and ``linear_residual`` = ‖ΔW − (c0·11ᵀ + c1·t)‖_F / ‖ΔW‖_F
+    for the least-squares c0, c1 — 0 when σ acts as an affine map on those values, i.e. ΔW is LoRA's BA up to
+    scale plus a constant. A zero ΔW gives 0.0 for both ratios (nothing learned, nothing beyond r)."""
+    d = delta.detach().double()
+    s2 = torch.linalg.svdvals(d).square()
+    total = float(s2.sum())
+    out = {"energy_beyond_r": float(s2[r:].sum()) / total if total > 0 else 0.0}
+    if sigma_arg is not None:
+        t = sigma_arg.detach().double().reshape(-1)
+        y = d.reshape(-1)
+        design = torch.stack([torch.ones_like(t), t], dim=1)
+        coef = torch.linalg.lstsq(design, y.unsqueeze(1)).solution  # (c0, c1)
+        resid = y - (design @ coef).squeeze(1)
+        norm = float(y.norm())
+        out.update(t_absmax=float(t.abs().max()), t_rms=float(t.square().mean().sqrt()),
+                   linear_residual=float(resid.norm()) / norm if norm > 0 else 0.0)
+    return out
+
+
+@torch.no_grad()
 def rank_report(model: nn.Module, top: int | None = 32) -> list[dict]:
     """Per adapted module: name, module type, layer index, shape, stable rank of ΔW and of BA,
-    and ΔW's normalised singular values (the first ``top``; None for all)."""
+    ΔW's normalised singular values (the first ``top``; None for all), and the mechanism diagnostics
+    (``mechanism``: energy beyond r, the range of σ's argument, the distance from an affine σ)."""
     rows = []
     for name, layer in lrlora_modules(model).items():
         dw = layer.delta_weight().float()
@@ -38,6 +64,12 @@ def rank_report(model: nn.Module, top: int | None = 32) -> list[dict]:
                 "stable_rank_delta": stable_rank(dw),
                 "stable_rank_ba": stable_rank(layer.lowrank_product()),
                 "singular_values": normalized_spectrum(dw, top),
+                **mechanism(dw, layer.r, sigma_argument(layer)),
             }
         )
     return rows
+
+
+def sigma_argument(layer) -> torch.Tensor:
+    """LR-LoRA's argument of σ on one layer: pre_scale · B A (fp32)."""
+    return layer.lowrank_product() * layer.pre_scale

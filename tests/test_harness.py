@@ -58,6 +58,11 @@ def check_results(res, tmp_path):
     assert p["trainable"] > 0 and p["total"] > 0
     assert p["trainable_percent"] == pytest.approx(100 * p["trainable"] / p["total"])
     assert on_disk["stable_ranks"]["per_layer"], "per-layer stable ranks of every ΔW"
+    mech = on_disk["mechanism"]  # the mechanism diagnostics of every ΔW (docs/RESULTS.md)
+    assert mech["r"] == on_disk["r"] and set(mech["per_layer"]) == set(on_disk["stable_ranks"]["per_layer"])
+    sigma = on_disk["adapter"] == "lrlora"
+    for row in mech["per_layer"].values():
+        assert 0 <= row["energy_beyond_r"] <= 1 and ("linear_residual" in row) == sigma
     assert on_disk["timing"]["wall_s"] > 0 and on_disk["memory"]["peak_rss_bytes"] > 0
     assert (tmp_path / "runs" / res["run_name"] / "metrics.jsonl").exists()
     return on_disk

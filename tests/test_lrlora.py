@@ -497,3 +497,36 @@ def test_core_claim_rank_one_sigma_beats_the_best_rank_one_product(seed):
     err = float((dw - target).square().sum() / target.square().sum())
     assert stable_rank(dw) > 1.2
     assert err < 0.5 * best_rank_one_err, f"σ(BA) error {err:.3f} vs best rank-1 BA {best_rank_one_err:.3f}"
+
+
+def test_mechanism_diagnostics_known_values():
+    """energy_beyond_r and linear_residual on matrices whose answers are known by construction."""
+    from lrlora import mechanism
+
+    torch.manual_seed(0)
+    b, a = torch.randn(20, 2), torch.randn(2, 30)
+    t = b @ a
+    m = mechanism(t, 2)  # a rank-2 matrix has nothing beyond r = 2, and everything beyond r = 0
+    assert m["energy_beyond_r"] == pytest.approx(0.0, abs=1e-12) and mechanism(t, 0)["energy_beyond_r"] == 1.0
+    diag = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    assert mechanism(diag, 1)["energy_beyond_r"] == pytest.approx(5 / 14)
+    affine = 0.7 * t - 0.3  # σ affine on its argument: no residual, though ΔW has rank 3
+    m = mechanism(affine, 2, t)
+    assert m["linear_residual"] == pytest.approx(0.0, abs=1e-6) and m["energy_beyond_r"] > 1e-4
+    assert m["t_absmax"] == pytest.approx(float(t.abs().max())) and m["t_rms"] == pytest.approx(float(t.pow(2).mean().sqrt()))
+    bent = torch.sin(3 * t)  # far from affine on a wide range
+    assert mechanism(bent, 2, t)["linear_residual"] > 0.5
+    assert mechanism(torch.zeros(4, 5), 2, torch.zeros(4, 5)) == {"energy_beyond_r": 0.0, "t_absmax": 0.0,
+                                                                 "t_rms": 0.0, "linear_residual": 0.0}
+
+
+def test_rank_report_carries_the_mechanism():
+    from lrlora import mechanism, sigma_argument
+
+    model = apply_lrlora(tiny_qwen2(), LRLoRAConfig(r=2, target_modules=["q_proj"], pre_scale=3.0))
+    randomize_adapters(model)
+    row = rank_report(model)[0]
+    layer = lrlora_modules(model)[row["module"]]
+    assert torch.allclose(sigma_argument(layer), 3.0 * layer.lowrank_product())
+    expected = mechanism(layer.delta_weight(), 2, sigma_argument(layer))
+    assert {k: row[k] for k in expected} == pytest.approx(expected)
