@@ -2,7 +2,9 @@
 
 train.py (entry: backbone -> adapter -> data -> loop -> evaluation -> results file), guard.py (checks before a
 run starts), naming.py (run names), backbones.py, data.py, loop.py, protocols/ (evaluation), results.py,
-tracking.py; the other entry points evaluate.py (re-score a run), para.py (PARA as a run) and demo.py.
+tracking.py; the other entry points evaluate.py (re-score a run), para.py (PARA, on a run or a folder),
+demo.py and clean.py (remove what the harness wrote); every one of them reports errors through
+lrlora/cli.py (docs/guarantees.md).
 """
 
 from experiments import naming as _naming  # noqa: E402,F401  registers the ${run_suffix:} resolver of conf/train.yaml

@@ -114,8 +114,8 @@ def clean(root: str | os.PathLike, dry: bool = False) -> list[Path]:
             if not dry:
                 (d / "multirun.yaml").unlink()
     emptied = {a for p in removed for a in p.parents if a == root or root in a.parents}
-    for d in folders:  # the deepest first: a folder emptied of what was ours goes too
-        if d in emptied:
+    for d in folders:  # the deepest first: a folder emptied of what was ours goes too, and Hydra's job folders
+        if d in emptied or ("multirun" in d.relative_to(root).parts and d.exists() and not any(d.iterdir())):
             _rmdir(d, dry)
     return removed
 

@@ -1047,8 +1047,10 @@ def test_a_printed_run_name_works_as_printed(tmp_path, capsys):
     """Run names carry their settings (`__center=true`): passed back as `run=NAME` they parse."""
     res = run(_harness_cfg(tmp_path, "tiny_encoder", "lrlora", ["adapter.center=true"]))
     assert "center=true" in res["run_name"] and f"[{res['run_name']}]" in capsys.readouterr().out
-    assert call_entry("experiments.evaluate", [f"run={res['run_name']}", f"paths.root={tmp_path}",
-                                               "protocol=glue"]) == 0
+    p = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"run={res['run_name']}",
+                        f"paths.root={tmp_path}", "protocol=glue"], capture_output=True, text=True, cwd=REPO,
+                       timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0 and f"[{res['run_name']}] glue:" in p.stdout, p.stderr
 
 
 def test_refused_settings_never_load_the_backbone(world, monkeypatch):
