@@ -405,11 +405,15 @@ def test_conversion_cli_round_trip_and_bad_input(tmp_path, capsys):
     a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     b = load_file(tmp_path / "peft2" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from lrlora import cli
+
+    capsys.readouterr()
     for command, src in (("to-library", tmp_path / "missing"), ("to-peft", tmp_path / "peft"),
-                         ("to-library", tmp_path / "lib")):
-        with pytest.raises(SystemExit) as e:
-            lp.main([command, str(src), str(tmp_path / "out")])
-        assert str(e.value).startswith("error: ") and "\n" not in str(e.value), e.value
+                         ("to-library", tmp_path / "lib")):  # as `python -m lrlora.peft` runs main (cli.run)
+        assert cli.call(lp.main, [command, str(src), str(tmp_path / "out")]) == cli.EXIT_USER
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_causal_lm_generate_matches_the_merged_model():
