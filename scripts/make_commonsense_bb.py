@@ -32,6 +32,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from experiments.commonsense_suite import build_command, write_checksums
 from lrlora import cli
 from lrlora._atomic import atomic_write, file_sha256
 
@@ -150,30 +151,23 @@ def build(sdist: Path, out: Path) -> dict:
     write_json(full[:SMALL_MIX], out / "train.json")
     manifest["train_full"], manifest["train"] = len(full), min(SMALL_MIX, len(full))
     write_json(manifest, out / "MANIFEST.json")
-    files = sorted(p for p in out.rglob("*.json") if p.name != "MANIFEST.json")
-    lines = [f"{file_sha256(p)}  {p.relative_to(out)}" for p in files]
-    atomic_write(out / "SHA256SUMS", "\n".join(lines) + "\n")
+    write_checksums(out)
     return manifest
 
 
-def main(argv=None) -> int:
-    ap = cli.ArgumentParser(prog="python -m scripts.make_commonsense_bb", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "data" / "commonsense_bb")
-    ap.add_argument("--cache", type=Path, default=ROOT / "data" / "cache" / "pypi",
-                    help="where the downloaded sdist is kept (reused by later builds)")
-    ap.add_argument("--check", action="store_true", help=f"fail unless the files match {CHECKSUMS.name}")
-    args = ap.parse_args(argv)
-    manifest = build(fetch_sdist(args.cache), args.out)
-    print(f"{'task':<22}{'BIG-bench task':<36}{'for':<15}{'train':>7}{'test':>6}  options")
+def report(manifest: dict, out: Path) -> str:
+    lines = [f"{'task':<22}{'BIG-bench task':<36}{'for':<15}{'train':>7}{'test':>6}  options"]
     for name, t in manifest["tasks"].items():
-        print(f"{name:<22}{t['bigbench_task']:<36}{t['stands_in_for']:<15}{t['train']:>7}{t['test']:>6}  {t['options']}")
-    print(f"training mixes: train.json {manifest['train']}, train_full.json {manifest['train_full']} -> {args.out}")
-    if args.check:
-        got = (args.out / "SHA256SUMS").read_text()
-        if got != CHECKSUMS.read_text():
-            sys.exit(f"error: the built files differ from {CHECKSUMS}: compare with {args.out / 'SHA256SUMS'}")
-        print(f"checksums match {CHECKSUMS.relative_to(ROOT)}")
-    return 0
+        lines.append(f"{name:<22}{t['bigbench_task']:<36}{t['stands_in_for']:<15}{t['train']:>7}{t['test']:>6}  "
+                     f"{t['options']}")
+    lines.append(f"training mixes: train.json {manifest['train']}, train_full.json {manifest['train_full']} -> {out}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    return build_command(argv, prog="python -m scripts.make_commonsense_bb", description=__doc__.split("\n\n")[0],
+                         out=ROOT / "data" / "commonsense_bb", source="sdist", fetch=fetch_sdist, build=build,
+                         report=report, checksums=CHECKSUMS)
 
 
 if __name__ == "__main__":
