@@ -172,6 +172,27 @@ def trainable_tensors(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def forward_backward(model, batches, n: int, accelerator) -> float:
+    """The forward and backward passes of one optimizer step over its ``n`` micro-batches (an iterable of batches
+    on the device, each scaled by 1/n); gradients are synchronised across processes on the last one only. Returns
+    the summed loss. The training loop's step, and what ``benchmarks.workload`` times."""
+    loss_sum = 0.0
+    for j, batch in enumerate(batches):
+        with accelerator.autocast(), (accelerator.no_sync(model) if j < n - 1 else nullcontext()):
+            loss = model(**batch).loss / n
+        accelerator.backward(loss)
+        loss_sum += loss.item()
+    return loss_sum
+
+
+def apply_update(params, optimizer, scheduler, accelerator, grad_clip: float | None) -> None:
+    """The update after a finite step: clip the gradient norm (when set), the optimizer's step, the schedule's."""
+    if grad_clip:
+        accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+
+
 def train(handle, data, collate, cfg, accelerator, tracker, out_dir: Path, resume: bool = False,
           fingerprint: str = "", t_start: float | None = None, meta: dict | None = None) -> dict:
     """Train handle.model on data.train, evaluating on data.val; returns the loop summary.
@@ -253,24 +274,19 @@ def train(handle, data, collate, cfg, accelerator, tracker, out_dir: Path, resum
         groups = [micro[i:i + rt.grad_accum] for i in range(0, len(micro), rt.grad_accum)]
         for group in groups[state.step_in_epoch:]:
             t0 = time.perf_counter()
-            loss_sum = 0.0
-            for j, idx in enumerate(group):
-                # Each process takes its slice of the global micro-batch: multi-GPU needs no sampler.
-                batch = collate([data.train[i] for i in idx[rank * micro_bs:(rank + 1) * micro_bs]])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                if "attention_mask" in batch:
-                    state.tokens += int(batch["attention_mask"].sum()) * world
-                sync = j == len(group) - 1
-                with accelerator.autocast(), (accelerator.no_sync(model) if not sync else nullcontext()):
-                    loss = model(**batch).loss / len(group)
-                accelerator.backward(loss)
-                loss_sum += loss.item()
 
+            def micro_batches(group=group):
+                for idx in group:
+                    # Each process takes its slice of the global micro-batch: multi-GPU needs no sampler.
+                    batch = collate([data.train[i] for i in idx[rank * micro_bs:(rank + 1) * micro_bs]])
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    if "attention_mask" in batch:
+                        state.tokens += int(batch["attention_mask"].sum()) * world
+                    yield batch
+
+            loss_sum = forward_backward(model, micro_batches(), len(group), accelerator)
             if math.isfinite(loss_sum):
-                if tc.grad_clip:
-                    accelerator.clip_grad_norm_(params, tc.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                apply_update(params, optimizer, scheduler, accelerator, tc.grad_clip)
                 handle.on_step(state.step, total_steps)  # AdaLoRA's allocator reads the grads: before zero_grad
                 state.updates += 1
                 state.last_loss = loss_sum
