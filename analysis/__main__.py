@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from analysis.load import ResultsError
-from analysis.registry import TARGETS, _load_all, build
+from analysis.registry import TARGETS, build, load_all
 from lrlora import cli
 
 
@@ -33,7 +33,7 @@ def _is_results(path: Path, read) -> bool:
 
 
 def main(argv=None) -> int:
-    _load_all()
+    load_all()
     ap = cli.ArgumentParser(prog="python -m analysis", description=__doc__)
     ap.add_argument("target", help=f"one of: {', '.join(sorted(TARGETS))}; or tables, figures, list")
     ap.add_argument("--results", nargs="+", default=["outputs/results"], help="folders (or files) of results JSON")

@@ -23,8 +23,8 @@ import pandas as pd
 from analysis import paper
 from analysis.registry import target
 from analysis.render import MISSING, Table, fmt_cell
+from analysis.select import get_column
 from analysis.stats import holm, mean_std, paired_ci, paired_ttest
-from analysis.tables import _col
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_STEP = ROOT / "benchmarks" / "results" / "train_step.json"
@@ -41,9 +41,9 @@ def _setting(variant: str) -> str:
 def _frame(df: pd.DataFrame) -> pd.DataFrame:
     d = df.copy() if len(df) else pd.DataFrame(columns=["adapter", "backbone", "regime", "r", "seed", "score",
                                                         "variant"])
-    d["setting"] = [_setting(v) for v in _col(d, "variant")]
+    d["setting"] = [_setting(v) for v in get_column(d, "variant")]
     d["centred"] = [bool(c) if c is not None and not (isinstance(c, float) and math.isnan(c)) else None
-                    for c in _col(d, "config.adapter.center")]
+                    for c in get_column(d, "config.adapter.center")]
     return d
 
 
@@ -66,7 +66,7 @@ def _lr(d, centred=True, **kw):
 
 def _values(runs: pd.DataFrame, metric: str | None = None) -> pd.Series:
     """The runs' score in % (the regime's headline, or `metric` x 100), NaN where a run lacks it."""
-    return runs["score"].astype(float) if metric is None else 100 * pd.to_numeric(_col(runs, metric),
+    return runs["score"].astype(float) if metric is None else 100 * pd.to_numeric(get_column(runs, metric),
                                                                                   errors="coerce")
 
 
@@ -109,7 +109,7 @@ def _diff_one_seed(a: float | None, b: float | None, n: int | None) -> str:
 
 def _n_test(runs: pd.DataFrame, proto: str = "glue") -> int | None:
     for col in (f"metrics.{proto}.n", "config.regime.n_test"):
-        v = pd.to_numeric(_col(runs, col), errors="coerce").dropna()
+        v = pd.to_numeric(get_column(runs, col), errors="coerce").dropna()
         if len(v):
             return int(v.iloc[0])
     return None
@@ -119,15 +119,15 @@ def _binary(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs of binary tasks. A multiple-choice task scored by pairs (choice_accuracy) has a Matthews of its
     pair-wise labels that says nothing of its choices (all-negative pairs can still rank the right option
     first), and its chance level needs the test set's option counts, which results files do not hold."""
-    return runs[pd.to_numeric(_col(runs, "metrics.glue.choice_accuracy"), errors="coerce").isna()]
+    return runs[pd.to_numeric(get_column(runs, "metrics.glue.choice_accuracy"), errors="coerce").isna()]
 
 
 def _at_chance(runs: pd.DataFrame) -> int:
     """Runs no better than chance on a binary task: |Matthews| below 1.96/√n, the two-sided 5% bound of the
     correlation under independence (a run that answers one label for every question has exactly 0)."""
     runs = _binary(runs)
-    mcc = pd.to_numeric(_col(runs, "metrics.glue.matthews"), errors="coerce")
-    n = pd.to_numeric(_col(runs, "metrics.glue.n"), errors="coerce")
+    mcc = pd.to_numeric(get_column(runs, "metrics.glue.matthews"), errors="coerce")
+    n = pd.to_numeric(get_column(runs, "metrics.glue.n"), errors="coerce")
     return int((mcc.abs() < 1.96 / n.pow(0.5)).sum())
 
 
@@ -166,8 +166,8 @@ def _scale(d: pd.DataFrame) -> str:
         return "No results files found for this claim."
     parts = []
     for (bb, reg), sub in d.groupby(["backbone", "regime"]):
-        steps = pd.to_numeric(_col(sub, "metrics.train.steps"), errors="coerce").dropna()
-        n_train = pd.to_numeric(_col(sub, "config.regime.n_train"), errors="coerce").dropna()
+        steps = pd.to_numeric(get_column(sub, "metrics.train.steps"), errors="coerce").dropna()
+        n_train = pd.to_numeric(get_column(sub, "config.regime.n_train"), errors="coerce").dropna()
         seeds = sorted(int(s) for s in sub["seed"].dropna().unique())
         # A multiple-choice task scored by pairs counts (question, option) pairs in metrics.glue.n.
         unit = "" if len(_binary(sub)) == len(sub) else " question-option pairs"
@@ -195,7 +195,7 @@ def claim1(df: pd.DataFrame, ctx) -> Table:
         ours = _lr(d, backbone="minilm_l6", regime=reg, r=4)
         form = _lr(d, centred=False, backbone="minilm_l6", regime=reg, r=4)
         mean, lo, hi, n, p = _paired(ours, lora)
-        metric = "choice_accuracy" if _col(lora, "metrics.glue.choice_accuracy").notna().any() else "accuracy"
+        metric = "choice_accuracy" if get_column(lora, "metrics.glue.choice_accuracy").notna().any() else "accuracy"
         body.append([f"minilm_l6, {reg}", metric, _cell(lora, expected=3), _cell(ours, expected=3),
                      _cell(form, expected=3) if len(form) else "not run", _ci_text(mean, lo, hi, n), p])
         pvals.append(p)
@@ -216,7 +216,7 @@ def claim1(df: pd.DataFrame, ctx) -> Table:
     for label, runs in (("LoRA", _select(mini, adapter="lora")), ("LR-LoRA centred", _lr(mini)),
                         ("LR-LoRA paper form", _lr(mini, centred=False))):
         runs = _binary(runs)
-        if len(runs) and _col(runs, "metrics.glue.matthews").notna().any():
+        if len(runs) and get_column(runs, "metrics.glue.matthews").notna().any():
             counts.append(f"{label} {_at_chance(runs)}/{len(runs)}")
     notes = ["Mean ± std over seeds (n runs). MiniLM rows pair LR-LoRA (centred) with LoRA by seed: 95% t-interval "
              "of the difference and a two-sided paired t-test, Holm-corrected across the MiniLM tasks (as the "
@@ -285,7 +285,7 @@ def _ranks(per_layer: dict) -> list[float]:
 
 def _claim3_rows(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     d = _frame(df)
-    d = d[_col(d, "stable_ranks.per_layer").notna()] if len(d) else d
+    d = d[get_column(d, "stable_ranks.per_layer").notna()] if len(d) else d
     return [("LoRA", _select(d, "minilm_l6", MAIN_TASK, "lora", 4, seed=SEED)),
             ("SineLoRA", _select(d, "minilm_l6", MAIN_TASK, "sinelora", 4, seed=SEED)),
             ("RandLoRA", _select(d, "minilm_l6", MAIN_TASK, "randlora", 4, seed=SEED)),
@@ -325,21 +325,21 @@ def fig_claim3(df: pd.DataFrame, ctx) -> list[Path]:
     """Claim 3's runs per layer: stable rank of ΔW by depth, attention and MLP apart, one line per method."""
     import numpy as np
 
-    from analysis.figures import GROUPS, _by_layer, _plt, _save
+    from analysis.plots import GROUPS, by_layer, pyplot, save
 
     rows = [(label, runs) for label, runs in _claim3_rows(df) if len(runs)]
     if not rows:
         return []
-    fig, axes = _plt().subplots(1, 2, figsize=(9, 3.4), squeeze=False)
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.4), squeeze=False)
     for ax, g in zip(axes[0], GROUPS):
         for label, runs in rows:
-            layers = _by_layer(runs["stable_ranks.per_layer"], g)
+            layers = by_layer(runs["stable_ranks.per_layer"], g)
             xs = sorted(layers)
             ax.plot(xs, [np.mean(layers[x]) for x in xs], marker="o", ms=3, label=label)
         ax.axhline(4, color="grey", lw=0.8, ls=":")  # the nominal rank r
         ax.set(title=f"MiniLM-L6, {MAIN_TASK}, r = 4: {g}", xlabel="layer", ylabel="stable rank of ΔW")
     axes[0][0].legend(fontsize=7)
-    return _save(fig, ctx.out, "fig_claim3")
+    return save(fig, ctx.out, "fig_claim3")
 
 
 # ------------------------------------------------------------------------------------------------ claims 4 & 5
@@ -479,13 +479,13 @@ def claim8(df: pd.DataFrame, ctx) -> Table:
             runs = runs[runs["r"] == (4 if bb == "minilm_l6" else 8)]
             if not len(runs):
                 continue
-            mcc = pd.to_numeric(_col(runs, "metrics.glue.matthews"), errors="coerce").dropna()
-            val = pd.to_numeric(_col(runs, "metrics.train.best_val"), errors="coerce").dropna()
-            sr = pd.to_numeric(_col(runs, "stable_ranks.all.mean"), errors="coerce").dropna()
+            mcc = pd.to_numeric(get_column(runs, "metrics.glue.matthews"), errors="coerce").dropna()
+            val = pd.to_numeric(get_column(runs, "metrics.train.best_val"), errors="coerce").dropna()
+            sr = pd.to_numeric(get_column(runs, "stable_ranks.all.mean"), errors="coerce").dropna()
             metric = None if bb == "minilm_l6" else "metrics.commonsense_gen.accuracy"
             body.append([f"{bb}, {reg}", label, _cell(runs, metric, 3 if bb == "minilm_l6" else None),
                          f"{mcc.mean():.2f}" if len(mcc) else "—",
-                         f"{val.mean():.3f} ({_col(runs, 'metrics.train.best_val_metric').iloc[0]})" if len(val) else "—",
+                         f"{val.mean():.3f} ({get_column(runs, 'metrics.train.best_val_metric').iloc[0]})" if len(val) else "—",
                          f"{sr.mean():.2f}" if len(sr) else "—",
                          f"{_at_chance(runs)}/{len(runs)}" if len(mcc) else "—"])
     paper_form = _lr(d, centred=False, backbone="minilm_l6", regime=MAIN_TASK, r=4)

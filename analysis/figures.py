@@ -13,62 +13,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.plots import GROUPS, by_layer, pyplot, save
 from analysis.registry import target
-from analysis.tables import _cell_runs, _col, _layer_groups, _method_rows, _ordered_columns
-from lrlora._atomic import check_owned, write_owned
-
-GROUPS = ("attention", "MLP")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out: Path, name: str) -> list[Path]:
-    """fig as out/name.png and .pdf, each replacing only a file analysis wrote there (lrlora._atomic.write_owned)."""
-    import io
-
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    for p in paths:  # both refused before either is written
-        check_owned(p)
-    fig.tight_layout()
-    for p in paths:
-        buf = io.BytesIO()
-        fig.savefig(buf, format=p.suffix[1:], dpi=130)
-        write_owned(p, buf.getvalue())
-    _plt().close(fig)
-    return paths
+from analysis.select import cell_runs, get_column, layer_groups, method_rows, ordered_columns
+from lrlora._atomic import write_owned
 
 
 def _methods_frame(df: pd.DataFrame) -> pd.DataFrame:
-    d = df[_col(df, "stable_ranks.per_layer").notna()] if len(df) else df
+    d = df[get_column(df, "stable_ranks.per_layer").notna()] if len(df) else df
     return d[d["variant"] == ""] if len(d) else d
-
-
-def _by_layer(per_layers, group: str, field: str = "stable_rank") -> dict[int, list]:
-    """{layer: [value of every module of the group at that layer, over all runs given]}."""
-    out: dict[int, list] = {}
-    for pl in per_layers:
-        for name, row in (pl or {}).items():
-            if row.get("layer") is None or field not in row:
-                continue
-            if _layer_groups({name: row})[group]:
-                out.setdefault(int(row["layer"]), []).append(row[field])
-    return out
 
 
 def _per_column_grid(df: pd.DataFrame):
     """The methods' frame, its columns (backbone x data), and one row of (attention, MLP) axes per column."""
     d = _methods_frame(df)
-    columns = _ordered_columns(d) if len(d) else []
+    columns = ordered_columns(d) if len(d) else []
     if not columns:
         return d, columns, None, None
-    fig, axes = _plt().subplots(len(columns), 2, figsize=(9, 3.2 * len(columns)), squeeze=False)
+    fig, axes = pyplot().subplots(len(columns), 2, figsize=(9, 3.2 * len(columns)), squeeze=False)
     return d, columns, fig, axes
 
 
@@ -82,25 +44,25 @@ def fig2(df: pd.DataFrame, ctx) -> list[Path]:
     for i, c in enumerate(columns):
         for j, g in enumerate(GROUPS):
             ax = axes[i][j]
-            for label, method, r in _method_rows(d[d["column"] == c]):
-                layers = _by_layer(_cell_runs(d, c, method, r)["stable_ranks.per_layer"], g)
+            for label, method, r in method_rows(d[d["column"] == c]):
+                layers = by_layer(cell_runs(d, c, method, r)["stable_ranks.per_layer"], g)
                 if layers:
                     xs = sorted(layers)
                     ax.plot(xs, [np.mean(layers[x]) for x in xs], marker="o", ms=3, label=label)
             ax.set(title=f"{c}: {g}", xlabel="layer", ylabel="stable rank of ΔW")
             ax.xaxis.get_major_locator().set_params(integer=True)
         axes[i][0].legend(fontsize=7)
-    return _save(fig, ctx.out, "fig2")
+    return save(fig, ctx.out, "fig2")
 
 
 @target("fig_layer_ranks", "figure", "the README's demo figure")
 def fig_layer_ranks(df: pd.DataFrame, ctx) -> list[Path]:
     """Per-layer stable rank of ΔW for every module type apart, one line per run (the demo's figure)."""
-    d = df[_col(df, "stable_ranks.per_layer").notna()] if len(df) else df
+    d = df[get_column(df, "stable_ranks.per_layer").notna()] if len(df) else df
     if not len(d):
         return []
     types = sorted({v["type"] for pl in d["stable_ranks.per_layer"] for v in pl.values()})
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(types), figsize=(2.6 * len(types), 3.2), sharey=True, squeeze=False)
     for ax, t in zip(axes[0], types):
         for _, row in d.sort_values("run_name").iterrows():
@@ -113,7 +75,7 @@ def fig_layer_ranks(df: pd.DataFrame, ctx) -> list[Path]:
     axes[0][0].legend(fontsize=8)
     r0 = d.iloc[0]
     fig.suptitle(f"{r0['backbone']} on {r0['regime']}, r = {r0['r']}: per-layer stable rank by module type")
-    return _save(fig, ctx.out, "fig_layer_ranks")
+    return save(fig, ctx.out, "fig_layer_ranks")
 
 
 @target("fig_spectra", "figure", "Figure 4 / App. G.2")
@@ -127,8 +89,8 @@ def fig_spectra(df: pd.DataFrame, ctx) -> list[Path]:
     for i, c in enumerate(columns):
         for j, g in enumerate(GROUPS):
             ax = axes[i][j]
-            for label, method, r in _method_rows(d[d["column"] == c]):
-                spectra = [s for v in _by_layer(_cell_runs(d, c, method, r)["stable_ranks.per_layer"], g,
+            for label, method, r in method_rows(d[d["column"] == c]):
+                spectra = [s for v in by_layer(cell_runs(d, c, method, r)["stable_ranks.per_layer"], g,
                                                 "spectrum").values() for s in v]
                 if spectra:
                     n = min(map(len, spectra))
@@ -137,9 +99,9 @@ def fig_spectra(df: pd.DataFrame, ctx) -> list[Path]:
             ax.set(title=f"{c}: {g}", xlabel="index i", ylabel="σ_i / σ_1 (median over modules)")
         axes[i][0].legend(fontsize=7)
     if not drawn:  # results files written before spectra were kept: say so rather than draw empty axes
-        _plt().close(fig)
+        pyplot().close(fig)
         return []
-    return _save(fig, ctx.out, "fig_spectra")
+    return save(fig, ctx.out, "fig_spectra")
 
 
 def _snapshot_file(row) -> Path | None:
@@ -172,10 +134,10 @@ def fig_sigma(df: pd.DataFrame, ctx) -> list[Path]:
     picks = sorted({layers[0], layers[len(layers) // 2], layers[-1]}) if layers else []
     types = []
     for g in GROUPS:
-        t = next((m["type"] for n, m in sorted(mods.items()) if _layer_groups({n: {**m, "stable_rank": 0}})[g]), None)
+        t = next((m["type"] for n, m in sorted(mods.items()) if layer_groups({n: {**m, "stable_rank": 0}})[g]), None)
         if t:
             types.append(t)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(types), len(picks), figsize=(3.3 * len(picks), 2.8 * len(types)), squeeze=False)
     x = np.array(snap["x"])
     steps = sorted(snap["steps"], key=int)
@@ -188,7 +150,7 @@ def fig_sigma(df: pd.DataFrame, ctx) -> list[Path]:
             ax.set(title=f"{t}, layer {layer}", xlabel="x = (BA)_ij", ylabel="σ(x)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"learned σ: {path.parent.name}", fontsize=9)
-    return _save(fig, ctx.out, "fig_sigma")
+    return save(fig, ctx.out, "fig_sigma")
 
 
 def _filter_normalised(params, generator):
@@ -254,7 +216,7 @@ def fig_landscape(_df, ctx) -> list[Path]:
     grid_ab = np.linspace(-1, 1, steps)
     surface = np.array([[loss_at(a, b) for a in grid_ab] for b in grid_ab])
     loss_at(0.0, 0.0)  # leave the model as loaded
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     ax1.plot(alphas, line, marker="o", ms=3)
     ax1.set(xlabel="α", ylabel="training loss", title="1-D: L(θ + α d₁)")
@@ -262,7 +224,7 @@ def fig_landscape(_df, ctx) -> list[Path]:
     fig.colorbar(cs, ax=ax2)
     ax2.set(xlabel="α", ylabel="β", title="2-D: L(θ + α d₁ + β d₂)")
     fig.suptitle(f"{run.name} ({len(examples)} training examples)", fontsize=9)
-    paths = _save(fig, ctx.out, f"fig_landscape__{run.name}")
+    paths = save(fig, ctx.out, f"fig_landscape__{run.name}")
     write_owned(ctx.out / f"fig_landscape__{run.name}.json", json.dumps(
         {"alphas": alphas.tolist(), "line": line, "grid": grid_ab.tolist(), "surface": surface.tolist()}))
     return paths

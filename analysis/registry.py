@@ -38,7 +38,7 @@ def target(name: str, kind: str, paper: str, needs_run: bool = False, reads_para
     return deco
 
 
-def _load_all() -> None:
+def load_all() -> None:
     import analysis.claims  # noqa: F401
     import analysis.figures  # noqa: F401
     import analysis.tables  # noqa: F401
@@ -50,7 +50,7 @@ def build(name: str, results=("outputs/results",), out="outputs/analysis", run=N
     Returns the Table (its text is `.markdown()`) or the figure's paths."""
     from analysis.load import load_results, para_derived
 
-    _load_all()
+    load_all()
     if name not in TARGETS:
         raise KeyError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS))}")
     t = TARGETS[name]

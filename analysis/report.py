@@ -72,10 +72,10 @@ def blocks(text: str) -> list[str]:
 def regenerate(text: str, results=(RESULTS,), path: str = "the report") -> str:
     """The report with every generated block rebuilt from the results files; the text outside blocks unchanged."""
     from analysis.load import load_results
-    from analysis.registry import TARGETS, _load_all, build
+    from analysis.registry import TARGETS, build, load_all
 
     found = parse(text, path)
-    _load_all()
+    load_all()
     for b in found:
         if b.name not in TARGETS or TARGETS[b.name].kind != "table":
             raise ReportError(f"report block {b.name!r} is not a table target; known: "

@@ -11,69 +11,29 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis import paper
-from analysis.load import method_labels
 from analysis.registry import target
 from analysis.render import MISSING, Table, fmt_cell, fmt_paper
+from analysis.select import cell_runs, get_column, layer_groups, method_order, method_rows, ordered_columns
 from analysis.stats import holm, mean_std, paired_ttest
 
 GLUE_TASKS = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "rte": "RTE", "stsb": "STS-B"}
 PAPER_BACKBONES = {"roberta_base": "RoBERTa-base", "roberta_large": "RoBERTa-large"}
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "attention.output.dense",
-             "attn", "self_attn")
-
-
-def method_order() -> list[str]:
-    """The order of a table's method rows: Table 1's, as the paper prints them, then every other method."""
-    labels = set(method_labels().values())
-    first = list(dict.fromkeys(row for row, _ in paper.values("table1") if row in labels))
-    return first + sorted(labels - set(first))
 
 
 def expected_seeds() -> int:
     return len(paper.scales()["seeds"])
 
 
-def _col(df: pd.DataFrame, name: str) -> pd.Series:
-    return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
-
-
-def _ordered_columns(d: pd.DataFrame) -> list[str]:
-    """Our columns, those standing in for a paper column first, in the paper's column order."""
-    order = {c: i for i, c in enumerate(p for p, _ in paper.standins().values()) if c is not None}  # paper: null
-    return sorted(d["column"].unique(), key=lambda c: (order.get(paper.paper_column(c), 99), c))
-
-
-def _method_rows(d: pd.DataFrame, paper_rows=()) -> list[tuple[str, str, object]]:
-    """(label, adapter method, r) per row: one row per method, or per (method, r) where one method ran at
-    several ranks; paper methods with no run at all keep a row (shown missing)."""
-    rows = []
-    found = d.groupby("method")["r"].unique().to_dict() if len(d) else {}
-    order = method_order()
-    names = [m for m in order if m in found or m in paper_rows] + sorted(set(found) - set(order))
-    for m in names:
-        rs = sorted(found.get(m, [None]), key=lambda x: (x is None, x))
-        for r in rs:
-            rows.append((m if len(rs) == 1 else f"{m}-{r}", m, r))
-    return rows
-
-
-def _cell_runs(d: pd.DataFrame, column: str, method: str, r) -> pd.DataFrame:
-    sel = (d["column"] == column) & (d["method"] == method)
-    if r is not None:
-        sel &= d["r"] == r
-    return d[sel]
-
-
 def _scale_notes(d: pd.DataFrame, columns: list[str]) -> list[str]:
     notes = []
     for c in columns:
         sub = d[d["column"] == c]
-        steps = _col(sub, "metrics.train.steps").dropna()
+        steps = get_column(sub, "metrics.train.steps").dropna()
         seeds = sorted(int(s) for s in sub["seed"].dropna().unique())
         stand = paper.standins().get(c)
         as_paper = (f" (stands in for the paper's {stand[0]}, scale `{stand[1]}`)" if stand and stand[0]
                     else f" (scale `{stand[1]}`, no paper column)" if stand else "")
-        n_test = _col(sub, "config.regime.n_test").dropna()
+        n_test = get_column(sub, "config.regime.n_test").dropna()
         notes.append(f"- `{c}`{as_paper}: {len(sub)} runs, "
                      f"{int(steps.median()) if len(steps) else '?'} optimizer steps (median), "
                      f"test cap {int(n_test.iloc[0]) if len(n_test) else 'none'}, seeds {seeds}.")
@@ -94,7 +54,7 @@ def _significance(d: pd.DataFrame, column: str, rows, base_method="LoRA") -> dic
     for label, method, r in rows:
         if method == base_method:
             continue
-        ours = _cell_runs(d, column, method, r)
+        ours = cell_runs(d, column, method, r)
         b = base[base["r"] == r] if (base["r"] == r).any() else base
         if b["r"].nunique() > 1:  # LoRA at several ranks and none equal to this row's: no pairing
             continue
@@ -107,7 +67,7 @@ def _significance(d: pd.DataFrame, column: str, rows, base_method="LoRA") -> dic
 
 
 def _metric_rows(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    return df[_col(df, metric).notna()] if len(df) else df
+    return df[get_column(df, metric).notna()] if len(df) else df
 
 
 @target("table1", "table", "Table 1")
@@ -115,8 +75,8 @@ def table1(df: pd.DataFrame, ctx) -> Table:
     """Commonsense average accuracy (%) by backbone x data regime x method."""
     d_all = _metric_rows(df, "metrics.commonsense_gen.accuracy")
     d = d_all[d_all["variant"] == ""] if len(d_all) else d_all
-    columns = _ordered_columns(d) if len(d) else []
-    rows = _method_rows(d, paper_rows=[r for r, _ in paper.values("table1")])
+    columns = ordered_columns(d) if len(d) else []
+    rows = method_rows(d, paper_rows=[r for r, _ in paper.values("table1")])
     header = ["method"]
     for c in columns:
         header += [c, f"paper {paper.paper_column(c) or '(no paper column)'}"]
@@ -125,7 +85,7 @@ def table1(df: pd.DataFrame, ctx) -> Table:
     for label, method, r in rows:
         line = [label]
         for c in columns:
-            runs = _cell_runs(d, c, method, r)
+            runs = cell_runs(d, c, method, r)
             m, s, n = mean_std(runs["score"])
             p, rej = sig[c].get(label, (None, None))
             line.append(fmt_cell(m, s, n, expected=expected_seeds(), mark="*" if rej else ""))
@@ -150,15 +110,15 @@ def table1_tasks(df: pd.DataFrame, ctx) -> Table:
     d = d_all[d_all["variant"] == ""] if len(d_all) else d_all
     tasks = sorted({c.split(".")[3] for c in d.columns if c.startswith("metrics.commonsense_gen.tasks.")
                     and c.endswith(".accuracy")}) if len(d) else []
-    columns = _ordered_columns(d) if len(d) else []
+    columns = ordered_columns(d) if len(d) else []
     header = ["column", "method", *tasks, "average", "paper average (Table 6)", "tasks < LoRA / > LoRA (Holm)",
               "p vs LoRA across tasks"]
     body = []
     for c in columns:
-        rows = _method_rows(d[d["column"] == c])
-        base = _cell_runs(d, c, "LoRA", None)
+        rows = method_rows(d[d["column"] == c])
+        base = cell_runs(d, c, "LoRA", None)
         for label, method, r in rows:
-            runs = _cell_runs(d, c, method, r)
+            runs = cell_runs(d, c, method, r)
             line = [c, label]
             task_means, base_means, pvals = [], [], []
             for t in tasks:
@@ -207,7 +167,7 @@ def table2(df: pd.DataFrame, ctx) -> Table:
     for b in sorted(d["backbone"].unique()) if len(d) else []:
         sub = d[d["backbone"] == b]
         pb = PAPER_BACKBONES.get(b)
-        for label, method, r in _method_rows(sub):
+        for label, method, r in method_rows(sub):
             line, means = [b, label], []
             for t in tasks:
                 runs = sub[(sub["regime"] == t) & (sub["method"] == method) & ((sub["r"] == r) if r is not None else True)]
@@ -225,28 +185,20 @@ def table2(df: pd.DataFrame, ctx) -> Table:
     return Table("table2", "Table 2: GLUE", header, body, notes + _left_out(d_all, d))
 
 
-def _layer_groups(per_layer: dict) -> dict[str, list[float]]:
-    out = {"attention": [], "MLP": []}
-    for row in (per_layer or {}).values():
-        t = str(row.get("type", ""))
-        out["attention" if any(t == a or t.endswith(a) for a in ATTENTION) else "MLP"].append(row["stable_rank"])
-    return out
-
-
 @target("table4", "table", "Table 4")
 def table4(df: pd.DataFrame, ctx) -> Table:
     """Stable rank of ΔW per method: mean ± std across layers, attention and MLP apart (averaged over seeds)."""
-    d_all = df[_col(df, "stable_ranks.per_layer").notna()] if len(df) else df
+    d_all = df[get_column(df, "stable_ranks.per_layer").notna()] if len(df) else df
     d = d_all[d_all["variant"] == ""] if len(d_all) else d_all
-    columns = _ordered_columns(d) if len(d) else []
+    columns = ordered_columns(d) if len(d) else []
     header = ["column", "method", "attention: mean ± std across layers", "MLP: mean ± std across layers", "runs"]
     body = []
     for c in columns:
-        for label, method, r in _method_rows(d[d["column"] == c]):
-            runs = _cell_runs(d, c, method, r)
+        for label, method, r in method_rows(d[d["column"] == c]):
+            runs = cell_runs(d, c, method, r)
             cells = []
             for g in ("attention", "MLP"):
-                stats = [mean_std(_layer_groups(pl)[g]) for pl in runs["stable_ranks.per_layer"]]
+                stats = [mean_std(layer_groups(pl)[g]) for pl in runs["stable_ranks.per_layer"]]
                 stats = [(m, s or 0.0) for m, s, n in stats if n]
                 cells.append(f"{sum(m for m, _ in stats) / len(stats):.2f} ± {sum(s for _, s in stats) / len(stats):.2f}"
                              if stats else MISSING)
@@ -276,7 +228,7 @@ def _ablation(df: pd.DataFrame, name: str, title: str, field: str, paper_rows: d
     lr = d[(d["adapter"] == "lrlora")] if len(d) else d
     lr = lr[lr["variant"].apply(lambda v: v == "" or all(p.split("=")[0] == field for p in v.split(", ")))] \
         if len(lr) else lr
-    for c in _ordered_columns(lr) if len(lr) else []:
+    for c in ordered_columns(lr) if len(lr) else []:
         for r in sorted(lr[lr["column"] == c]["r"].dropna().unique()):
             sub = lr[(lr["column"] == c) & (lr["r"] == r)]
             vals = sub[keycol].apply(_plain).apply(lambda v: default if v is None else v) if keycol in sub \
@@ -357,10 +309,10 @@ def table12(df: pd.DataFrame, ctx) -> Table:
     header = ["column", "r", "LoRA", "LR-LoRA", "absolute gain", "relative gain", "paper LoRA", "paper LR-LoRA",
               "paper gain"]
     body = []
-    for c in _ordered_columns(d) if len(d) else []:
+    for c in ordered_columns(d) if len(d) else []:
         for r in sorted(d[d["column"] == c]["r"].dropna().unique()):
-            lm, ls, ln = mean_std(_cell_runs(d, c, "LoRA", r)["score"])
-            rm, rs, rn = mean_std(_cell_runs(d, c, "LR-LoRA", r)["score"])
+            lm, ls, ln = mean_std(cell_runs(d, c, "LoRA", r)["score"])
+            rm, rs, rn = mean_std(cell_runs(d, c, "LR-LoRA", r)["score"])
             ok = paper.paper_column(c) is not None  # the paper's numbers only beside a stand-in column
             pl = paper.value("table12", f"r={int(r)}", "LoRA") if ok else None
             pr = paper.value("table12", f"r={int(r)}", "LR-LoRA") if ok else None
@@ -373,23 +325,23 @@ def table12(df: pd.DataFrame, ctx) -> Table:
                          fmt_paper(*pl) if pl else "—", fmt_paper(*pr) if pr else "—", pgain])
     notes = ["Headline metric in %; mean ± std over seeds; gains from the seed means. Paper: Table 12 "
              "(Qwen2-0.5B, 170k), shown beside columns that stand in for a paper column."]
-    return Table("table12", "Table 12: base rank", header, body, notes + _scale_notes(d, _ordered_columns(d) if len(d) else []))
+    return Table("table12", "Table 12: base rank", header, body, notes + _scale_notes(d, ordered_columns(d) if len(d) else []))
 
 
 @target("table24", "table", "Table 24")
 def table24(df: pd.DataFrame, ctx) -> Table:
     """Training efficiency per method from the runs' own timing: tokens/s and peak memory, and relative to LoRA."""
-    d = df[_col(df, "timing.tokens_per_s").notna()] if len(df) else df
+    d = df[get_column(df, "timing.tokens_per_s").notna()] if len(df) else df
     d = d[d["variant"] == ""] if len(d) else d
     header = ["column", "device", "method", "tokens/s", "relative to LoRA", "peak memory (GB)", "paper tokens/s (Qwen2)",
               "paper memory GB (Qwen2)"]
     body = []
     mem_key = "memory.peak_gpu_allocated_bytes"
-    for c in _ordered_columns(d) if len(d) else []:
+    for c in ordered_columns(d) if len(d) else []:
         sub = d[d["column"] == c]
-        lora, _, _ = mean_std(_cell_runs(d, c, "LoRA", None)["timing.tokens_per_s"])
-        for label, method, r in _method_rows(sub):
-            runs = _cell_runs(d, c, method, r)
+        lora, _, _ = mean_std(cell_runs(d, c, "LoRA", None)["timing.tokens_per_s"])
+        for label, method, r in method_rows(sub):
+            runs = cell_runs(d, c, method, r)
             tps, tps_s, n = mean_std(runs["timing.tokens_per_s"])
             mem = runs[mem_key] if mem_key in runs and runs[mem_key].notna().any() else runs.get("memory.peak_rss_bytes")
             mm, _, _ = mean_std(mem / 2**30) if mem is not None else (None, None, 0)
@@ -443,14 +395,14 @@ def _para_blocks(df: pd.DataFrame) -> list[tuple[object, pd.DataFrame]]:
     their source in config.para.source_run and the source is its own results file; scripts/para_bbc.py's files
     are all tagged `para`, the unpruned one with no setting, one per (adapter, r, seed, regime)."""
     tagged = df[df["tags"].apply(lambda t: "para" in (t or ()))]
-    source_run = _col(tagged, "config.para.source_run")
+    source_run = get_column(tagged, "config.para.source_run")
     harness, old = tagged[source_run.notna()], tagged[source_run.isna()]
     blocks = []
     for name, rows in harness.groupby("config.para.source_run") if len(harness) else []:
         src = df[df["run_name"] == name]
         blocks.append((src.iloc[0] if len(src) else None, rows))
     if len(old):
-        is_setting = _col(old, "config.para.keep_energy").notna() | _col(old, "config.para.reduction").notna()
+        is_setting = get_column(old, "config.para.keep_energy").notna() | get_column(old, "config.para.reduction").notna()
         for _, rows in old.groupby(["method", "r", "seed", "regime"], dropna=False):
             src = rows[~is_setting.loc[rows.index]]
             blocks.append((src.iloc[0] if len(src) else None, rows[is_setting.loc[rows.index]]))
@@ -478,7 +430,7 @@ def para(df: pd.DataFrame, ctx) -> Table:
         sources.append(f"`{src['run_name']}`" if src is not None else f"missing (`{first.get('config.para.source_run')}`)")
         body.append([label, "none", f"{base:.1f}" if base is not None else MISSING, "—",
                      f"{int(src['params.trainable']):,}" if src is not None else MISSING, "—", "—"])
-        rows = rows.assign(_k=_col(rows, "config.para.keep_energy"), _r=_col(rows, "config.para.reduction"))
+        rows = rows.assign(_k=get_column(rows, "config.para.keep_energy"), _r=get_column(rows, "config.para.reduction"))
         for _, row in rows.sort_values(["_r", "_k"], ascending=[True, False], na_position="first").iterrows():
             fewer, energy, score = (row.get("metrics.para.reduction"), row.get("metrics.para.energy_kept"),
                                     row["score"])
@@ -490,7 +442,7 @@ def para(df: pd.DataFrame, ctx) -> Table:
     if not body:
         return Table("para", "PARA: post-hoc rank allocation", header, body, ["No PARA results files found."])
     tagged = df[df["tags"].apply(lambda t: "para" in (t or ()))]
-    n = sorted({int(v) for v in _col(tagged, "metrics.glue.n").dropna()})
+    n = sorted({int(v) for v in get_column(tagged, "metrics.glue.n").dropna()})
     notes = ["Score: the regime's headline test metric in % (choice accuracy for option-pair regimes, else "
              "accuracy); Δ: against the unpruned source run. Parameters: the adapter's (a compressed one's: its LoRA "
              "factors), the classifier head, trained and kept whole, not counted. Every compressed adapter was reloaded before "
@@ -505,9 +457,9 @@ VISION_SETS = {"imagenet": "ImageNet-1k", "cifar100": "CIFAR-100", "flowers102":
 
 
 def _vision(df: pd.DataFrame, name: str, backbone: str, datasets: list[str], title: str) -> Table:
-    d = df[_col(df, "metrics.vision.top1").notna() & (df["backbone"] == backbone)] if len(df) else df
+    d = df[get_column(df, "metrics.vision.top1").notna() & (df["backbone"] == backbone)] if len(df) else df
     d = d[d["variant"] == ""] if len(d) else d
-    methods = [(label, m, r) for label, m, r in _method_rows(d, paper_rows=["LoRA", "VeRA", "RandLoRA", "LR-LoRA"])]
+    methods = [(label, m, r) for label, m, r in method_rows(d, paper_rows=["LoRA", "VeRA", "RandLoRA", "LR-LoRA"])]
     header = ["dataset", *[label for label, _, _ in methods]]
     body, means = [], {label: [] for label, _, _ in methods}
     for ds in datasets:
@@ -546,7 +498,7 @@ def table9(df, ctx) -> Table:
 @target("table5", "table", "Table 5 (App. B.4)")
 def table5(df: pd.DataFrame, ctx) -> Table:
     """MT-Bench: overall judge score, per turn and per category (1-10), per backbone and method."""
-    d = df[_col(df, "metrics.mt_bench.score").notna()] if len(df) else df
+    d = df[get_column(df, "metrics.mt_bench.score").notna()] if len(df) else df
     d = d[d["variant"] == ""] if len(d) else d
     cats = sorted({c.split(".")[3] for c in d.columns if c.startswith("metrics.mt_bench.categories.")}) if len(d) else []
     header = ["backbone", "method", "overall", "turn 1", "turn 2", *cats, "judged / failed parses", "paper overall"]
@@ -554,14 +506,14 @@ def table5(df: pd.DataFrame, ctx) -> Table:
     pb = {"qwen2_0.5b": "Qwen2-0.5B", "llama3_8b": "LLaMA3-8B"}
     for b in sorted(d["backbone"].unique()) if len(d) else []:
         sub = d[d["backbone"] == b]
-        for label, method, r in _method_rows(sub, paper_rows=["LoRA", "SineLoRA", "RandLoRA", "LR-LoRA"]):
-            runs = _cell_runs(sub.assign(column=b), b, method, r)
+        for label, method, r in method_rows(sub, paper_rows=["LoRA", "SineLoRA", "RandLoRA", "LR-LoRA"]):
+            runs = cell_runs(sub.assign(column=b), b, method, r)
             line = [b, label]
             for key in ["score", "turns.1", "turns.2", *[f"categories.{c}" for c in cats]]:
-                m, s, n = mean_std(_col(runs, f"metrics.mt_bench.{key}"))
+                m, s, n = mean_std(get_column(runs, f"metrics.mt_bench.{key}"))
                 line.append(fmt_cell(m, s, n, 2, expected_seeds()))
-            line.append(f"{int(_col(runs, 'metrics.mt_bench.judged').fillna(0).sum())} / "
-                        f"{int(_col(runs, 'metrics.mt_bench.failed_parses').fillna(0).sum())}" if len(runs) else MISSING)
+            line.append(f"{int(get_column(runs, 'metrics.mt_bench.judged').fillna(0).sum())} / "
+                        f"{int(get_column(runs, 'metrics.mt_bench.failed_parses').fillna(0).sum())}" if len(runs) else MISSING)
             pv = paper.value("table5", method, pb.get(b, ""))
             line.append(fmt_paper(*pv) if pv else "—")
             body.append(line)
