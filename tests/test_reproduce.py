@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from analysis.reproduce import ReproduceError, main, plan, sweep_grid
+from lrlora import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +91,7 @@ def test_reproduce_runs_only_what_is_missing_or_stale(tmp_path, capsys, pinned_c
     d["config"]["regime"]["n_val"] = 99
     path.write_text(json.dumps(d))
     before = path.read_bytes()
-    assert main(args) == 2
+    assert cli.call(main, args) == 2  # as python -m analysis.reproduce runs main (the CLI helper)
     captured = capsys.readouterr()
     assert "1 to run" in captured.out and "written from another config (regime.n_val)" in captured.out
     assert "holds the results of another configuration; nothing was changed" in captured.err
@@ -194,5 +195,5 @@ def test_reproduction_claims_filter(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "0 runs in the grid" in out and "python -m experiments.train" not in out
     assert "PARA runs in the grid" in out
-    assert main(["reproduction", "--root", str(tmp_path), "--claims", "9"]) == 2
+    assert cli.call(main, ["reproduction", "--root", str(tmp_path), "--claims", "9"]) == 2
     assert "error: no step of the grid is for claim(s) ['9']" in capsys.readouterr().err
