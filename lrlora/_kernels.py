@@ -215,6 +215,169 @@ std::vector<torch::Tensor> interp_backward(torch::Tensor t, torch::Tensor g, tor
   });
   return {grad_t, val, hist};
 }
+
+// --- The same passes writing into the caller's buffers (the fused layer's workspace: no fresh pages per call).
+void interp_into(torch::Tensor t, torch::Tensor tab, double lo, double inv, torch::Tensor out) {
+  TORCH_CHECK(t.is_contiguous() && out.is_contiguous() && out.scalar_type() == t.scalar_type() &&
+              out.numel() == t.numel() && tab.scalar_type() == torch::kFloat64);
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "interp_into", [&] {
+    if (tab.numel() <= kFloatPositionsUpTo && t.scalar_type() == torch::kFloat32)
+      interp_impl<scalar_t, float>(t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), t.numel(),
+                                   tab.data_ptr<double>(), tab.numel(), lo, inv);
+    else
+      interp_impl<scalar_t, double>(t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), t.numel(),
+                                    tab.data_ptr<double>(), tab.numel(), lo, inv);
+  });
+}
+
+// grad_t: the output buffer (or undefined: not wanted); returns the histogram (or an undefined tensor).
+torch::Tensor interp_backward_into(torch::Tensor t, torch::Tensor g, torch::Tensor tab, torch::Tensor dtab, double lo,
+                                   double inv, std::optional<torch::Tensor> grad_t, bool val_into_g, bool want_hist) {
+  TORCH_CHECK(t.is_contiguous() && g.is_contiguous() && g.scalar_type() == t.scalar_type());
+  TORCH_CHECK(tab.scalar_type() == torch::kFloat64 && dtab.scalar_type() == torch::kFloat64);
+  const bool want_grad_t = grad_t.has_value() && grad_t->defined();
+  if (want_grad_t)
+    TORCH_CHECK(grad_t->is_contiguous() && grad_t->scalar_type() == t.scalar_type() && grad_t->numel() == t.numel());
+  int64_t m = tab.numel();
+  auto hist = want_hist ? torch::zeros({m}, tab.options()) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "interp_backward_into", [&] {
+    auto run = [&](auto p) {
+      using P = decltype(p);
+      backward_impl<scalar_t, P>(t.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), t.numel(),
+                                 tab.data_ptr<double>(), dtab.data_ptr<double>(), m, lo, inv,
+                                 want_grad_t ? grad_t->data_ptr<scalar_t>() : nullptr,
+                                 val_into_g ? g.data_ptr<scalar_t>() : nullptr,
+                                 want_hist ? hist.data_ptr<double>() : nullptr);
+    };
+    if (m <= kFloatPositionsUpTo && t.scalar_type() == torch::kFloat32)
+      run(float(0));
+    else
+      run(double(0));
+  });
+  return hist;
+}
+
+namespace {
+
+// In place over x (rows × cols): d = (x − c)·p; x ← d; out ← base + s·d when wanted. The operations of the
+// PyTorch form (sub_, mul_, then mul_ and add_ for the merged weight) in its order, in T, in one pass.
+template <typename T>
+void finish_impl(T* __restrict x, const T* __restrict base, T* __restrict out, int64_t n, T c, T p, T s) {
+  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+    if (out) {
+      for (int64_t k = b; k < e; ++k) {
+        T d = (x[k] - c) * p;
+        x[k] = d;
+        out[k] = base[k] + d * s;
+      }
+    } else {
+      for (int64_t k = b; k < e; ++k) x[k] = (x[k] - c) * p;
+    }
+  });
+}
+
+// The dropped entries of x (N × d_in) as ascending flat positions: row n's are [first(n·d_in), first((n+1)·d_in)).
+int64_t first_at_or_after(const int64_t* pos, int64_t nnz, int64_t flat) {
+  return std::lower_bound(pos, pos + nnz, flat) - pos;
+}
+
+constexpr int64_t kLanes = 64;  // one register block of a d_out-long row (four 512-bit or eight 256-bit registers)
+
+// y[n, c0:c0+W] += alpha · Σ_{(n, i) dropped} x[n, i] · dt[i, c0:c0+W], the sum held in registers.
+template <typename T, int64_t W>
+inline void row_block_axpy(T* __restrict yr, const T* __restrict x, const T* __restrict dt, const int64_t* pos,
+                           int64_t e0, int64_t e1, int64_t n, int64_t d_in, int64_t d_out, int64_t c0, int64_t w,
+                           T alpha) {
+  T acc[W] = {};
+  for (int64_t e = e0; e < e1; ++e) {
+    const T a = x[pos[e]];
+    const T* __restrict dr = dt + (pos[e] - n * d_in) * d_out + c0;
+    if (w == W) {
+#pragma omp simd
+      for (int64_t k = 0; k < W; ++k) acc[k] += a * dr[k];
+    } else {
+      for (int64_t k = 0; k < w; ++k) acc[k] += a * dr[k];
+    }
+  }
+  for (int64_t k = 0; k < w; ++k) yr[c0 + k] += alpha * acc[k];
+}
+
+// y[n, :] += alpha · Σ x[n, i] · dt[i, :] over the dropped (n, i): the forward's − s · D ΔWᵀ. Column blocks
+// outermost, so one block of ΔWᵀ (d_in × 64) serves every row from L1/L2.
+template <typename T>
+void drop_forward_impl(T* y, const T* x, const T* dt, const int64_t* pos, int64_t nnz, int64_t n_rows, int64_t d_in,
+                       int64_t d_out, T alpha) {
+  at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> starts(r1 - r0 + 1);
+    for (int64_t n = r0; n <= r1; ++n) starts[n - r0] = first_at_or_after(pos, nnz, n * d_in);
+    for (int64_t c0 = 0; c0 < d_out; c0 += kLanes) {
+      const int64_t w = std::min(kLanes, d_out - c0);
+      for (int64_t n = r0; n < r1; ++n) {
+        const int64_t e0 = starts[n - r0], e1 = starts[n - r0 + 1];
+        if (e0 == e1) continue;
+        row_block_axpy<T, kLanes>(y + n * d_out, x, dt, pos, e0, e1, n, d_in, d_out, c0, w, alpha);
+      }
+    }
+  });
+}
+
+// gx[n, i] += alpha · g[n, :] · dt[i, :] over the dropped (n, i): the input gradient's − s · (1 − m) ⊙ (g ΔW).
+template <typename T>
+void drop_grad_input_impl(T* gx, const T* g, const T* dt, const int64_t* pos, int64_t nnz, int64_t d_in,
+                          int64_t d_out, T alpha) {
+  at::parallel_for(0, nnz, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t n = pos[e] / d_in, i = pos[e] - n * d_in;
+      const T* __restrict gr = g + n * d_out;
+      const T* __restrict dr = dt + i * d_out;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < d_out; ++k) s += gr[k] * dr[k];
+      gx[pos[e]] += alpha * s;
+    }
+  });
+}
+
+void check_drop(const torch::Tensor& pos, std::initializer_list<torch::Tensor> ts) {
+  TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.is_contiguous() && pos.dim() == 1);
+  for (auto& t : ts) TORCH_CHECK(t.is_contiguous() && t.scalar_type() == ts.begin()->scalar_type());
+}
+
+}  // namespace
+
+// out: the merged weight base + s·ΔW (or undefined: ΔW only, in place over x).
+void finish_delta(torch::Tensor x, std::optional<torch::Tensor> base, std::optional<torch::Tensor> out, double c,
+                  double p, double s) {
+  TORCH_CHECK(x.is_contiguous());
+  const bool has_out = out.has_value() && out->defined();
+  if (has_out) {
+    TORCH_CHECK(base.has_value() && base->defined() && base->is_contiguous() && out->is_contiguous());
+    TORCH_CHECK(base->scalar_type() == x.scalar_type() && out->scalar_type() == x.scalar_type());
+    TORCH_CHECK(base->numel() == x.numel() && out->numel() == x.numel());
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "finish_delta", [&] {
+    finish_impl<scalar_t>(x.data_ptr<scalar_t>(), has_out ? base->data_ptr<scalar_t>() : nullptr,
+                          has_out ? out->data_ptr<scalar_t>() : nullptr, x.numel(), (scalar_t)c, (scalar_t)p,
+                          (scalar_t)s);
+  });
+}
+
+void drop_forward(torch::Tensor y, torch::Tensor x, torch::Tensor dt, torch::Tensor pos, double alpha) {
+  check_drop(pos, {y, x, dt});
+  const int64_t d_in = dt.size(0), d_out = dt.size(1);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "drop_forward", [&] {
+    drop_forward_impl<scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(),
+                                pos.data_ptr<int64_t>(), pos.numel(), x.numel() / d_in, d_in, d_out, (scalar_t)alpha);
+  });
+}
+
+void drop_grad_input(torch::Tensor gx, torch::Tensor g, torch::Tensor dt, torch::Tensor pos, double alpha) {
+  check_drop(pos, {gx, g, dt});
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "drop_grad_input", [&] {
+    drop_grad_input_impl<scalar_t>(gx.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(),
+                                   pos.data_ptr<int64_t>(), pos.numel(), dt.size(0), dt.size(1), (scalar_t)alpha);
+  });
+}
 """
 
 _module = None
@@ -261,12 +424,13 @@ def get():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        name = f"lrlora_sigma_kernels_v10_{_cpu_tag()}"
+        name = f"lrlora_sigma_kernels_v12_{_cpu_tag()}"
         _say_if_compiling(name)
         _module = load_inline(
             name=name,
             cpp_sources=_SOURCE,
-            functions=["interp", "interp_backward"],
+            functions=["interp", "interp_backward", "interp_into", "interp_backward_into", "finish_delta",
+                       "drop_forward", "drop_grad_input"],
             extra_cflags=["-O3", "-fopenmp", "-march=native", "-fno-trapping-math", "-mprefer-vector-width=256"],
             extra_ldflags=["-fopenmp"],
             verbose=False,

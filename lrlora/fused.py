@@ -41,6 +41,7 @@ reference layer does (``LRLoRALinear.forward_reference``), so the two agree to r
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from lrlora.basis import BasisSpec, evaluate
-from lrlora.ops import make_table, sigma_with, use_table
+from lrlora.ops import _kernels_for, make_table, sigma_with, use_table
 
 
 @dataclass(frozen=True)
@@ -107,24 +108,142 @@ def _merged_weight(weight: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     return weight + dw.to(weight.dtype)
 
 
+class _Workspace(threading.local):
+    """Scratch matrices the fused op reuses on CPU, across layers and steps: t = BA, ΔW (then G_ΔW), the merged
+    weight, ΔWᵀ and the dropped input, each as large as the largest seen. A fresh allocation of that size is a
+    fresh mapping whose pages fault in on first touch (glibc returns large freed blocks to the system): on the
+    measured machine that cost more than the arithmetic on such a matrix (docs/performance.md). Nothing here
+    outlives one call of the op (no output, nothing saved for backward). Per thread; ``release_workspace()``
+    frees the calling thread's (at most three d_out × d_in matrices of the largest adapted layer, plus one
+    input-sized buffer, per dtype). GPUs have a caching allocator and take fresh tensors."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def get(self, slot: str, shape, like: torch.Tensor) -> torch.Tensor:
+        n = math.prod(shape)
+        key = (slot, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            self.buffers[key] = buf = torch.empty(n, dtype=like.dtype)
+        return buf[:n].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the fused op's scratch matrices held for the calling thread (they come back on its next call)."""
+    _WORKSPACE.buffers.clear()
+
+
+def _compiled(x, weight, A):
+    """The compiled CPU kernels, where the fused op's fast CPU form serves: x, W0 and the adapter in one float
+    dtype (fp32 or fp64), no autocast; else None (the general form below)."""
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype == A.dtype and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu")):
+        return None
+    return _kernels_for(x)
+
+
+def _sigma_zero(ds: DeltaSpec, a, rho, grid) -> float:
+    return float(sigma_at_zero(ds.spec, a.detach(), rho.detach(), grid.detach())) if ds.center else 0.0
+
+
+def _lowrank_into(A, B, ds: DeltaSpec) -> torch.Tensor:
+    t = torch.mm(B.detach(), A.detach(), out=_WORKSPACE.get("t", (B.shape[0], A.shape[1]), A))
+    if ds.pre_scale != 1.0:
+        t.mul_(ds.pre_scale)
+    return t
+
+
+def _forward_compiled(k, x, weight, bias, t, table, c0, ds: DeltaSpec, pos, s):
+    """The merged form (pos None) or the sparse-correction form, every matrix in the workspace: ΔW = σ(t) by the
+    table, the merged weight W0 + sΔW in one pass, and − s · D ΔWᵀ over the dropped entries (a compiled kernel)."""
+    d_out, d_in = weight.shape
+    dw = _WORKSPACE.get("delta", t.shape, t)
+    k.interp_into(t, table.vals, table.lo, table.inv, dw)
+    w_eff = _WORKSPACE.get("merged", t.shape, t)
+    k.finish_delta(dw, weight.detach().contiguous(), w_eff, c0, ds.post_scale, s)
+    y = F.linear(x, w_eff, bias)
+    if pos is not None and pos.numel():
+        dwt = _WORKSPACE.get("t", (d_in, d_out), t).copy_(dw.t())  # t is spent: ΔWᵀ, one contiguous row per input
+        k.drop_forward(y.view(-1, d_out), x.reshape(-1, d_in).contiguous(), dwt, pos, -s)
+    return y
+
+
+def _backward_compiled(k, ctx, g2, x2, weight, A, B, a, rho, grid, pos, s, needs):
+    """The backward of ``_forward_compiled``, with its table: G_ΔW = gᵀ X̃ (X̃ the dropped input, built in the
+    workspace), one pass over t for σ'·G_ΔW, the histogram and σ(t), the merged weight, and the input gradient
+    with − s · (1 − m) ⊙ (g ΔW) at the dropped entries only (a compiled kernel). Returns grad_x, grad_A, grad_B,
+    [grad_a, grad_rho, grad_grid]."""
+    ds, table, c0 = ctx.ds, ctx.table, ctx.c0
+    need_x, need_A, need_B, needs_p = needs[0], needs[3], needs[4], needs[5:8]
+    d_out, d_in = weight.shape
+    grad_x = grad_A = grad_B = None
+    grads_p = [None, None, None]
+    t = _lowrank_into(A, B, ds)
+    gdw = _WORKSPACE.get("delta", t.shape, t)
+    if need_A or need_B or any(needs_p):
+        xd = x2
+        if pos is not None:  # X̃ = s · x with the dropped entries zeroed: Gᵀ X̃ is then one dense product
+            xd = torch.mul(x2, s, out=_WORKSPACE.get("input", x2.shape, x2))
+            xd.view(-1).index_fill_(0, pos, 0.0)
+        torch.mm(g2.t(), xd, out=gdw)
+        if ds.post_scale != 1.0:
+            gdw.mul_(ds.post_scale)
+        total = gdw.sum(dtype=torch.float64) if ds.center and any(needs_p) else None
+        table.prepare_backward(needs_p)
+        grad_t = _WORKSPACE.get("merged", t.shape, t) if (need_A or need_B) else None
+        dtab = table.dvals if grad_t is not None else table.vals
+        hist = k.interp_backward_into(t, gdw, table.vals, dtab, table.lo, table.inv, grad_t, need_x, any(needs_p))
+        if grad_t is not None:
+            if ds.pre_scale != 1.0:
+                grad_t.mul_(ds.pre_scale)
+            grad_A = B.t() @ grad_t if need_A else None
+            grad_B = grad_t @ A.t() if need_B else None
+        if hist is not None and hist.numel():
+            grads_p = table.param_grads(hist, needs_p)
+            if total is not None:
+                grads_p = _add_center_grads(grads_p, total, a, rho, grid, needs_p, ds)
+    elif need_x:
+        k.interp_into(t, table.vals, table.lo, table.inv, gdw)
+    if need_x:  # gdw holds σ(t): ΔW, the merged weight (grad_t is spent), the input gradient
+        w_eff = _WORKSPACE.get("merged", t.shape, t)
+        k.finish_delta(gdw, weight.detach().contiguous(), w_eff, c0, ds.post_scale, s)
+        grad_x = g2 @ w_eff
+        if pos is not None and pos.numel():
+            dwt = _WORKSPACE.get("t", (d_in, d_out), t).copy_(gdw.t())
+            k.drop_grad_input(grad_x, g2.contiguous(), dwt, pos, -s)
+    return grad_x, grad_A, grad_B, grads_p
+
+
 class LRLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, a, rho, grid, ds: DeltaSpec, mask, drop_scale: float):
-        with torch.autocast(x.device.type, enabled=False):  # σ in fp32, never autocast to half
-            t = _lowrank(A, B, ds)
-            table = make_table(t, ds.spec, a.detach(), rho.detach(), grid.detach(), ds.table_size) if ds.mode != "exact" else None
-            if use_table(t, table, ds.mode):
-                dw = _finish_delta(table.interp(t), a, rho, grid, ds)
-            else:
-                dw = delta_weight(A.detach(), B.detach(), a.detach(), rho.detach(), grid.detach(), ds)
-            del t
         # mask: None, the bool keep-mask, or the dropped entries' flat positions (``draw_dropout``); the
         # sparse form keeps positions (8 bytes × p per element of x), the two-path form the bool mask.
         # (and σ's dtype the base's: an fp32 adapter on an fp64 base takes the two-path form)
         sparse = mask is not None and _sparse_dropout(x, weight, drop_scale) and A.dtype == weight.dtype
         if mask is not None:
             mask = _as_positions(mask) if sparse else _as_keep_mask(mask, x)
-        if mask is None:
+        k = _compiled(x, weight, A) if (mask is None or sparse) else None
+        y = None
+        with torch.autocast(x.device.type, enabled=False):  # σ in fp32, never autocast to half
+            t = _lowrank_into(A, B, ds) if k is not None else _lowrank(A, B, ds)
+            table = make_table(t, ds.spec, a.detach(), rho.detach(), grid.detach(), ds.table_size) if ds.mode != "exact" else None
+            if not use_table(t, table, ds.mode):
+                table, k = None, None
+                dw = delta_weight(A.detach(), B.detach(), a.detach(), rho.detach(), grid.detach(), ds)
+            elif k is not None:
+                ctx.c0 = _sigma_zero(ds, a, rho, grid)
+                y = _forward_compiled(k, x, weight, bias, t, table, ctx.c0, ds, mask, drop_scale if sparse else 1.0)
+            else:
+                dw = _finish_delta(table.interp(t), a, rho, grid, ds)
+            del t
+        if y is not None:
+            pass
+        elif mask is None:
             y = F.linear(x, _merged_weight(weight.detach(), dw), bias)
         elif sparse:
             y = _forward_sparse(x, weight.detach(), bias, dw, _dropped(mask, x.numel() // x.shape[-1], x.shape[-1]),
@@ -133,6 +252,8 @@ class LRLoRALinearFunction(torch.autograd.Function):
             y = F.linear(x, weight, bias) + F.linear(x * mask * drop_scale, dw.to(x.dtype))
         ctx.save_for_backward(x, weight, A, B, a, rho, grid, mask)
         ctx.ds, ctx.drop_scale, ctx.has_bias, ctx.sparse = ds, drop_scale, bias is not None, sparse
+        # The table of this forward serves the backward (t = BA is recomputed bit for bit): a few kB per layer.
+        ctx.table, ctx.compiled = table, k is not None
         ctx.ydtype = y.dtype  # the matmul's compute dtype (differs from x's under autocast)
         return y
 
@@ -148,8 +269,8 @@ class LRLoRALinearFunction(torch.autograd.Function):
         g2 = g.reshape(-1, d_out).to(cdt)
         x2 = x.reshape(-1, d_in)
         sparse = ctx.sparse
-        # The dropped entries' rows, columns and row starts, once for both sparse products below.
-        dropped = _dropped(mask, x2.shape[0], d_in) if sparse else None
+        # The general form's dropped entries (rows, columns, row starts), once for both sparse products below.
+        dropped = _dropped(mask, x2.shape[0], d_in) if sparse and not ctx.compiled else None
 
         def keep_mask():  # the bool keep-mask (None: no dropout), built only where a dense form needs it
             return _as_keep_mask(mask, x) if sparse else mask
@@ -161,9 +282,13 @@ class LRLoRALinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         grads_p = [None, None, None]
         with torch.autocast(x.device.type, enabled=False):
-            t = _lowrank(A, B, ds)
-            table = make_table(t, ds.spec, a.detach(), rho.detach(), grid.detach(), ds.table_size) if ds.mode != "exact" else None
-            if use_table(t, table, ds.mode):
+            table = ctx.table  # the forward's (None: the forward took the exact path)
+            if ctx.compiled:
+                grad_x, grad_A, grad_B, grads_p = _backward_compiled(
+                    _kernels_for(x), ctx, g2, x2, weight, A, B, a, rho, grid, mask if sparse else None,
+                    drop_scale if sparse else 1.0, ctx.needs_input_grad)
+            elif table is not None:
+                t = _lowrank(A, B, ds)
                 if need_sigma:
                     if sparse:
                         gdw = _delta_grad_sparse(g2, x2, dropped, drop_scale)
@@ -240,7 +365,8 @@ def draw_dropout(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tenso
         if last >= n - 1:
             break
     pos = torch.cat(parts)
-    return pos[pos < n].long()
+    # pos ascends strictly (gaps ≥ 1): the entries below n are a prefix, found by one binary search
+    return pos[: int(torch.searchsorted(pos, float(n)))].long()
 
 
 def _as_positions(mask):
@@ -321,19 +447,13 @@ def _grad_input(g2, weight, dw, mask, drop_scale, cdt):
 
 
 def _add_center_grads(grads_p, c, a, rho, grid, needs_p, ds):
-    """Add −c · ∂σ(0)/∂θ (the center term's gradient; c = Σ G_ΔW)."""
-    leaves = [p.detach().double().requires_grad_(bool(n)) for p, n in zip((a, rho, grid), needs_p)]
-    wanted = [x for x in leaves if x.requires_grad]
-    with torch.enable_grad():
-        z = torch.zeros(1, dtype=torch.float64, device=a.device)
-        extra = iter(torch.autograd.grad(evaluate(ds.spec, z, *leaves), wanted, -c.reshape(1), allow_unused=True))
-    out = []
-    for gp, p, n in zip(grads_p, (a, rho, grid), needs_p):
-        if n:
-            e = next(extra)
-            gp = gp if e is None else gp + e.to(p.dtype)
-        out.append(gp)
-    return out
+    """Add −c · ∂σ(0)/∂θ (the center term's gradient; c = Σ G_ΔW), in closed form: the table's parameter
+    gradients (lrlora.ops) at the single node 0 with weight −c."""
+    from lrlora.ops import _table_param_grads
+
+    zero = torch.zeros(1, dtype=torch.float64, device=a.device)
+    extra = _table_param_grads(ds.spec, zero, (-c).reshape(1), (a, rho, grid), needs_p)
+    return [gp if e is None else gp + e for gp, e in zip(grads_p, extra)]
 
 
 def _backward_autograd(g2, xd, weight, A, B, a, rho, grid, ds, mask, drop_scale, cdt, needs):

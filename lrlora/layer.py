@@ -32,6 +32,41 @@ from lrlora.fused import DeltaSpec, LRLoRALinearFunction, draw_dropout
 from lrlora.transfer import TransferFunction
 
 
+def fold(weight: torch.Tensor, dw: torch.Tensor) -> tuple:
+    """W0 ← W0 + ΔW in place (ΔW cast to W0's dtype; dw is consumed). Returns what ``unfold`` needs to give W0
+    back bit for bit: the flat positions where (W0 + ΔW) − ΔW rounds to something else than W0, and W0's values
+    there (where |ΔW| ≳ |W0| or W0 + ΔW crosses a power of two: a small share of the entries)."""
+    d = dw.to(weight.dtype)
+    merged = weight + d
+    back = d.sub_(merged).neg_()  # (W0 + ΔW) − ΔW, exactly as unfold will compute it
+    bad = (back != weight).view(-1).nonzero().squeeze(1)
+    del back
+    if 2 * bad.numel() > weight.numel():  # most entries: W0 whole is smaller than their positions and values
+        fix = (None, weight.clone())
+    else:  # int32 positions where they fit: 8 bytes a recorded entry
+        fix = (bad.to(torch.int32) if weight.numel() < 2**31 else bad, weight.view(-1)[bad].clone())
+    weight.copy_(merged)
+    return fix
+
+
+def unfold(weight: torch.Tensor, dw: torch.Tensor, fix: tuple | None) -> None:
+    """W0 ← (W0 + ΔW) − ΔW in place, then the entries ``fold`` recorded: W0 as it was before ``fold``, given the
+    same ΔW (fix None: to rounding only)."""
+    if fix is not None and fix[0] is None:
+        weight.copy_(fix[1])
+        return
+    weight.sub_(dw.to(weight.dtype))
+    if fix is not None:
+        weight.view(-1).index_copy_(0, fix[0].long(), fix[1])
+
+
+def versions(module: nn.Module, skip: tuple = ()) -> tuple:
+    """The in-place version counters of a module's tensors besides ``skip``: equal before and after means ΔW
+    cannot have changed (so ``unfold``'s record still applies)."""
+    ids = {id(t) for t in skip}
+    return tuple(t._version for t in (*module.parameters(), *module.buffers()) if id(t) not in ids)
+
+
 def input_dropout(p: float) -> nn.Module:
     """The adapter path's input-side dropout: nn.Dropout(p), or nn.Identity at p = 0."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
@@ -87,15 +122,21 @@ class AdaptedLinear(nn.Module):
         """W0 ← W0 + ΔW: afterwards the layer costs exactly the base matmul."""
         if self.merged:
             raise RuntimeError("already merged: call unmerge() first")
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        self._unmerge_fix = fold(weight, self.delta_weight())
+        self._merged_at = versions(self, (weight,))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 ← W0 − ΔW (exact to fp32 rounding; to bf16/fp16 rounding for half-precision bases)."""
+        """W0 ← W0 − ΔW: the weight of before ``merge`` bit for bit while the adapter has not changed since (else
+        to rounding)."""
         if not self.merged:
             raise RuntimeError("not merged: nothing to unmerge")
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+        weight = self.base_layer.weight
+        same = getattr(self, "_merged_at", None) == versions(self, (weight,))
+        unfold(weight, self.delta_weight(), getattr(self, "_unmerge_fix", None) if same else None)
+        self._unmerge_fix = self._merged_at = None
         self.merged = False
 
 

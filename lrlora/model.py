@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from lrlora.config import LRLoRAConfig
@@ -16,7 +19,7 @@ from lrlora.targets import find_targets, layer_index, matches_target
 from lrlora.transfer import TransferFunction
 
 __all__ = ["adapter_parameter_count", "apply_lrlora", "layer_index", "layer_settings", "lrlora_modules",
-           "find_lrlora_targets", "make_transfers", "matches_target", "merge_and_unload", "unapply_lrlora"]
+           "find_lrlora_targets", "make_transfers", "matches_target", "merge_and_unload", "merged", "unapply_lrlora"]
 
 
 def lrlora_modules(model: nn.Module) -> dict[str, LRLoRADelta]:
@@ -117,6 +120,31 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if hasattr(model, "lrlora_config"):
         del model.lrlora_config
     return model
+
+
+@contextmanager
+def merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every LR-LoRA layer of ``model`` (the library's, or PEFT's ``lrlora`` layers with their
+    active adapters) holds W0 + ΔW in its base weight, ΔW computed once on entry: a forward costs the base model's,
+    not σ per call. On exit every W0 is back bit for bit (``lrlora.layer.fold``). For evaluation under no_grad:
+    a merged layer trains nothing.
+
+        with merged(model), torch.no_grad():
+            logits = model(**batch).logits
+    """
+    done = []
+    try:
+        for m in model.modules():
+            library = isinstance(m, LRLoRALinear)
+            peft_layer = hasattr(m, "lrlora_layer") and hasattr(m, "merged_adapters")
+            if (library or peft_layer) and not m.merged and not getattr(m, "disable_adapters", False):
+                m.merge()
+                if m.merged:
+                    done.append(m)
+        yield model
+    finally:
+        for m in reversed(done):
+            m.unmerge()
 
 
 def adapter_parameter_count(model: nn.Module) -> int:

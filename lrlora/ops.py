@@ -42,6 +42,9 @@ DEVICE_SIDE_TABLE_ON_CPU = False
 # Table points per pass when building the table: bounds its (points × K) float64 temporaries (~0.8 MB at
 # K = 50). 2048 builds an 8k-point table ~30% faster than 512 (fewer op launches; measured).
 _TABLE_CHUNK = 2048
+# The basis at the table's nodes (φ, dφ/du, z: three M × K float64 matrices) is kept from σ' for the parameter
+# gradients up to this many M·K elements (~6 MB); larger tables evaluate it again.
+_KEEP_TERMS = 1 << 18
 
 
 class Table:
@@ -53,6 +56,7 @@ class Table:
         self.spec, self.params, self.s, self.lo, self.inv = spec, (a, rho, grid), s, lo, inv
         self.m = s.numel()
         self._vals = self._dvals = None
+        self._terms = None  # the basis at the nodes, kept from σ' for the parameter gradients (small tables)
 
     @property
     def vals(self) -> torch.Tensor:
@@ -63,7 +67,8 @@ class Table:
     @property
     def dvals(self) -> torch.Tensor:
         if self._dvals is None:
-            self._dvals, vals = _table_derivative(self.spec, self.s, *self.params)
+            keep = self.m * self.spec.K <= _KEEP_TERMS
+            self._dvals, vals, self._terms = _table_derivative(self.spec, self.s, *self.params, keep=keep)
             if self._vals is None:
                 self._vals = vals
         return self._dvals
@@ -93,13 +98,14 @@ class Table:
         return out
 
     def prepare_backward(self, needs) -> None:
-        """Kept for the callers' order (σ' before the backward pass); σ' is built on first use. The basis
-        matrices are not kept for ``param_grads``, which evaluates them again (~3 ms at 8k points, K = 50):
-        keeping ~10 MB between the passes measured no faster here."""
+        """Kept for the callers' order (σ' before the backward pass); σ' is built on first use, and with it the
+        basis at the nodes is kept for ``param_grads`` while the table is small (M·K ≤ _KEEP_TERMS): one basis
+        evaluation per backward instead of two."""
 
     def param_grads(self, hist: torch.Tensor, needs):
         """Σ_m hist_m ∂σ(s_m)/∂θ for θ in (a, rho, grid), None where not needed."""
-        return _table_param_grads(self.spec, self.s, hist, self.params, needs)
+        terms, self._terms = self._terms, None  # used once: the backward's
+        return _table_param_grads(self.spec, self.s, hist, self.params, needs, terms)
 
 
 def _kernels_for(t: torch.Tensor):
@@ -281,26 +287,33 @@ def _table_values(spec: BasisSpec, s, a, rho, grid) -> torch.Tensor:
     return torch.cat([_basis_terms(spec, s[c].unsqueeze(1), w, grid, 0, need_du=False)[0] @ a for c in _table_chunks(s)])
 
 
-def _table_derivative(spec: BasisSpec, s, a, rho, grid):
-    """(σ'(s), σ(s)), float64, in closed form: σ' = Σ_k a_k φ_k'(u) w_k dz_k/ds."""
+def _table_derivative(spec: BasisSpec, s, a, rho, grid, keep: bool = False):
+    """(σ'(s), σ(s), the basis per chunk or None), float64, in closed form: σ' = Σ_k a_k φ_k'(u) w_k dz_k/ds.
+    keep: also return each chunk's (φ, dφ/du, z, dz/dgrid) for ``_table_param_grads``."""
     a, w, grid, _ = _f64(a, rho, grid)
-    out, vals = [], []
+    out, vals, kept = [], [], []
     for c in _table_chunks(s):
-        phi, du, z, dz, _ = _basis_terms(spec, s[c].unsqueeze(1), w, grid, 0)
+        phi, du, z, dz, dzg = _basis_terms(spec, s[c].unsqueeze(1), w, grid, 0)
         vals.append(phi @ a)
         out.append(du @ (a * w * dz))
-    return torch.cat(out), torch.cat(vals)
+        if keep:
+            kept.append((phi, du, z, dzg))
+    return torch.cat(out), torch.cat(vals), (kept if keep else None)
 
 
-def _table_param_grads(spec: BasisSpec, s, hist, params, needs):
+def _table_param_grads(spec: BasisSpec, s, hist, params, needs, terms=None):
     """Σ_m hist_m ∂σ(s_m)/∂θ for θ in (a, rho, grid), in closed form (σ = Σ_k a_k φ(w_k z_k(s))):
-    ∂σ/∂a_k = φ_k, ∂σ/∂ρ_k = a_k φ_k'(u) z_k softplus'(ρ_k), ∂σ/∂grid_k = a_k φ_k'(u) w_k dz_k/dgrid_k."""
+    ∂σ/∂a_k = φ_k, ∂σ/∂ρ_k = a_k φ_k'(u) z_k softplus'(ρ_k), ∂σ/∂grid_k = a_k φ_k'(u) w_k dz_k/dgrid_k.
+    terms: the basis per chunk as ``_table_derivative(keep=True)`` returns it (else evaluated here)."""
     if not any(needs):
         return [None] * len(params)
     a, w, grid, rho = _f64(*params)
     ga, gw, gg = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
-    for c in _table_chunks(s):
-        phi, du, z, _, dzg = _basis_terms(spec, s[c].unsqueeze(1), w, grid, 0)
+    for j, c in enumerate(_table_chunks(s)):
+        if terms is not None:
+            phi, du, z, dzg = terms[j]
+        else:
+            phi, du, z, _, dzg = _basis_terms(spec, s[c].unsqueeze(1), w, grid, 0)
         h = hist[c]
         if needs[0]:
             ga += h @ phi

@@ -63,7 +63,7 @@ from lrlora.io import CONFIG as LIB_CONFIG
 from lrlora.io import FORMAT as LIB_FORMAT
 from lrlora.io import WEIGHTS as LIB_WEIGHTS
 from lrlora.io import atomic_directory, read_adapter_config
-from lrlora.layer import LRLoRAAdapter
+from lrlora.layer import LRLoRAAdapter, fold, unfold, versions
 from lrlora.model import find_lrlora_targets, layer_settings, make_transfers
 from lrlora.transfer import TransferFunction
 
@@ -251,27 +251,32 @@ class Linear(nn.Module, LRLoRALayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W0 ← W0 + ΔW for the given (default: active) adapters."""
         weight = self.get_base_layer().weight
+        fixes = self.__dict__.setdefault("_lrlora_unmerge", {})
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.lrlora_layer:
                 continue
             with torch.no_grad():
-                delta = self.get_delta_weight(name).to(weight.dtype)
-                if safe_merge and not torch.isfinite(weight + delta).all():
+                delta = self.get_delta_weight(name)
+                if safe_merge and not torch.isfinite(weight + delta.to(weight.dtype)).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                weight += delta
+                fixes[name] = (fold(weight, delta), versions(self.lrlora_layer[name]))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """W0 ← W0 − ΔW for every merged adapter, the last merged first."""
+        """W0 ← W0 − ΔW for every merged adapter, the last merged first: bit for bit the weight of before
+        ``merge`` while the adapters have not changed since (else to rounding)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         weight = self.get_base_layer().weight
+        fixes = self.__dict__.setdefault("_lrlora_unmerge", {})
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.lrlora_layer:
+                fix, at = fixes.pop(name, (None, None))
                 with torch.no_grad():
-                    weight -= self.get_delta_weight(name).to(weight.dtype)
+                    unfold(weight, self.get_delta_weight(name),
+                           fix if at == versions(self.lrlora_layer[name]) else None)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

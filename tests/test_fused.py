@@ -364,3 +364,54 @@ def test_fp32_adapter_on_an_fp64_base_takes_the_two_path_form():
     y_f, g_f = run(layer, x, pos, 0.05, fused=True)
     assert y_f.dtype == torch.float64 and rel_err(y_f, y_r) < 1e-5
     assert all(rel_err(g_f[k], g_r[k]) < 1e-5 for k in g_r)
+
+
+def test_compiled_form_in_float64_with_threads_and_a_shared_workspace():
+    """The compiled CPU form (lrlora._kernels: table passes into the workspace, the merged weight in one pass,
+    the dropped entries' products) in float64 and with two threads (its kernels split rows and entries), for layers
+    of different shapes one after another (one workspace): every output and gradient agrees with the reference, and
+    no output or gradient shares memory with the workspace."""
+    import lrlora._kernels
+    from lrlora import fused
+
+    if lrlora._kernels.get() is None:
+        pytest.skip("no compiler: the compiled kernels are unavailable here")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            for d_in, d_out, p in ((256, 192, 0.1), (192, 320, 0.0), (256, 192, 0.05)):
+                layer = make_layer(d_in, d_out, dtype=dtype, scale=0.25, center=True, post_scale=1.3).to(dtype)
+                x = torch.randn(6, 7, d_in, dtype=dtype)
+                assert fused._compiled(x, layer.base_layer.weight, layer.lora_A) is not None
+                pos = fused.draw_dropout(x, layer.base_layer.weight, p) if p else None
+                y_f, g_f = run(layer, x, pos, p, fused=True)
+                y_r, g_r = run(layer, x, _keep_mask(pos, x.shape) if p else None, p, fused=False)
+                tol = 1e-5 if dtype == torch.float32 else 1e-10
+                assert rel_err(y_f, y_r) < tol
+                for k in g_r:
+                    assert rel_err(g_f[k], g_r[k]) < tol, f"d/d{k}: {rel_err(g_f[k], g_r[k]):.2e}"
+                spaces = [b.untyped_storage().data_ptr() for b in fused._WORKSPACE.buffers.values()]
+                assert spaces and all(t.untyped_storage().data_ptr() not in spaces for t in (y_f, *g_f.values()))
+    finally:
+        torch.set_num_threads(threads)
+    fused.release_workspace()
+    assert not fused._WORKSPACE.buffers
+
+
+def test_forward_table_serves_the_backward():
+    """The backward takes the forward's table (t = BA recomputed bit for bit): no second range or table."""
+    from lrlora import ops
+
+    layer = make_layer(256, 192, scale=0.25)
+    x = torch.randn(4, 256)
+    built = []
+    orig = ops.make_table
+    import lrlora.fused as fused
+
+    fused.make_table = lambda *a, **k: built.append(1) or orig(*a, **k)
+    try:
+        layer.forward_fused(x.requires_grad_()).sum().backward()
+    finally:
+        fused.make_table = orig
+    assert built == [1]

@@ -220,7 +220,7 @@ def test_merged_forward_equals_unmerged_and_unmerge_restores_w0():
     assert torch.allclose(model(ids).logits, unmerged, atol=1e-5, rtol=1e-4)
     for name, layer in lrlora_modules(model).items():
         layer.unmerge()
-        assert torch.allclose(layer.base_layer.weight, w0[name], atol=1e-6)
+        assert torch.equal(layer.base_layer.weight, w0[name])  # bit for bit (lrlora.layer.fold)
         assert not torch.equal(layer.delta_weight(), torch.zeros_like(w0[name]))
     with pytest.raises(RuntimeError, match="not merged"):
         layer.unmerge()
@@ -530,3 +530,61 @@ def test_rank_report_carries_the_mechanism():
     assert torch.allclose(sigma_argument(layer), 3.0 * layer.lowrank_product())
     expected = mechanism(layer.delta_weight(), 2, sigma_argument(layer))
     assert {k: row[k] for k in expected} == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 0.3, 3.0])
+def test_fold_unfold_round_trip_is_exact(scale):
+    """W0 + ΔW − ΔW rounds away from W0 on some entries (more as |ΔW| nears |W0|): fold records them, or W0 whole
+    when they are most, and unfold gives W0 back bit for bit; without the record it is off on those entries."""
+    from lrlora.layer import fold, unfold
+
+    torch.manual_seed(0)
+    w0 = torch.randn(96, 80) * 0.04
+    dw = torch.randn_like(w0) * scale
+    for fix in ("record", None):
+        w = w0.clone()
+        record = fold(w, dw.clone())
+        assert torch.equal(w, w0 + dw)
+        unfold(w, dw, record if fix else None)
+        if fix:
+            assert torch.equal(w, w0)
+        elif scale >= 1e-2:
+            assert not torch.equal(w, w0)  # the record is needed (test self-check)
+
+
+def test_merged_context_evaluates_with_folded_weights_and_restores_them():
+    """Inside lrlora.model.merged every LR-LoRA layer runs its base layer with W0 + ΔW (ΔW computed once, not per
+    forward): the outputs are the adapter's, and on exit every weight of the model is back bit for bit. A change
+    of the adapter while merged is noticed: unmerge then subtracts the new ΔW (no stale record)."""
+    from lrlora import fused
+    from lrlora.model import merged
+
+    model = tiny_qwen2()
+    apply_lrlora(model, LRLoRAConfig(r=4, target_modules=DECODER_TARGETS))
+    randomize_adapters(model)
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 97, (2, 12))
+    calls = []
+    orig = fused.LRLoRALinearFunction.apply
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        fused.LRLoRALinearFunction.apply = lambda *a: calls.append(1) or orig(*a)
+        try:
+            with merged(model):
+                assert all(m.merged for m in lrlora_modules(model).values())
+                inside = model(ids).logits
+        finally:
+            fused.LRLoRALinearFunction.apply = orig
+    assert calls == []  # no σ per forward while merged
+    torch.testing.assert_close(inside, unmerged, rtol=1e-5, atol=1e-6)
+    assert not any(m.merged for m in lrlora_modules(model).values())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    layer = next(iter(lrlora_modules(model).values()))
+    with torch.no_grad():
+        w0, dw_old = layer.base_layer.weight.clone(), layer.delta_weight()
+        layer.merge()
+        layer.lora_A.mul_(2.0)
+        layer.unmerge()
+        assert torch.equal(layer.base_layer.weight, (w0 + dw_old) - layer.delta_weight())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lrlora.errors import NonFiniteError, UserError
+from lrlora.model import merged
 
 
 class NoExamples(UserError, ValueError):
@@ -65,18 +66,20 @@ def predict(model, examples, collate, task: str, batch_size: int, device, autoca
     was_training = model.training
     model.eval()
     total_loss, total_weight, logits_all, labels_all = 0.0, 0, [], []
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
-        with autocast() if autocast else nullcontext():
-            out = model(**batch)
-        if task == "causal_lm":
-            n = int((batch["labels"][:, 1:] != -100).sum())
-        else:
-            n = len(batch["labels"])
-            logits_all.append(out.logits.float().cpu().numpy())
-            labels_all.append(batch["labels"].cpu().numpy())
-        total_loss += float(out.loss) * n
-        total_weight += n
+    # LR-LoRA's ΔW once per evaluation, folded into the weights (given back bit for bit after), not σ per batch
+    with merged(model):
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size]).items()}
+            with autocast() if autocast else nullcontext():
+                out = model(**batch)
+            if task == "causal_lm":
+                n = int((batch["labels"][:, 1:] != -100).sum())
+            else:
+                n = len(batch["labels"])
+                logits_all.append(out.logits.float().cpu().numpy())
+                labels_all.append(batch["labels"].cpu().numpy())
+            total_loss += float(out.loss) * n
+            total_weight += n
     model.train(was_training)
     loss = total_loss / max(total_weight, 1)
     if not math.isfinite(loss):
