@@ -46,7 +46,7 @@ class ResultsError(UserError, ValueError):
 
 
 def _flatten(d, prefix: str, out: dict, keep_dicts: tuple = ()) -> dict:
-    # unlike experiments.naming.flatten: some dicts stay whole (per-layer ranks) and lists become tuples, so
+    # unlike experiments.identity.flatten: some dicts stay whole (per-layer ranks) and lists become tuples, so
     # DataFrame columns stay hashable for groupby/unique
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
@@ -66,10 +66,12 @@ def read_results(path: Path) -> dict:
         d = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ResultsError(f"{path}: not a readable results file ({e}). Delete it or re-run that run.") from e
-    if not isinstance(d, dict) or "run_name" not in d or "metrics" not in d:
-        raise ResultsError(f"{path}: no run_name/metrics, so not a results file (docs/RESULTS.md). "
-                           f"Move it out of the results folder.")
-    return d
+    from experiments.results import RunResult
+
+    try:
+        return RunResult.from_dict(d).to_dict()
+    except ValueError as e:
+        raise ResultsError(f"{path}: {e}. Move it out of the results folder.") from None
 
 
 def upgrade_legacy(d: dict) -> dict:
@@ -141,9 +143,6 @@ def to_row(d: dict, path: Path | None = None) -> dict:
     return row
 
 
-# adapter settings that set its size (the table's "r" and budget) rather than make it an ablation variant
-SIZE_KEYS = {"r", "lora_alpha", "randlora_alpha", "target_r", "r_max", "target_modules", "dropout",
-             "modules_to_save", "name", "lr", "num_basis_A", "num_basis_B", "eval_rank"}
 _DEFAULTS: dict[str, dict] = {}
 
 
@@ -158,12 +157,12 @@ def adapter_defaults(adapter: str) -> dict:
 
 
 def variant_of(d: dict) -> str:
-    """`K=25, center=True`: the adapter settings that differ from its YAML (size settings aside); '' if none.
+    """`K=25, center=True`: the adapter settings that differ from its YAML (size settings aside:
+    experiments.identity decides which); '' if none.
     Tables of methods (1, 2, 4) take the '' runs; ablation tables read the rest."""
-    cfg = ((d.get("config") or {}).get("adapter") or {})
-    ref = adapter_defaults(d["adapter"])
-    diff = {k: v for k, v in cfg.items() if k not in SIZE_KEYS and k in ref and v != ref[k]}
-    diff.update({k: v for k, v in cfg.items() if k not in SIZE_KEYS and k not in ref and v is not None})
+    from experiments.identity import adapter_variant
+
+    diff = adapter_variant((d.get("config") or {}).get("adapter") or {}, adapter_defaults(d["adapter"]))
     return ", ".join(f"{k}={v}" for k, v in sorted(diff.items()))
 
 

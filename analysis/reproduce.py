@@ -283,7 +283,7 @@ def staleness(cfg, any_commit: bool = False, commit: str | None = None) -> str |
     """None if the run's results file is current; else why it must run ('missing', 'stale: ...')."""
     from omegaconf import OmegaConf
 
-    from experiments.naming import result_settings
+    from experiments.identity import result_settings
 
     path = Path(cfg.paths.results_dir) / f"{cfg.run_name}.json"
     if not path.exists():

@@ -1,8 +1,8 @@
 """The training harness: `python -m experiments.train [overrides]` (see conf/train.yaml) and `make demo`.
 
-train.py (entry: backbone -> adapter -> data -> loop -> evaluation -> results file), guard.py (checks before a
-run starts), naming.py (run names), backbones.py, data.py, loop.py, protocols/ (evaluation), results.py,
-tracking.py; the other entry points evaluate.py (re-score a run), para.py (PARA, on a run or a folder),
+train.py (entry: prepare -> fit -> score -> record), guard.py (checks before a run starts), identity.py (which
+settings change a result, and the adapter's keyword arguments), naming.py (run names), backbones.py, data.py,
+loop.py, protocols/ (evaluation), results.py (the results file's schema, RunResult), tracking.py; the other entry points evaluate.py (re-score a run), para.py (PARA, on a run or a folder),
 demo.py and clean.py (remove what the harness wrote); every one of them reports errors through
 lrlora/cli.py (docs/guarantees.md).
 """

@@ -6,7 +6,8 @@ may be written (a fresh start, an exact resume, a finished run, or another confi
     fp = run_fingerprint(cfg, data)                    # sha256 of every input that changes the result
     decision = decide(cfg, fp)                         # Decision("fresh" | "resume" | "done"), or RunConflict
 
-The fingerprint covers the resolved config minus the keys that cannot change a result (`NON_RESULT`:
+The fingerprint covers the resolved config minus the keys that cannot change a result
+(`experiments.identity.NON_RESULT`:
 logger, paths, run name, tags, progress bar, threads, logging/checkpoint cadence, resume/force) plus the
 content hash of the loaded train/val/test examples. The code version (git commit) is recorded in
 run.json and every checkpoint, and a resume on another commit prints a warning (it does not refuse:
@@ -32,13 +33,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.identity import adapter_kwargs, result_config
 from lrlora._atomic import atomic_json, exclusive_lock
 from lrlora.errors import ConfigError, UserError
 
 RUN_META = "run.json"
-# Keys that cannot change a result: left out of the fingerprint (dotted paths into the resolved config).
-NON_RESULT = ("logger", "paths", "run_name", "tags", "hydra", "trainer.progress", "trainer.num_threads",
-              "trainer.log_every", "trainer.save_every", "trainer.resume", "trainer.force")
 # What a run of ours writes into its folder: the only entries a forced restart removes.
 OWN_ENTRIES = ("checkpoint", "metrics.jsonl", "transfer_functions.png", RUN_META)
 # Everything a run, its protocols and its re-scoring write into its folder: what `make clean` removes there.
@@ -134,7 +133,6 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.trainer.grad_accum > cfg.regime.train.batch_size:
         raise ConfigError(f"trainer.grad_accum={cfg.trainer.grad_accum} exceeds regime.train.batch_size="
                           f"{cfg.regime.train.batch_size}: a micro-batch needs at least one example")
-    from experiments.train import adapter_kwargs
 
     try:  # the method's own checks of its settings (LR-LoRA: its whole config), before any backbone loads
         methods()[name].validate(adapter_kwargs(cfg))
@@ -284,19 +282,6 @@ def data_fingerprint(data) -> str:
 
 
 # --- fingerprint and run folder ---------------------------------------------------------------------------
-def result_config(config: dict) -> dict:
-    """The resolved config without the keys that cannot change a result."""
-    out = json.loads(json.dumps(config, default=str))
-    for path in NON_RESULT:
-        node, *rest = path.split(".")
-        parent = out
-        while rest and isinstance(parent.get(node), dict):
-            parent, node, rest = parent[node], rest[0], rest[1:]
-        if not rest:
-            parent.pop(node, None)
-    return out
-
-
 def run_fingerprint(config: dict, data_hash: str) -> str:
     blob = json.dumps({"config": result_config(config), "data": data_hash}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,7 +1,8 @@
 """The training loop: AdamW, warmup + linear/cosine decay, clipping, periodic evaluation, early stopping,
 best-by-validation weights, a stop on a non-finite loss, and exact resume. Called by experiments/train.py.
 
-    loop = train(handle, data, collate, cfg, accelerator, tracker, out_dir, resume=True, t_start=t0)
+    loop = train(handle, data, collate, cfg, accelerator, tracker, out_dir, resume=True, t_start=t0,
+                 callbacks=[SigmaSnapshots(...)])     # hooks are passed in (Callback), never swapped in
 
 It reads top to bottom, as nanoGPT's train.py does: settings, optimizer, (resume), the loop, the end. All the
 state that changes lives in one `LoopState`.
@@ -89,6 +90,15 @@ class MethodState:
 
     def load_state_dict(self, d: dict) -> None:
         self.handle.load_training_state(d)
+
+
+class Callback:
+    """A hook into the loop, passed in: `train(..., callbacks=[...])` (as HF Trainer and Lightning take them);
+    nothing is swapped onto the loop, the accelerator or the method handle at run time. Override what you need."""
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """After each optimizer step that changed the weights, after the method's own `handle.on_step`, before
+        the gradients are zeroed; `step` is the 0-based index of the step just taken."""
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -194,8 +204,10 @@ def apply_update(params, optimizer, scheduler, accelerator, grad_clip: float | N
 
 
 def train(handle, data, collate, cfg, accelerator, tracker, out_dir: Path, resume: bool = False,
-          fingerprint: str = "", t_start: float | None = None, meta: dict | None = None) -> dict:
-    """Train handle.model on data.train, evaluating on data.val; returns the loop summary.
+          fingerprint: str = "", t_start: float | None = None, meta: dict | None = None,
+          callbacks: tuple[Callback, ...] | list[Callback] = ()) -> dict:
+    """Train handle.model on data.train, evaluating on data.val; returns the loop summary. `callbacks` are
+    called after every optimizer step that changed the weights (Callback).
 
     cfg is the whole run config; optimisation settings come from cfg.regime.train (the paper's Table 10
     by domain), runtime ones from cfg.trainer. The best-by-validation weights are loaded at the end.
@@ -288,6 +300,8 @@ def train(handle, data, collate, cfg, accelerator, tracker, out_dir: Path, resum
             if math.isfinite(loss_sum):
                 apply_update(params, optimizer, scheduler, accelerator, tc.grad_clip)
                 handle.on_step(state.step, total_steps)  # AdaLoRA's allocator reads the grads: before zero_grad
+                for callback in callbacks:
+                    callback.on_step(state.step, total_steps)
                 state.updates += 1
                 state.last_loss = loss_sum
             else:  # like AMP's grad scaler: skip the update, up to trainer.max_skipped_nonfinite times

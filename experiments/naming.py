@@ -4,7 +4,8 @@ setting that changes the result, so two runs that differ in anything but those f
     run_name: ${backbone.name}__${adapter.name}__${regime.name}__r${adapter.r}__s${seed}${run_suffix:}
 
 (conf/train.yaml). The suffix is the difference between this run's result-affecting settings (the backbone,
-regime and adapter groups and the trainer settings in RESULT_TRAINER_KEYS) and the config that the five
+regime and adapter groups and the result-affecting trainer settings: experiments/identity.py, which decides
+what changes a result for names, fingerprints and analysis alike) and the config that the five
 coordinates alone compose to: `adapter.center=true adapter.basis=gaussian` -> `__basis=gaussian__center=true`; an
 experiment file or a sweep counts like the command line, since the difference is taken on the composed
 config. When long, the adapter's settings stay readable and the rest becomes `__cfg-<8 hex>` (a hash). The same command gives the same name, so
@@ -21,39 +22,23 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.identity import result_settings
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("backbone", "regime", "adapter")
-COORDINATES = {"backbone.name", "regime.name", "adapter.name", "adapter.r"}
-# trainer settings that change what a run learns or which checkpoint it keeps (the rest are runtime knobs)
-RESULT_TRAINER_KEYS = ("max_steps", "grad_accum", "eval_every", "eval_max_examples", "precision")
 MAX_SUFFIX = 60  # characters; longer differences are hashed
 _REFERENCE: dict[tuple, dict] = {}
 
 
-def result_settings(cfg) -> dict:
-    """The flat {dotted key: value} of everything that shapes the result, coordinates excluded."""
-    def part(node):  # one subtree at a time: resolving the whole root would resolve run_name itself
-        return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else (node or {})
-
-    flat = {}
-    for g in GROUPS:
-        flat.update(flatten(part(cfg.get(g)), g))
-    trainer = cfg.get("trainer") or {}
-    for k in RESULT_TRAINER_KEYS:
-        flat[f"trainer.{k}"] = trainer.get(k)
-    return {k: v for k, v in flat.items() if k not in COORDINATES}
+def base_name(cfg) -> str:
+    """`{backbone}__{adapter}__{regime}__r{r}__s{seed}`: the name's five coordinates (conf/train.yaml's run_name
+    without its `${run_suffix:}`)."""
+    return f"{cfg.backbone.name}__{cfg.adapter.name}__{cfg.regime.name}__r{cfg.adapter.get('r')}__s{cfg.seed}"
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"adapter": {"r": 4}} -> {"adapter.r": 4} (empty dicts stay values). Also W&B's flat config."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
+def suffix_parts(cfg) -> list[str]:
+    """The run name's suffix as settings (`['center=true', 'cfg-1a2b3c4d']`); [] for a name set by hand."""
+    base = base_name(cfg)
+    return [p for p in cfg.run_name[len(base):].split("__") if p] if cfg.run_name.startswith(base) else []
 
 
 def _reference(coords: tuple) -> dict:

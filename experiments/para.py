@@ -52,9 +52,17 @@ from experiments.evaluate import (
     score_adapter,
     source_adapter,
 )
-from experiments.guard import check_keys_of, result_config
+from experiments.guard import check_keys_of
+from experiments.identity import result_config
 from experiments.protocols import check_fits, protocol_config, protocol_names
-from experiments.results import git_info, package_versions, peak_memory, recorded_path, write_results
+from experiments.results import (
+    RunResult,
+    git_info,
+    package_versions,
+    peak_memory,
+    recorded_path,
+    write_results,
+)
 from lrlora import cli
 from lrlora._atomic import file_sha256
 from lrlora.errors import AdapterError, AdapterNotFound, ConfigError, UnsafeWrite
@@ -156,23 +164,24 @@ def run_para(run: str, keep_energy: float | None = None, reduction: float | None
                        "reduction": result.reduction, "energy_kept": result.energy_kept,
                        "threshold": result.threshold, "ranks": result.ranks_after}
     total = loaded["total"]
-    results = {
-        "run_name": name, **{k: src.get(k) for k in ("backbone", "adapter", "regime", "r", "seed")},
-        "tags": [*(t for t in src.get("tags") or [] if t != "para"), "para"],
-        "metrics": metrics,
-        "protocols": {n: provenance("experiments.para", OmegaConf.to_container(c, resolve=True))
-                      for n, c in protocols.items()},
+    run_result = RunResult(
+        run_name=name, **{k: src.get(k) for k in ("backbone", "adapter", "regime", "r", "seed")},
+        tags=[*(t for t in src.get("tags") or [] if t != "para"), "para"],
+        metrics=metrics,
+        protocols={n: provenance("experiments.para", OmegaConf.to_container(c, resolve=True))
+                   for n, c in protocols.items()},
         # as experiments.train counts them: adapter parameters (here the compressed LoRA's), the head apart
-        "params": {"trainable": loaded["trainable"], "total": total,
-                   "trainable_percent": 100 * loaded["trainable"] / total, "head": loaded["head"]},
-        "adapter_dir": recorded_path(para_adapter, root),
-        "data_fingerprint": fingerprint,
-        "source": source,
-        "timing": {"wall_s": time.perf_counter() - t0, "para_s": para_s, "eval_s": eval_s},
-        "memory": peak_memory(), "device": loaded["device"], "torch_threads": torch.get_num_threads(),
-        "git": git_info(), "versions": package_versions(), "config": config,
-    }
-    write_results(results, path.parent)
+        params={"trainable": loaded["trainable"], "total": total,
+                "trainable_percent": 100 * loaded["trainable"] / total, "head": loaded["head"]},
+        adapter_dir=recorded_path(para_adapter, root),
+        data_fingerprint=fingerprint,
+        source=source,
+        timing={"wall_s": time.perf_counter() - t0, "para_s": para_s, "eval_s": eval_s},
+        memory=peak_memory(), device=loaded["device"], torch_threads=torch.get_num_threads(),
+        git=git_info(), versions=package_versions(), config=config,
+    )
+    write_results(run_result, path.parent)
+    results = run_result.to_dict()
     scores = "; ".join(f"{p} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
                        for p, m in metrics.items() if p != "para")
     print(f"[{name}] LoRA parameters {result.params_before:,} -> {result.params_after:,} "

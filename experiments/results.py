@@ -1,12 +1,13 @@
 """The results file: one JSON per run, written atomically; tables and figures are built from these only.
 
-    path = write_results(results, results_dir)   # -> {results_dir}/{run_name}.json
+    result = RunResult(run_name=..., backbone=..., metrics=..., ...)   # the fields of docs/RESULTS.md
+    path = write_results(result, results_dir)   # -> {results_dir}/{run_name}.json
+    result = RunResult.from_dict(json.loads(path.read_text()))         # what analysis reads
     ranks = rank_stats(handle.delta_weights(), target_modules)
     mech = mechanism_stats(handle.delta_weights(), r, handle.sigma_arguments())
 
-Fields: run_name, backbone/adapter/regime/r/seed, config (resolved), metrics (val best, test, train),
-params (trainable, total, % of backbone), stable_ranks (per layer and by module type), timing
-(wall_s, train_s, tokens_per_s, samples_per_s), memory (peak), git commit, package versions.
+`RunResult` is the schema: training (experiments/train.py) and PARA (experiments/para.py) write one,
+analysis/load.py reads one, and tests/test_harness.py checks its fields against docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import os
 import platform
 import resource
 import subprocess
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +30,69 @@ from lrlora.errors import UserError
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "hydra-core", "omegaconf", "wandb", "datasets",
             "numpy", "lrlora")
+
+
+ABSENT: Any = type("Absent", (), {"__repr__": lambda self: "ABSENT"})()  # a field this writer does not write
+
+
+def _absent():
+    return field(default=ABSENT)
+
+
+@dataclass
+class RunResult:
+    """One results file (docs/RESULTS.md, field for field and in the file's order). A field a writer has no value
+    for (PARA trains nothing: no `loop` or `stable_ranks`; a training run has no `source`) stays ABSENT and is
+    not written; files written before a field existed read with it ABSENT too. Only `run_name` and `metrics`
+    are required to read a file."""
+
+    run_name: str
+    backbone: str = _absent()
+    adapter: str = _absent()
+    regime: str = _absent()
+    r: int | None = _absent()
+    seed: int = _absent()
+    tags: list = _absent()
+    metrics: dict = _absent()
+    protocols: dict = _absent()
+    params: dict = _absent()
+    stable_ranks: dict = _absent()
+    mechanism: dict = _absent()
+    adapter_dir: str = _absent()
+    data_fingerprint: str = _absent()
+    source: dict = _absent()
+    adapter_extra: dict = _absent()
+    timing: dict = _absent()
+    memory: dict = _absent()
+    loop: dict = _absent()
+    device: str = _absent()
+    precision: str = _absent()
+    world_size: int = _absent()
+    torch_threads: int = _absent()
+    git: dict = _absent()
+    versions: dict = _absent()
+    config: dict = _absent()
+
+    # keys of older files that no field carries any more: read and left out
+    RETIRED = ("samples",)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not ABSENT}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunResult:
+        """ValueError naming what is wrong: not a dict, no run_name or metrics, or a key that is not a field."""
+        if not isinstance(d, dict) or "run_name" not in d or "metrics" not in d:
+            raise ValueError("no run_name/metrics, so not a results file (docs/RESULTS.md)")
+        known = set(cls.field_names())
+        unknown = sorted(k for k in d if k not in known and k not in cls.RETIRED)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a field of the results file (docs/RESULTS.md)")
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 SPECTRUM_TOP = 64  # singular values kept per ΔW in the results file
@@ -133,13 +199,20 @@ def path_under_root(results_file: str | os.PathLike, recorded: str, expected: st
     return root / tail
 
 
-def write_results(results: dict, results_dir: str | os.PathLike) -> Path:
-    """{results_dir}/{run_name}.json through lrlora's atomic writer: readers never see half a file.
+def write_results(result: RunResult | dict, results_dir: str | os.PathLike) -> Path:
+    """{results_dir}/{run_name}.json through lrlora's atomic writer: readers never see half a file. A dict (a
+    results file read, changed and written back: experiments.evaluate) must hold RunResult's fields only, and is
+    written with its keys in the order it has.
 
     Strict JSON: a NaN or infinite value anywhere raises NonFiniteError naming its key, and nothing is written
     (a NaN is not a result; docs/RESULTS.md)."""
-    path = Path(results_dir) / f"{results['run_name']}.json"
-    plain = json.loads(json.dumps(results, default=_jsonable))  # numpy/tensors -> Python, NaN kept to be caught
+    if isinstance(result, dict):
+        RunResult.from_dict(result)  # a key outside the schema is an error, before anything is written
+        record = result
+    else:
+        record = result.to_dict()
+    path = Path(results_dir) / f"{record['run_name']}.json"
+    plain = json.loads(json.dumps(record, default=_jsonable))  # numpy/tensors -> Python, NaN kept to be caught
     return atomic_json(path, plain)
 
 

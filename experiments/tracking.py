@@ -31,7 +31,7 @@ def wandb_mode(cfg_mode: str | None) -> str:
 
 def flat_config(config: dict) -> dict:
     """{"adapter.r": 16, ...}: one level, so a W&B table or filter can use any setting as a column."""
-    from experiments.naming import flatten
+    from experiments.identity import flatten
 
     return flatten(config)
 
@@ -52,16 +52,17 @@ def wandb_grouping(cfg) -> tuple[str, str, list[str]]:
     except (ImportError, ValueError):  # composed without @hydra.main (demo, tests): no runtime choices
         pass
     group = cfg.logger.get("group") or table or experiment or f"{cfg.backbone.name}__{cfg.regime.name}"
-    base = f"{cfg.backbone.name}__{cfg.adapter.name}__{cfg.regime.name}__r{cfg.adapter.get('r')}__s{cfg.seed}"
-    variant = [p for p in cfg.run_name[len(base):].split("__") if p] if cfg.run_name.startswith(base) else []
+    from experiments.naming import suffix_parts
+
+    variant = suffix_parts(cfg)
     return group, str(cfg.adapter.name), [*tags, f"row:{cfg.adapter.name}-r{cfg.adapter.get('r')}", *variant]
 
 
 class SigmaSnapshots:
     """Snapshots of every LR-LoRA transfer function σ at chosen optimizer steps (App. I, analysis' fig_sigma):
     {out_dir}/sigma_snapshots.json = {"x": grid, "modules": {name: {type, layer}}, "steps": {step: {name: σ(x)}}}.
-    Installed by wrapping the adapter handle's on_step (called after every optimizer step), so the loop is
-    untouched; `trainer.sigma_snapshots=[100,1000,2000]` turns it on. A resumed run keeps earlier snapshots."""
+    A loop callback (experiments.loop.Callback: `train(..., callbacks=[SigmaSnapshots(...)])`);
+    `trainer.sigma_snapshots=[100,1000,2000]` turns it on. A resumed run keeps earlier snapshots."""
 
     def __init__(self, handle, out_dir: Path, steps, target_modules=None, points: int = 201):
         from lrlora import lrlora_modules
@@ -70,14 +71,10 @@ class SigmaSnapshots:
         self.modules = lrlora_modules(handle.model) if self.steps else {}
         self.path = Path(out_dir) / "sigma_snapshots.json"
         self.points, self.targets = points, target_modules
-        if self.modules:
-            inner = handle.on_step
 
-            def on_step(step, total_steps):
-                inner(step, total_steps)
-                if step + 1 in self.steps:  # the loop passes the index of the step just taken (0-based)
-                    self.snapshot(step + 1)
-            handle.on_step = on_step
+    def on_step(self, step: int, total_steps: int) -> None:
+        if self.modules and step + 1 in self.steps:  # the loop passes the index of the step just taken (0-based)
+            self.snapshot(step + 1)
 
     def snapshot(self, step: int) -> None:
         import torch

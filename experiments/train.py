@@ -1,4 +1,5 @@
-"""The harness entry point: backbone -> adapter -> data -> loop -> evaluation -> results file.
+"""The harness entry point: prepare (checks, backbone, adapter, run folder) -> fit (the loop) -> score
+(the protocols) -> record (the results file).
 
     python -m experiments.train                                   # conf/train.yaml defaults
     python -m experiments.train experiment=demo_bbc_lrlora        # a table row / a named experiment
@@ -20,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,9 +31,11 @@ from experiments import guard
 from experiments.backbones import build_backbone
 from experiments.data import load_splits, make_collate
 from experiments.evaluate import provenance
+from experiments.identity import adapter_kwargs
 from experiments.loop import train, truncate_metrics
 from experiments.protocols import EvalContext, check_fits, protocol_config, protocol_names, run_protocol
 from experiments.results import (
+    RunResult,
     git_info,
     mechanism_stats,
     package_versions,
@@ -45,22 +49,6 @@ from lrlora import cli
 from lrlora.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-HARNESS_KEYS = ("name", "lr")  # adapter-YAML fields the harness reads; everything else goes to apply_adapter
-
-
-def adapter_kwargs(cfg: DictConfig) -> dict:
-    """Join the groups: the adapter's kwargs with target modules from the backbone, dropout from the regime,
-    and the new task head (classifier/score) as modules_to_save when the regime classifies."""
-    kw = {k: v for k, v in OmegaConf.to_container(cfg.adapter, resolve=True).items() if k not in HARNESS_KEYS}
-    if kw.get("target_modules") is None:
-        kw["target_modules"] = list(cfg.backbone.target_modules)
-    if kw.get("dropout") is None:
-        kw["dropout"] = float(cfg.regime.get("adapter_dropout", 0.0))
-    if kw.get("modules_to_save") is None:
-        kw["modules_to_save"] = list(cfg.backbone.head_modules) if cfg.regime.task != "causal_lm" else []
-    return kw
-
-
 def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
     """Fail early, naming the linear layers that exist, when an entry of the backbone's target modules matches
     nothing (each must: a backbone's names are exact, where a method takes PEFT's any-match rule)."""
@@ -97,16 +85,59 @@ def num_threads(setting) -> int:
 
 def run(cfg: DictConfig) -> dict:
     """One run, start to finish (or resumed); returns the results dict that was written. One process at a time
-    per run folder (a second launch is refused); a run that fails before its first checkpoint leaves no folder."""
+    per run folder (a second launch is refused); a run that fails before its first checkpoint leaves no folder.
+
+    prepare (every check, then the backbone and adapter, then the run folder) -> fit (the loop) -> score (the
+    best-by-validation adapter saved, its ranks, the regime's protocols) -> record (the results file)."""
     with guard.run_lock(cfg), guard.no_leftovers(Path(cfg.paths.output_dir)):
-        return _run(cfg)
+        prepared = prepare(cfg)
+        if isinstance(prepared, dict):  # already done: its results file
+            return prepared
+        tracker = Tracker(cfg, prepared.out_dir, prepared.config, enabled=prepared.accelerator.is_main_process)
+        loop = fit(prepared, tracker)
+        scored = score(prepared, loop, tracker)
+        return record(prepared, loop, scored, tracker).to_dict()
 
 
-def _run(cfg: DictConfig) -> dict:
+@dataclass
+class Prepared:
+    """What prepare() built and checked, for the stages after it."""
+
+    cfg: DictConfig
+    t_start: float                 # wall time covers the whole run (a resumed run adds its earlier time)
+    out_dir: Path
+    config: dict                   # the resolved config
+    data: object                   # the splits (experiments.data)
+    data_hash: str
+    fingerprint: str
+    decision: guard.Decision
+    eval_cfgs: dict                # protocol name -> its settings
+    accelerator: object
+    handle: object                 # the adapted model (baselines.AdaptedModel)
+    processor: object
+    kwargs: dict                   # the adapter's keyword arguments (experiments.identity.adapter_kwargs)
+    params: dict                   # trainable, total, trainable_percent, head
+    git: dict
+    collate: object
+
+
+@dataclass
+class Scored:
+    """What score() measured on the best-by-validation weights."""
+
+    metrics: dict
+    protocols: dict
+    ranks: dict
+    mechanism: dict
+    adapter_dir: Path
+    adapter_extra: dict
+
+
+def prepare(cfg: DictConfig) -> Prepared | dict:
+    """Checks before anything slow or anything on disk (config, protocols, data, whether the run folder is ours),
+    then the backbone and the adapter, then the run folder; the finished run's results dict when it is done."""
     t_start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
-
-    # Checks before anything slow or anything on disk: config, data, then whether this run folder is ours.
     guard.validate_config(cfg)
     torch.set_num_threads(num_threads(cfg.trainer.num_threads))
     settings = (cfg.get("eval") or {}).get("settings") or {}  # an unknown protocol fails now, not after training
@@ -159,32 +190,47 @@ def _run(cfg: DictConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         guard.write_run_meta(out_dir, config, data_hash, fingerprint, git)
     collate = make_collate(regime, processor, cfg.backbone.get("image_size", 32))
-    # σ at chosen steps for fig_sigma (App. I): wraps handle.on_step, so the loop needs no change
-    SigmaSnapshots(handle, out_dir, cfg.trainer.get("sigma_snapshots"), kwargs["target_modules"])
+    return Prepared(cfg, t_start, out_dir, config, data, data_hash, fingerprint, decision, eval_cfgs, accelerator,
+                    handle, processor, kwargs,
+                    {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total,
+                     "head": head}, git, collate)
 
-    # loop
-    tracker = Tracker(cfg, out_dir, config, enabled=accelerator.is_main_process)
+
+def fit(p: Prepared, tracker: Tracker) -> dict:
+    """The loop (experiments/loop.py), from the checkpoint when resuming; returns its summary. The best-by-
+    validation weights are in the model afterwards."""
+    cfg = p.cfg
     try:
-        loop = train(handle, data, collate, cfg, accelerator, tracker, out_dir, resume=decision.action == "resume",
-                     fingerprint=fingerprint, t_start=t_start, meta={"git": git})
+        # σ at chosen steps for fig_sigma (App. I): a loop callback
+        callbacks = [SigmaSnapshots(p.handle, p.out_dir, cfg.trainer.get("sigma_snapshots"),
+                                    p.kwargs["target_modules"])]
+        return train(p.handle, p.data, p.collate, cfg, p.accelerator, tracker, p.out_dir,
+                     resume=p.decision.action == "resume", fingerprint=p.fingerprint, t_start=p.t_start,
+                     meta={"git": p.git}, callbacks=callbacks)
     except BaseException:
         tracker.finish()
         raise
+
+
+def score(p: Prepared, loop: dict, tracker: Tracker) -> Scored:
+    """The best-by-validation adapter saved, the stable ranks and mechanism of every ΔW, and the regime's
+    protocols on the test split."""
+    cfg, accelerator, handle, regime = p.cfg, p.accelerator, p.handle, p.cfg.regime
     model = handle.model
 
     # The best-by-validation adapter, loadable with baselines.load_adapted and the input of
     # `python -m experiments.para adapter_dir={output_dir}/adapter` (atomic, like every save here).
-    adapter_dir = out_dir / "adapter"
+    adapter_dir = p.out_dir / "adapter"
     if accelerator.is_main_process:
         handle.save(adapter_dir)
     ranks, mechanism = {}, {}
     if cfg.trainer.compute_ranks:
         deltas = handle.delta_weights()
-        ranks = rank_stats(deltas, kwargs["target_modules"])
+        ranks = rank_stats(deltas, p.kwargs["target_modules"])
         mechanism = mechanism_stats(deltas, cfg.adapter.get("r"), handle.sigma_arguments())
     adapter_extra = handle.extra_results()
     if accelerator.is_main_process and cfg.logger.get("log_transfer_plot", True):
-        fig = plot_transfer_functions(model, out_dir / "transfer_functions.png", kwargs["target_modules"])
+        fig = plot_transfer_functions(model, p.out_dir / "transfer_functions.png", p.kwargs["target_modules"])
         if fig:
             tracker.log_figure("transfer_functions", fig)
 
@@ -196,11 +242,11 @@ def _run(cfg: DictConfig) -> dict:
                          "steps": loop["step"], "stopped_early": loop["stopped_early"]}}
     protocols = {}
     if accelerator.is_main_process:
-        ctx = EvalContext(model=accelerator.unwrap_model(model), processor=processor, regime=regime, test=data.test,
-                          collate=collate, device=accelerator.device, autocast=accelerator.autocast,
-                          batch_size=loop["micro_batch_size"] * 2, out_dir=out_dir, run_name=cfg.run_name,
-                          adapter=handle)
-        for name, pcfg in eval_cfgs.items():
+        ctx = EvalContext(model=accelerator.unwrap_model(model), processor=p.processor, regime=regime,
+                          test=p.data.test, collate=p.collate, device=accelerator.device,
+                          autocast=accelerator.autocast, batch_size=loop["micro_batch_size"] * 2, out_dir=p.out_dir,
+                          run_name=cfg.run_name, adapter=handle)
+        for name, pcfg in p.eval_cfgs.items():
             try:
                 metrics[name] = run_protocol(name, ctx, pcfg)
             except UserError as e:  # a protocol that cannot run here costs neither the run nor the others' numbers
@@ -211,41 +257,46 @@ def _run(cfg: DictConfig) -> dict:
             protocols[name] = provenance("experiments.train", OmegaConf.to_container(pcfg, resolve=True))
             accelerator.print(f"[{cfg.run_name}] {name}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in metrics[name].items() if isinstance(v, float)))
+    return Scored(metrics, protocols, ranks, mechanism, adapter_dir, adapter_extra)
 
-    wall = time.perf_counter() - t_start
-    results = {
-        "run_name": cfg.run_name, "backbone": cfg.backbone.name, "adapter": cfg.adapter.name,
-        "regime": regime.name, "r": cfg.adapter.get("r"), "seed": cfg.seed, "tags": list(cfg.get("tags") or []),
-        "metrics": metrics,
-        "protocols": protocols,
-        "params": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total,
-                   "head": head},
-        "stable_ranks": ranks,
-        "mechanism": mechanism,
-        "adapter_dir": recorded_path(adapter_dir, cfg.paths.root),  # relative to the root: a copy stands alone
-        "data_fingerprint": data_hash,  # experiments.evaluate scores only the data the run was trained on
-        "adapter_extra": adapter_extra,
-        "timing": {"wall_s": wall, "train_s": loop["train_time"],
-                   "tokens_per_s": loop["tokens"] / loop["train_time"] if loop["train_time"] else None,
-                   "samples_per_s": loop["samples"] / loop["train_time"] if loop["train_time"] else None},
-        "memory": peak_memory(),
-        "loop": {k: loop[k] for k in ("total_steps", "steps_per_epoch", "eval_every", "lr", "warmup_steps",
-                                       "micro_batch_size", "epoch")},
-        "device": str(accelerator.device), "precision": accelerator.mixed_precision,
-        "world_size": accelerator.num_processes, "torch_threads": torch.get_num_threads(),
-        "git": git_info(), "versions": package_versions(), "config": config,
-    }
+
+def record(p: Prepared, loop: dict, scored: Scored, tracker: Tracker) -> RunResult:
+    """The results file (docs/RESULTS.md), the W&B summary, and the run folder marked done."""
+    cfg, accelerator = p.cfg, p.accelerator
+    wall = time.perf_counter() - p.t_start
+    results = RunResult(
+        run_name=cfg.run_name, backbone=cfg.backbone.name, adapter=cfg.adapter.name,
+        regime=cfg.regime.name, r=cfg.adapter.get("r"), seed=cfg.seed, tags=list(cfg.get("tags") or []),
+        metrics=scored.metrics,
+        protocols=scored.protocols,
+        params=p.params,
+        stable_ranks=scored.ranks,
+        mechanism=scored.mechanism,
+        adapter_dir=recorded_path(scored.adapter_dir, cfg.paths.root),  # relative to the root: a copy stands alone
+        data_fingerprint=p.data_hash,  # experiments.evaluate scores only the data the run was trained on
+        adapter_extra=scored.adapter_extra,
+        timing={"wall_s": wall, "train_s": loop["train_time"],
+                "tokens_per_s": loop["tokens"] / loop["train_time"] if loop["train_time"] else None,
+                "samples_per_s": loop["samples"] / loop["train_time"] if loop["train_time"] else None},
+        memory=peak_memory(),
+        loop={k: loop[k] for k in ("total_steps", "steps_per_epoch", "eval_every", "lr", "warmup_steps",
+                                   "micro_batch_size", "epoch")},
+        device=str(accelerator.device), precision=accelerator.mixed_precision,
+        world_size=accelerator.num_processes, torch_threads=torch.get_num_threads(),
+        git=git_info(), versions=package_versions(), config=p.config,
+    )
     if accelerator.is_main_process:
         path = write_results(results, cfg.paths.results_dir)
-        tracker.summary({f"{p}/{k}": v for p, m in metrics.items() for k, v in m.items()
+        tracker.summary({f"{proto}/{k}": v for proto, m in scored.metrics.items() for k, v in m.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        if ranks:
+        if scored.ranks:
             tracker.log_table("stable_ranks", ["module", "type", "layer", "stable_rank"],
-                              [[n, r["type"], r["layer"], r["stable_rank"]] for n, r in ranks["per_layer"].items()])
+                              [[n, r["type"], r["layer"], r["stable_rank"]]
+                               for n, r in scored.ranks["per_layer"].items()])
         accelerator.print(f"[{cfg.run_name}] results -> {path} ({wall:.1f} s)")
     tracker.finish()
     if accelerator.is_main_process:
-        guard.mark_done(out_dir)
+        guard.mark_done(p.out_dir)
     return results
 
 

@@ -144,8 +144,8 @@ def test_figures_from_results(df, tmp_path):
 
 
 def test_sigma_snapshots_and_landscape_on_a_real_tiny_run(tmp_path, monkeypatch):
-    """trainer.sigma_snapshots saves σ at the chosen steps (the handle's on_step is wrapped, the loop is not
-    touched); fig_sigma draws them; fig_landscape reloads the saved adapter onto its backbone."""
+    """trainer.sigma_snapshots saves σ at the chosen steps (a callback passed to the loop); fig_sigma draws them;
+    fig_landscape reloads the saved adapter onto its backbone."""
     from hydra import compose, initialize_config_dir
 
     from experiments.train import run

@@ -12,11 +12,14 @@ from hydra import compose, initialize_config_dir
 import experiments.loop
 from experiments.backbones import BackboneMissing, build_backbone
 from experiments.data import DatasetMissing, load_splits
+from experiments.identity import adapter_kwargs
 from experiments.loop import epoch_batches
+from experiments.results import RunResult
 from experiments.tracking import wandb_mode
-from experiments.train import adapter_kwargs, run
+from experiments.train import run
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
 ADAPTERS = sorted(p.stem for p in (CONF / "adapter").glob("*.yaml"))
 # A tiny, fast setting per tiny backbone: (regime, overrides)
 TINY = {
@@ -65,7 +68,26 @@ def check_results(res, tmp_path):
         assert 0 <= row["energy_beyond_r"] <= 1 and ("linear_residual" in row) == sigma
     assert on_disk["timing"]["wall_s"] > 0 and on_disk["memory"]["peak_rss_bytes"] > 0
     assert (tmp_path / "runs" / res["run_name"] / "metrics.jsonl").exists()
+    # a training run writes every field of the schema but PARA's `source`, in the schema's order
+    assert list(on_disk) == [f for f in RunResult.field_names() if f != "source"]
     return on_disk
+
+
+def test_the_results_schema_is_the_one_docs_results_md_lists():
+    """docs/RESULTS.md's field table = RunResult's fields, in order; every committed results file reads as a
+    RunResult and writes back with the same keys in the same order."""
+    import re
+
+    doc = (ROOT / "docs" / "RESULTS.md").read_text().split("## Fields", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([a-z_]+)` \|", doc, flags=re.M)
+    assert listed == RunResult.field_names()
+    files = sorted((ROOT / "results" / "reproduction" / "results").glob("*.json"))
+    assert len(files) >= 51
+    for path in files:
+        d = json.loads(path.read_text())
+        assert list(RunResult.from_dict(d).to_dict().items()) == list(d.items()), path.name
+    with pytest.raises(ValueError, match="not_a_field: not a field"):
+        RunResult.from_dict({"run_name": "x", "metrics": {}, "not_a_field": 1})
 
 
 @pytest.mark.parametrize("backbone", list(TINY))
@@ -251,6 +273,25 @@ def test_gradient_accumulation_and_cosine_schedule(tmp_path):
     res = run(cfg_for(tmp_path, extra=["trainer.grad_accum=2", "regime.train.schedule=cosine"]))
     assert res["metrics"]["train"]["steps"] == 2 and res["loop"]["micro_batch_size"] == 4  # batch 8 = 2 x 4
     assert res["metrics"]["train"]["final_train_loss"] > 0
+
+
+def test_the_loop_calls_the_callbacks_passed_in_and_swaps_nothing(tmp_path, monkeypatch):
+    """Hooks are callbacks given to experiments.loop.train, called after every update with the step just taken;
+    the method handle keeps its own on_step (nothing is assigned onto it during the run)."""
+    import experiments.train
+
+    calls, handles = [], []
+
+    class Recorder(experiments.loop.Callback):
+        def __init__(self, handle, *args):
+            handles.append(handle)
+
+        def on_step(self, step, total_steps):
+            calls.append((step, total_steps, "on_step" in vars(handles[0])))
+
+    monkeypatch.setattr(experiments.train, "SigmaSnapshots", Recorder)
+    run(cfg_for(tmp_path))
+    assert calls == [(0, 2, False), (1, 2, False)]
 
 
 def test_early_stopping_with_patience(tmp_path, monkeypatch):

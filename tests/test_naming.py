@@ -77,3 +77,49 @@ def test_multirun_writes_one_folder_and_one_results_file_per_variant(tmp_path):
     results = sorted(p.stem for p in (tmp_path / "results").glob("*.json"))
     assert len(results) == 2 and results[0].endswith("__basis=gaussian__cfg-" + results[0][-8:])
     assert sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir()) == results
+
+
+def test_a_setting_added_later_at_its_default_keeps_old_names_fingerprints_and_grouping(tmp_path, monkeypatch):
+    """experiments/identity.py's rule: an option listed in ADDED with its default counts as that default in a
+    config that lacks it, so a run made before the option existed keeps its name, its fingerprint, its results
+    file's currency and its place among the method's own runs; another value is a variant of its own."""
+    import shutil
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from analysis.load import variant_of
+    from analysis.reproduce import staleness
+    from experiments import guard, identity, naming
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    spec = yaml.safe_load((conf / "adapter" / "lrlora.yaml").read_text())
+    (conf / "adapter" / "lrlora.yaml").write_text(yaml.safe_dump({**spec, "new_knob": 0.5}))
+    overrides = [*TINY, f"paths.root={tmp_path / 'out'}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        old = compose("train", overrides=overrides)  # a run made before the option existed
+        old_config = OmegaConf.to_container(old, resolve=True)
+
+    def composed(extra=()):
+        monkeypatch.setattr(naming, "CONF_DIR", conf)
+        monkeypatch.setattr(naming, "_REFERENCE", {})
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose("train", overrides=[*overrides, *extra])
+            return cfg, OmegaConf.to_container(cfg, resolve=True)
+
+    results = tmp_path / "out" / "results"
+    results.mkdir(parents=True)
+    (results / f"{old.run_name}.json").write_text(json.dumps({"config": old_config, "seed": old.seed}))
+
+    def identity_of(cfg, config):
+        return (cfg.run_name, guard.run_fingerprint(config, "data"), staleness(cfg, any_commit=True),
+                variant_of({"adapter": "lrlora", "config": config}))
+
+    before = (old.run_name, guard.run_fingerprint(old_config, "data"), None, "")
+    assert identity_of(*composed()) != before, "unlisted, a new option changes the old runs' identity"
+    monkeypatch.setattr(identity, "ADDED", {"adapter.new_knob": 0.5})
+    assert identity_of(*composed()) == before
+    cfg, config = composed(["adapter.new_knob=0.7"])
+    name_, fingerprint, stale, variant = identity_of(cfg, config)
+    assert "__new_knob=0.7" in name_ and fingerprint != before[1] and variant == "new_knob=0.7"
