@@ -15,9 +15,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from baselines.core import register
 import torch
 
+from baselines.core import register
 from baselines.peft_methods import ADAPTER, PeftAdapted
 from lrlora.config import LRLoRAConfig
 from lrlora.errors import ConfigError
