@@ -60,14 +60,28 @@ class Cell:
     overrides: list[str]
 
 
+def sweep_spec(name: str) -> tuple[dict, list]:
+    """(hydra.sweeper.params, tags) of conf/sweep/<name>.yaml, as Hydra composes them: a sweep that lists another
+    in its `defaults` (repro_basis reads table13's grid) takes that one's params and tags, then its own on top."""
+    spec = yaml.safe_load((CONF / "sweep" / f"{name}.yaml").read_text())
+    params, tags = {}, None
+    for entry in spec.get("defaults") or []:
+        if entry != "_self_":
+            inherited, inherited_tags = sweep_spec(entry)
+            params.update(inherited)
+            tags = inherited_tags
+    params.update(((spec.get("hydra") or {}).get("sweeper") or {}).get("params") or {})
+    return params, spec["tags"] if "tags" in spec else tags
+
+
 def sweep_grid(name: str, replace: dict | None = None) -> list[list[str]]:
     """The product of conf/sweep/<name>.yaml's hydra.sweeper.params, as override lists (Hydra's basic sweeper
     runs the same product); `replace` swaps a parameter's values (a scale whose backbone cannot take some)."""
-    spec = yaml.safe_load((CONF / "sweep" / f"{name}.yaml").read_text())
-    params = {**spec["hydra"]["sweeper"]["params"], **(replace or {})}
+    params, spec_tags = sweep_spec(name)
+    params = {**params, **(replace or {})}
     keys = list(params)
     values = [str(params[k]).split(",") for k in keys]
-    tags = [f"tags=[{','.join(spec['tags'])}]"] if spec.get("tags") else []
+    tags = [f"tags=[{','.join(spec_tags)}]"] if spec_tags else []
     return [[f"{k}={v}" for k, v in zip(keys, combo)] + tags for combo in itertools.product(*values)]
 
 

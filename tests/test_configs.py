@@ -89,3 +89,26 @@ def test_wrong_group_name_lists_the_options():
     with pytest.raises(MissingConfigException) as e:
         _compose(["backbone=qwen3_0.5b"])
     assert "Available options" in str(e.value) and "qwen2_0.5b" in str(e.value)
+
+
+def test_each_grid_is_written_once():
+    """A sweep's grid lives in its conf/sweep file only: no two sweep files write the same hydra.sweeper.params
+    (conf/sweep/rank.yaml reads Table 12's), and analysis/scales.yaml's tables read the sweeps (`sweep: tableN`)
+    and write each override list once (Table 3's LoRA baseline is Table 1's row, by anchor)."""
+    import re
+
+    import yaml
+
+    written = {}
+    for path in sorted((CONF / "sweep").glob("*.yaml")):
+        params = ((yaml.safe_load(path.read_text()).get("hydra") or {}).get("sweeper") or {}).get("params")
+        if params:
+            key = tuple(sorted((k, str(v)) for k, v in params.items()))
+            assert key not in written, f"{path.name} writes the grid of {written[key]} again"
+            written[key] = path.name
+    tables = (CONF.parent / "analysis" / "scales.yaml").read_text().split("\ntables:", 1)[1].split("\nreproduction:")[0]
+    lists = re.findall(r"\[[^\[\]]+\]", tables)
+    assert lists and len(lists) == len(set(lists)), sorted(x for x in lists if lists.count(x) > 1)
+    spec = yaml.safe_load((CONF.parent / "analysis" / "scales.yaml").read_text())["tables"]
+    for table in ("table3", "table12", "table13", "table20", "table23"):
+        assert spec[table]["sweep"] == table and (CONF / "sweep" / f"{table}.yaml").is_file()
