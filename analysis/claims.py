@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import paper
-from analysis.registry import target
 from analysis.render import MISSING, Table, fmt_cell
 from analysis.select import get_column
 from analysis.stats import holm, mean_std, paired_ci, paired_ttest
+from analysis.targets import target
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_STEP = ROOT / "benchmarks" / "results" / "train_step.json"

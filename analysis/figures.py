@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.plots import GROUPS, by_layer, pyplot, save
-from analysis.registry import target
 from analysis.select import cell_runs, get_column, layer_groups, method_rows, ordered_columns
+from analysis.targets import target
 from lrlora._atomic import write_owned
 
 

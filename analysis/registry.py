@@ -1,4 +1,4 @@
-"""One target per paper artefact: `@target("table1", "table", "Table 1")` registers `fn(df, ctx) -> Table | Path`.
+"""One target per paper artefact (registered with analysis.targets.target): every one loaded, and one built.
 
     from analysis.registry import TARGETS, build
     build("table1", results=["outputs/results"], out="outputs/analysis")
@@ -6,36 +6,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-TARGETS: dict[str, Target] = {}
-
-
-@dataclass
-class Target:
-    name: str
-    kind: str            # table | figure
-    paper: str           # the paper artefact it rebuilds
-    fn: Callable
-    needs_run: bool = False  # built over one run folder (--run), not over the results table
-    reads_para: bool = False  # sees PARA's compressed copies of runs (every other target: the runs only)
-
-
-@dataclass
-class Context:
-    """What a target may read besides the DataFrame."""
-    out: Path
-    run: Path | None = None            # a run folder (targets with needs_run)
-    options: dict = field(default_factory=dict)
-
-
-def target(name: str, kind: str, paper: str, needs_run: bool = False, reads_para: bool = False):
-    def deco(fn):
-        TARGETS[name] = Target(name, kind, paper, fn, needs_run, reads_para)
-        return fn
-    return deco
+from analysis.targets import TARGETS, Context
 
 
 def load_all() -> None:

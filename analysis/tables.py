@@ -11,10 +11,10 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis import paper
-from analysis.registry import target
 from analysis.render import MISSING, Table, fmt_cell, fmt_paper
 from analysis.select import cell_runs, get_column, layer_groups, method_order, method_rows, ordered_columns
 from analysis.stats import holm, mean_std, paired_ttest
+from analysis.targets import target
 
 GLUE_TASKS = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "qnli": "QNLI", "rte": "RTE", "stsb": "STS-B"}
 PAPER_BACKBONES = {"roberta_base": "RoBERTa-base", "roberta_large": "RoBERTa-large"}
