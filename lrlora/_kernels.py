@@ -281,59 +281,117 @@ int64_t first_at_or_after(const int64_t* pos, int64_t nnz, int64_t flat) {
   return std::lower_bound(pos, pos + nnz, flat) - pos;
 }
 
-constexpr int64_t kLanes = 64;  // one register block of a d_out-long row (four 512-bit or eight 256-bit registers)
+// Vectors of 32 bytes (8 floats, 4 doubles) by GCC's vector extension: the compiler keeps named ones in registers,
+// which it does not do for an array of accumulators.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 32 / sizeof(T);
+  static inline type load(const T* p) { type v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+  static inline void store(T* p, type v) { __builtin_memcpy(p, &v, sizeof(v)); }
+};
 
-// y[n, c0:c0+W] += alpha · Σ_{(n, i) dropped} x[n, i] · dt[i, c0:c0+W], the sum held in registers.
-template <typename T, int64_t W>
-inline void row_block_axpy(T* __restrict yr, const T* __restrict x, const T* __restrict dt, const int64_t* pos,
-                           int64_t e0, int64_t e1, int64_t n, int64_t d_in, int64_t d_out, int64_t c0, int64_t w,
-                           T alpha) {
-  T acc[W] = {};
-  for (int64_t e = e0; e < e1; ++e) {
-    const T a = x[pos[e]];
-    const T* __restrict dr = dt + (pos[e] - n * d_in) * d_out + c0;
-    if (w == W) {
-#pragma omp simd
-      for (int64_t k = 0; k < W; ++k) acc[k] += a * dr[k];
-    } else {
-      for (int64_t k = 0; k < w; ++k) acc[k] += a * dr[k];
-    }
+// Each dropped entry's column (i = pos − n·d_in) and the start of each row's entries, rows [r0, r1): no division.
+void row_columns(const int64_t* pos, int64_t nnz, int64_t r0, int64_t r1, int64_t d_in, std::vector<int64_t>& starts,
+                 std::vector<int32_t>& cols) {
+  starts.assign(r1 - r0 + 1, 0);
+  int64_t e = first_at_or_after(pos, nnz, r0 * d_in);
+  const int64_t e0 = e;
+  cols.resize(first_at_or_after(pos, nnz, r1 * d_in) - e0);
+  for (int64_t n = r0; n < r1; ++n) {
+    starts[n - r0] = e - e0;
+    for (; e < nnz && pos[e] < (n + 1) * d_in; ++e) cols[e - e0] = (int32_t)(pos[e] - n * d_in);
   }
-  for (int64_t k = 0; k < w; ++k) yr[c0 + k] += alpha * acc[k];
+  starts[r1 - r0] = e - e0;
 }
 
-// y[n, :] += alpha · Σ x[n, i] · dt[i, :] over the dropped (n, i): the forward's − s · D ΔWᵀ. Column blocks
-// outermost, so one block of ΔWᵀ (d_in × 64) serves every row from L1/L2.
+// y[n, :] += alpha · Σ x[n, i] · dt[i, :] over the dropped (n, i): the forward's − s · D ΔWᵀ. Column blocks of
+// eight vectors outermost (one block of ΔWᵀ, d_in × 64 floats, serves every row from L2), the block's sums in
+// registers over a row's entries, the rows of the entries ahead prefetched.
 template <typename T>
 void drop_forward_impl(T* y, const T* x, const T* dt, const int64_t* pos, int64_t nnz, int64_t n_rows, int64_t d_in,
                        int64_t d_out, T alpha) {
+  using V = Vec<T>;
+  using v = typename V::type;
+  constexpr int64_t L = V::lanes, B = 8 * V::lanes, ahead = 8;
   at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<int64_t> starts(r1 - r0 + 1);
-    for (int64_t n = r0; n <= r1; ++n) starts[n - r0] = first_at_or_after(pos, nnz, n * d_in);
-    for (int64_t c0 = 0; c0 < d_out; c0 += kLanes) {
-      const int64_t w = std::min(kLanes, d_out - c0);
+    std::vector<int64_t> starts;
+    std::vector<int32_t> cols;
+    row_columns(pos, nnz, r0, r1, d_in, starts, cols);
+    const int64_t e_base = first_at_or_after(pos, nnz, r0 * d_in), n_e = (int64_t)cols.size();
+    std::vector<T> vals(n_e);
+    for (int64_t e = 0; e < n_e; ++e) vals[e] = x[pos[e_base + e]];
+    int64_t c0 = 0;
+    for (; c0 + B <= d_out; c0 += B) {
       for (int64_t n = r0; n < r1; ++n) {
-        const int64_t e0 = starts[n - r0], e1 = starts[n - r0 + 1];
-        if (e0 == e1) continue;
-        row_block_axpy<T, kLanes>(y + n * d_out, x, dt, pos, e0, e1, n, d_in, d_out, c0, w, alpha);
+        v a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
+        for (int64_t e = starts[n - r0]; e < starts[n - r0 + 1]; ++e) {
+          if (e + ahead < n_e) {
+            const T* pf = dt + (int64_t)cols[e + ahead] * d_out + c0;
+            for (int64_t q = 0; q < B; q += 64 / (int64_t)sizeof(T)) __builtin_prefetch(pf + q);
+          }
+          const T a = vals[e];
+          const T* dr = dt + (int64_t)cols[e] * d_out + c0;
+          a0 += a * V::load(dr);         a1 += a * V::load(dr + L);     a2 += a * V::load(dr + 2 * L);
+          a3 += a * V::load(dr + 3 * L); a4 += a * V::load(dr + 4 * L); a5 += a * V::load(dr + 5 * L);
+          a6 += a * V::load(dr + 6 * L); a7 += a * V::load(dr + 7 * L);
+        }
+        T* yr = y + n * d_out + c0;
+        V::store(yr, V::load(yr) + alpha * a0);                 V::store(yr + L, V::load(yr + L) + alpha * a1);
+        V::store(yr + 2 * L, V::load(yr + 2 * L) + alpha * a2); V::store(yr + 3 * L, V::load(yr + 3 * L) + alpha * a3);
+        V::store(yr + 4 * L, V::load(yr + 4 * L) + alpha * a4); V::store(yr + 5 * L, V::load(yr + 5 * L) + alpha * a5);
+        V::store(yr + 6 * L, V::load(yr + 6 * L) + alpha * a6); V::store(yr + 7 * L, V::load(yr + 7 * L) + alpha * a7);
+      }
+    }
+    if (c0 < d_out) {  // the last columns, fewer than a block
+      for (int64_t n = r0; n < r1; ++n) {
+        T* yr = y + n * d_out;
+        for (int64_t e = starts[n - r0]; e < starts[n - r0 + 1]; ++e) {
+          const T a = alpha * vals[e];
+          const T* dr = dt + (int64_t)cols[e] * d_out;
+          for (int64_t k = c0; k < d_out; ++k) yr[k] += a * dr[k];
+        }
       }
     }
   });
 }
 
 // gx[n, i] += alpha · g[n, :] · dt[i, :] over the dropped (n, i): the input gradient's − s · (1 − m) ⊙ (g ΔW).
+// Four vector sums per dot, the next entry's row of ΔWᵀ prefetched.
 template <typename T>
 void drop_grad_input_impl(T* gx, const T* g, const T* dt, const int64_t* pos, int64_t nnz, int64_t d_in,
                           int64_t d_out, T alpha) {
-  at::parallel_for(0, nnz, 4096, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t n = pos[e] / d_in, i = pos[e] - n * d_in;
-      const T* __restrict gr = g + n * d_out;
-      const T* __restrict dr = dt + i * d_out;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < d_out; ++k) s += gr[k] * dr[k];
-      gx[pos[e]] += alpha * s;
+  using V = Vec<T>;
+  using v = typename V::type;
+  constexpr int64_t L = V::lanes;
+  const int64_t n_rows = nnz ? pos[nnz - 1] / d_in + 1 : 0;
+  at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> starts;
+    std::vector<int32_t> cols;
+    row_columns(pos, nnz, r0, r1, d_in, starts, cols);
+    const int64_t e_base = first_at_or_after(pos, nnz, r0 * d_in), n_e = (int64_t)cols.size();
+    for (int64_t n = r0; n < r1; ++n) {
+      const T* gr = g + n * d_out;
+      for (int64_t e = starts[n - r0]; e < starts[n - r0 + 1]; ++e) {
+        if (e + 2 < n_e) {
+          const T* pf = dt + (int64_t)cols[e + 2] * d_out;
+          for (int64_t q = 0; q < d_out; q += 64 / (int64_t)sizeof(T)) __builtin_prefetch(pf + q);
+        }
+        const T* dr = dt + (int64_t)cols[e] * d_out;
+        v s0 = {}, s1 = {}, s2 = {}, s3 = {};
+        int64_t k = 0;
+        for (; k + 4 * L <= d_out; k += 4 * L) {
+          s0 += V::load(gr + k) * V::load(dr + k);
+          s1 += V::load(gr + k + L) * V::load(dr + k + L);
+          s2 += V::load(gr + k + 2 * L) * V::load(dr + k + 2 * L);
+          s3 += V::load(gr + k + 3 * L) * V::load(dr + k + 3 * L);
+        }
+        v sv = (s0 + s1) + (s2 + s3);
+        T sum = 0;
+        for (int64_t j = 0; j < L; ++j) sum += sv[j];
+        for (; k < d_out; ++k) sum += gr[k] * dr[k];
+        gx[pos[e_base + e]] += alpha * sum;
+      }
     }
   });
 }
@@ -344,6 +402,98 @@ void check_drop(const torch::Tensor& pos, std::initializer_list<torch::Tensor> t
 }
 
 }  // namespace
+
+namespace {
+
+// The sinc basis φ(u) = sin(πu)/(πu) at u = w_k (s_m − x_k), for the nodes s_m of a uniform table, in blocks of
+// kSincBlock nodes: sin and cos at a block's first node directly, then by rotation (angle addition) node to node,
+// so a table costs ~2·K·M/kSincBlock sin/cos evaluations instead of 2·K·M. visit(m, k, φ, dφ/du, u) per pair.
+constexpr int64_t kSincBlock = 32;
+
+template <typename F>
+void sinc_nodes(const double* s, int64_t m0, int64_t m1, const double* w, const double* x, int64_t K, F&& visit) {
+  const double pi = M_PI;
+  std::vector<double> sn(K), cs(K), sd(K), cd(K);
+  for (int64_t b = m0; b < m1; b += kSincBlock) {
+    const int64_t e = std::min(m1, b + kSincBlock);
+    const double h = e - b > 1 ? (s[e - 1] - s[b]) / double(e - 1 - b) : 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      const double th = pi * w[k] * (s[b] - x[k]);
+      sn[k] = std::sin(th);
+      cs[k] = std::cos(th);
+      sd[k] = std::sin(pi * w[k] * h);
+      cd[k] = std::cos(pi * w[k] * h);
+    }
+    for (int64_t m = b; m < e; ++m) {
+      for (int64_t k = 0; k < K; ++k) {
+        const double u = w[k] * (s[m] - x[k]);
+        const double pu = pi * u;
+        double phi, du;
+        if (std::abs(u) < 1e-4) {  // the Taylor forms of basis.terms' closed form (lrlora.ops._basis_terms)
+          phi = 1.0 - pu * pu / 6.0;
+          du = -(pi * pi) / 3.0 * u * (1.0 - 0.1 * pu * pu);
+        } else {
+          phi = sn[k] / pu;
+          du = (cs[k] - phi) / u;
+        }
+        visit(m, k, phi, du, u);
+        const double sn1 = sn[k] * cd[k] + cs[k] * sd[k];
+        cs[k] = cs[k] * cd[k] - sn[k] * sd[k];
+        sn[k] = sn1;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// σ(s_m) = Σ_k a_k φ(u_mk) and, when wanted, σ'(s_m) = Σ_k a_k w_k φ'(u_mk): the sinc table in float64.
+std::vector<torch::Tensor> sinc_table(torch::Tensor s, torch::Tensor a, torch::Tensor w, torch::Tensor x, bool want_d) {
+  for (auto* t : {&s, &a, &w, &x}) TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat64);
+  const int64_t M = s.numel(), K = a.numel();
+  auto vals = torch::empty({M}, s.options());
+  auto dvals = want_d ? torch::empty({M}, s.options()) : torch::Tensor();
+  const double *sp = s.data_ptr<double>(), *ap = a.data_ptr<double>(), *wp = w.data_ptr<double>(), *xp = x.data_ptr<double>();
+  double* vp = vals.data_ptr<double>();
+  double* dp = want_d ? dvals.data_ptr<double>() : nullptr;
+  std::vector<double> aw(K);
+  for (int64_t k = 0; k < K; ++k) aw[k] = ap[k] * wp[k];
+  at::parallel_for(0, (M + kSincBlock - 1) / kSincBlock, 8, [&](int64_t b0, int64_t b1) {
+    const int64_t m0 = b0 * kSincBlock, m1 = std::min(M, b1 * kSincBlock);
+    for (int64_t m = m0; m < m1; ++m) {
+      vp[m] = 0.0;
+      if (dp) dp[m] = 0.0;
+    }
+    sinc_nodes(sp, m0, m1, wp, xp, K, [&](int64_t m, int64_t k, double phi, double du, double) {
+      vp[m] += ap[k] * phi;
+      if (dp) dp[m] += aw[k] * du;
+    });
+  });
+  return {vals, dvals};
+}
+
+// For the parameter gradients of the sinc table: Σ_m h_m φ(u_mk), Σ_m h_m φ'(u_mk)(s_m − x_k), Σ_m h_m φ'(u_mk).
+std::vector<torch::Tensor> sinc_param_sums(torch::Tensor s, torch::Tensor hist, torch::Tensor w, torch::Tensor x) {
+  for (auto* t : {&s, &hist, &w, &x}) TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat64);
+  const int64_t M = s.numel(), K = w.numel();
+  auto out = torch::zeros({3, K}, s.options());
+  const double *sp = s.data_ptr<double>(), *hp = hist.data_ptr<double>(), *wp = w.data_ptr<double>(), *xp = x.data_ptr<double>();
+  double* op = out.data_ptr<double>();
+  std::mutex mu;
+  at::parallel_for(0, (M + kSincBlock - 1) / kSincBlock, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<double> acc(3 * K, 0.0);
+    sinc_nodes(sp, b0 * kSincBlock, std::min(M, b1 * kSincBlock), wp, xp, K,
+               [&](int64_t m, int64_t k, double phi, double du, double u) {
+                 const double h = hp[m];
+                 acc[k] += h * phi;
+                 acc[K + k] += h * du * (sp[m] - xp[k]);
+                 acc[2 * K + k] += h * du;
+               });
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t j = 0; j < 3 * K; ++j) op[j] += acc[j];
+  });
+  return {out};
+}
 
 // out: the merged weight base + s·ΔW (or undefined: ΔW only, in place over x).
 void finish_delta(torch::Tensor x, std::optional<torch::Tensor> base, std::optional<torch::Tensor> out, double c,
@@ -424,13 +574,13 @@ def get():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        name = f"lrlora_sigma_kernels_v12_{_cpu_tag()}"
+        name = f"lrlora_sigma_kernels_v14_{_cpu_tag()}"
         _say_if_compiling(name)
         _module = load_inline(
             name=name,
             cpp_sources=_SOURCE,
             functions=["interp", "interp_backward", "interp_into", "interp_backward_into", "finish_delta",
-                       "drop_forward", "drop_grad_input"],
+                       "drop_forward", "drop_grad_input", "sinc_table", "sinc_param_sums"],
             extra_cflags=["-O3", "-fopenmp", "-march=native", "-fno-trapping-math", "-mprefer-vector-width=256"],
             extra_ldflags=["-fopenmp"],
             verbose=False,

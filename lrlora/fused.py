@@ -147,7 +147,12 @@ def _compiled(x, weight, A):
 
 
 def _sigma_zero(ds: DeltaSpec, a, rho, grid) -> float:
-    return float(sigma_at_zero(ds.spec, a.detach(), rho.detach(), grid.detach())) if ds.center else 0.0
+    """σ(0) for the centre term (0 without it): the table's closed form at the single node 0."""
+    if not ds.center:
+        return 0.0
+    from lrlora.ops import _table_values
+
+    return float(_table_values(ds.spec, torch.zeros(1, dtype=torch.float64, device=a.device), a, rho, grid)[0])
 
 
 def _lowrank_into(A, B, ds: DeltaSpec) -> torch.Tensor:

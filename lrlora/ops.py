@@ -281,9 +281,20 @@ def _f64(a, rho, grid):
     return a, torch.nn.functional.softplus(rho), grid, rho
 
 
+def _sinc_kernels(spec: BasisSpec, s: torch.Tensor):
+    """The compiled sinc table (lrlora._kernels: the same closed form, node by node, sin and cos by rotation), where
+    it serves: the sinc basis, on CPU; else None (the PyTorch form below)."""
+    if spec.kind != "sinc" or s.device.type != "cpu" or DEVICE_SIDE_TABLE_ON_CPU:
+        return None
+    return _kernels.get()
+
+
 def _table_values(spec: BasisSpec, s, a, rho, grid) -> torch.Tensor:
     """σ(s) on the table's abscissae, float64, streamed over chunks of s (one M × K matrix-vector product)."""
     a, w, grid, _ = _f64(a, rho, grid)
+    k = _sinc_kernels(spec, s)
+    if k is not None:
+        return k.sinc_table(s.contiguous(), a, w, grid.contiguous(), False)[0]
     return torch.cat([_basis_terms(spec, s[c].unsqueeze(1), w, grid, 0, need_du=False)[0] @ a for c in _table_chunks(s)])
 
 
@@ -291,6 +302,10 @@ def _table_derivative(spec: BasisSpec, s, a, rho, grid, keep: bool = False):
     """(σ'(s), σ(s), the basis per chunk or None), float64, in closed form: σ' = Σ_k a_k φ_k'(u) w_k dz_k/ds.
     keep: also return each chunk's (φ, dφ/du, z, dz/dgrid) for ``_table_param_grads``."""
     a, w, grid, _ = _f64(a, rho, grid)
+    k = _sinc_kernels(spec, s)
+    if k is not None:  # the parameter gradients evaluate the basis in the kernel too: nothing to keep
+        vals, dvals = k.sinc_table(s.contiguous(), a, w, grid.contiguous(), True)
+        return dvals, vals, None
     out, vals, kept = [], [], []
     for c in _table_chunks(s):
         phi, du, z, dz, dzg = _basis_terms(spec, s[c].unsqueeze(1), w, grid, 0)
@@ -309,7 +324,11 @@ def _table_param_grads(spec: BasisSpec, s, hist, params, needs, terms=None):
         return [None] * len(params)
     a, w, grid, rho = _f64(*params)
     ga, gw, gg = torch.zeros_like(a), torch.zeros_like(a), torch.zeros_like(a)
-    for j, c in enumerate(_table_chunks(s)):
+    k = _sinc_kernels(spec, s)
+    if k is not None:  # sinc: z = s − x_k, dz/dgrid = −1
+        sums = k.sinc_param_sums(s.contiguous(), hist.contiguous(), w, grid.contiguous())[0]
+        ga, gw, gg = sums[0], sums[1], -sums[2]
+    for j, c in enumerate(_table_chunks(s) if k is None else ()):
         if terms is not None:
             phi, du, z, dzg = terms[j]
         else:

@@ -35,7 +35,7 @@ def run(layer, x, mask, p, fused):
     else:  # the reference's two-path form with this very mask
         base = layer.base_layer
         y = base(x) + nn.functional.linear(x * mask * (1.0 / (1.0 - p)), layer.delta_weight().to(x.dtype))
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(device=y.device, dtype=y.dtype)
     (y.float() * g.float()).sum().backward()
     tf = layer.transfer
     grads = {"x": x.grad, "A": layer.lora_A.grad, "B": layer.lora_B.grad, "a": tf.a.grad, "rho": tf.rho.grad}
@@ -415,3 +415,30 @@ def test_forward_table_serves_the_backward():
     finally:
         fused.make_table = orig
     assert built == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_fused_layer_on_cuda_matches_the_reference(dtype, dropout):
+    """On CUDA: the table's device form (no host reads) and the two-path dropout form, fp32 and bf16 bases."""
+    layer = make_layer(256, 192, dtype=dtype, scale=0.25, center=True).cuda()
+    x = torch.randn(4, 9, 256, device="cuda").to(dtype)
+    mask = (torch.rand(x.shape, device="cuda") > dropout) if dropout else None
+    check_agree(layer, x, mask, dropout, tol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_merged_evaluation_on_cuda_gives_the_weights_back():
+    from lrlora.model import merged
+
+    layer = make_layer(256, 192, scale=0.25).cuda().eval()
+    w0 = layer.base_layer.weight.clone()
+    x = torch.randn(3, 256, device="cuda")
+    with torch.no_grad():
+        y = layer(x)
+        with merged(layer):
+            y_merged = layer(x)
+    assert rel_err(y_merged, y) < 1e-5 and torch.equal(layer.base_layer.weight, w0)
