@@ -10,8 +10,9 @@ Prints medians in ms and writes them, with each as a multiple of one elementwise
 benchmarks/results/sigma_op_breakdown.json (``--out``): the range of t
 (aminmax), the table of σ (forward), the table of σ and σ' (backward), the compiled forward and backward passes
 over t, the backward without its histogram, and the parameter gradients from the histogram. The torch.compile
-rows run the same math (float32 positions and table, float64 histogram by index_add_) as one candidate the
-issue named: compared here, not used by the library.
+rows run the same math (float32 positions and table, float64 histogram by index_add_) as an alternative: compared
+here, not used by the library. Last, the whole op again after telling glibc to keep freed memory mapped (mallopt):
+the difference is the page faults of its two fresh outputs.
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ def compiled_passes(tab):
     return torch.compile(forward, dynamic=False), torch.compile(backward, dynamic=False)
 
 
+def keep_freed_memory_mapped() -> bool:
+    """glibc: serve large blocks from the heap and never trim it (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD); False
+    where there is no glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP_, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv=None):
     ap = cli.ArgumentParser(prog="python -m benchmarks.sigma_op_breakdown", description=__doc__.splitlines()[0])
     ap.add_argument("--spread", type=float, default=0.8, help="t ~ spread · N(0, 1)")
@@ -105,6 +118,10 @@ def main(argv=None):
         "backward pass over t without the histogram": tm(lambda: tab.backward(td, g, True, False)),
         "parameter gradients from the histogram": tm(lambda: tab.param_grads(hist, (True, True, False))),
     }
+    # The same op once glibc keeps freed memory mapped (mallopt, as MALLOC_TRIM_THRESHOLD_ and
+    # MALLOC_MMAP_THRESHOLD_ would): its two large outputs then reuse pages instead of faulting fresh ones in.
+    if keep_freed_memory_mapped():
+        rows["whole op, freed memory kept mapped (no page faults)"] = tm(step)
     if not args.no_compile:
         fwd, bwd = compiled_passes(tab)
         # Same values as the C++ kernels (a check that the comparison is of the same work).
