@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets data test test-slow test-gpu lint demo bench bench-quick clean data-bb reproduce-table1 reproduce reproduction report tables figures
+.PHONY: help setup assets data test test-slow test-gpu gpu-check lint demo bench bench-quick clean data-bb reproduce-table1 reproduce reproduction report tables figures
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-16s\033[0m %s\n",$$1,$$2}'
@@ -41,21 +41,27 @@ test-slow: $(STAMP)  ## the slow end-to-end tests
 test-gpu: $(STAMP)  ## CUDA tests (need a GPU)
 	$(PY) -m pytest -q -m gpu
 
+gpu-check: $(STAMP)  ## on one CUDA GPU (< 5 min): the gpu tests, σ op and step benchmarks, 20-step harness runs -> benchmarks/results/gpu/
+	$(PY) -m benchmarks.gpu_check
+
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
 
 demo: $(STAMP)  ## the main job: LoRA vs LR-LoRA, MiniLM-L6 on BBC News, offline
 	$(PY) -m experiments.demo
 
-bench: $(STAMP)  ## σ op, its breakdown, training steps (CPU, ~1 h) -> benchmarks/results/*.json; tables: python -m benchmarks.report
+bench: $(STAMP)  ## σ op, its breakdown, training steps, the reproduction's workload (CPU, ~1.5 h) -> benchmarks/results/*.json; tables: python -m benchmarks.report
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.sigma_op
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.sigma_op_breakdown
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.train_step
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.workload --profile --runs
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.workload --cells minilm_56 --profile --shared
 	$(PY) -m benchmarks.report
 
 bench-quick: $(STAMP)  ## a few-minute subset of `make bench` (down_proj σ op; 2 Qwen2 layers, 512 tokens)
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.sigma_op --quick --out benchmarks/results/sigma_op_quick.json
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.train_step --quick --out benchmarks/results/train_step_quick.json
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.workload --cells minilm_56 --repeats 4 --no-memory --out benchmarks/results/workload_quick.json
 
 # From runs to the paper's tables and figures (analysis/): SCALE=smoke (tiny random models, CPU, minutes) |
 # mini (SmolLM2-135M on commonsense_bb) | paper (the paper's grid: GPU + LLM-Adapters data).
