@@ -112,10 +112,10 @@ def lm_eval(ctx: EvalContext, cfg) -> dict:
     else:
         local = [ex for ex in ctx.test if ex.get("choices")]
         if not local:
-            raise DataFileError("protocol lm_eval needs test examples with their options, as `make data` builds them "
-                            "(regime=commonsense_15k/170k read data/commonsense/); LLM-Adapters' own test files "
-                            "carry none: build the suite, or name lm-eval's tasks with protocol.tasks=[boolq,piqa,...] "
-                            "(those need the hub)")
+            raise DataFileError("protocol lm_eval needs test examples with their options, as `make data` builds "
+                                "them (regime=commonsense_15k/170k read data/commonsense/); LLM-Adapters' own test "
+                                "files carry none: build the suite, or name lm-eval's tasks with "
+                                "protocol.tasks=[boolq,piqa,...] (those need the hub)")
         names = write_local_tasks(local, out / "lm_eval_tasks", cfg.doc_to_text, ctx.regime.get("lm_eval_mirror"))
         manager = TaskManager(include_path=str(out / "lm_eval_tasks"))
     model = merged_model(ctx) if cfg.get("merge", True) else ctx.model
