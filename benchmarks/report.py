@@ -58,6 +58,13 @@ def sigma_table(d: dict) -> str:
     return "\n".join(out)
 
 
+def breakdown_table(d: dict) -> str:
+    """The σ op's parts (benchmarks/sigma_op_breakdown.py), each as a multiple of one elementwise pass."""
+    out = ["| part | median | × elementwise pass |", "|---|---|---|"]
+    out += [f"| {k} | {v:.2f} ms | {d['x_elementwise'][k]:.1f}× |" for k, v in d["median_ms"].items()]
+    return "\n".join(out)
+
+
 def _ms(x: float) -> str:
     return f"{x * 1e3:,.0f} ms" if x < 10 else f"{x:,.1f} s"
 
@@ -78,6 +85,13 @@ def workload_tables(d: dict) -> str:
         out.append(f"| {c['cell']} | {c['tokens_per_example']:.0f} | {_ms(st['lora'])} | {_ms(st['lrlora'])} | "
                    f"{c['step_ratio']:.2f}× | {c['floor']['ratio']:.2f}× | {_ms(ev['lora'])} | {_ms(ev['lrlora'])} | "
                    f"{c['eval_ratio']:.2f}× | {memcols} | {load} |")
+    for c in d.get("cells", []):
+        same = c.get("same_method_partner")
+        if same:
+            st = same["median_step_s"]
+            out.append(f"\nBeside a second training process of the same method (as the grid's two shards pair cells), "
+                       f"{c['cell']}: LoRA {_ms(st['lora'])}, LR-LoRA {_ms(st['lrlora'])}, {same['step_ratio']:.2f}×; "
+                       f"beside one stepping both in turn, {c['step_ratio']:.2f}×.")
     runs = d.get("runs")
     if runs:
         med = runs["median"]
@@ -213,6 +227,8 @@ def main(argv=None):
         print(f"\n{path}\n" + sigma_table(d))
     if train:
         print(f"\n{args.train}" + train_tables(train))
+    if breakdown:
+        print(f"\n{args.breakdown}\n" + breakdown_table(breakdown))
     for path, d in workloads.items():
         print(f"\n{path}\n" + workload_tables(d) + "\n\n" + floor_table(d))
     if args.gpu:

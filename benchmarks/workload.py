@@ -1,15 +1,16 @@
 """The reproduction's own workload: the harness's training step and evaluation, LoRA against LR-LoRA, side by side.
 
-    python -m benchmarks.workload                         # minilm_56, minilm_128, smollm2_128 -> results/workload.json
+    python -m benchmarks.workload                         # minilm_56, minilm_128, smollm2_256 -> results/workload.json
     python -m benchmarks.workload --cells minilm_56 --profile      # + torch.profiler's top costs per step
-    python -m benchmarks.workload --cells minilm_56 --shared       # while a second copy runs (the grid's two runs)
+    python -m benchmarks.workload --cells minilm_56 --shared       # beside a second training process (the grid's pairs)
     python -m benchmarks.workload --runs                  # whole harness runs (40 steps, 2 evaluations), alternating
 
 Cells (``CELLS``): the reproduction's MiniLM cell (``backbone=minilm_l6``, r = 4 on every linear, batch 16,
 adapter dropout 0.10, lr 1e-3, LR-LoRA ``center=true`` as the grid runs it) on BBC News articles cut to 56 and
 128 tokens (every article is longer, so every example has exactly that many tokens: the ~56 of winowhy and the
 ~125 of timedial), and SmolLM2-135M (``backbone=smollm2_135m``, the converted copy in ``cache/``) with all seven
-projections adapted, r = 8, batch 4, 128 tokens of ``bbc_news_gen``. Everything is built by the harness's own code
+projections adapted, r = 8, batch 4, ``bbc_news_gen`` as the regime sets it (prompt and answer, up to 256 tokens; a
+cut at 128 would drop the answers of the longer prompts, leaving a batch with no target). Everything is built by the harness's own code
 (Hydra's compose of ``conf/``, ``experiments.backbones.build_backbone``, ``baselines.apply_adapter``, the loop's
 optimizer and schedule) and a step is the loop's (``experiments.loop.forward_backward`` and ``apply_update``, then
 the method's ``on_step`` and ``zero_grad``); evaluation is the ``glue`` protocol on 64 test examples (the causal-LM
@@ -26,6 +27,10 @@ g W0 backward); LR-LoRA's update is a dense d_out × d_in matrix, so it also pay
 a third, whatever it does; and, whatever the token count, σ forward and backward over every adapted matrix. So
 floor = LoRA's step + Σ (one dense product at this many tokens, per adapted linear) + Σ (the σ op's forward and
 backward on that layer's own B A). The two added terms are measured here, in the same rounds as the steps.
+
+``--shared``: the same timing beside a second process that takes training steps of the same cell throughout (one
+core each, as the reproduction grid runs two shards): LoRA and LR-LoRA in turn; then, as the shards pair cells,
+LoRA timed beside a LoRA process and LR-LoRA beside an LR-LoRA process (``same_method_partner``).
 
 Writes benchmarks/results/workload.json (``--out``), with the load average before and after each cell: on a
 shared machine read the ratios, which compare steps taken seconds apart, not the absolute times.
@@ -65,8 +70,7 @@ CELLS = {
                   "adapter.r=4"],
     "minilm_128": ["backbone=minilm_l6", "regime=bbc_news", "regime.max_length=128", "regime.train.batch_size=16",
                    "adapter.r=4"],
-    "smollm2_128": ["backbone=smollm2_135m", "regime=bbc_news_gen", "regime.max_length=128", "regime.train.batch_size=4",
-                    "adapter.r=8", "regime.train_on_inputs=false"],
+    "smollm2_256": ["backbone=smollm2_135m", "regime=bbc_news_gen", "regime.train.batch_size=4", "adapter.r=8"],
 }
 METHODS = {"lora": ["adapter=lora"], "lrlora": ["adapter=lrlora", "adapter.center=true"]}
 EVAL_EXAMPLES = {"classification": 64, "causal_lm": 32}
@@ -210,7 +214,8 @@ def timing_worker(args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     emed = {k: statistics.median(v) for k, v in evals.items()}
     floor = med["lora"] + med["dense_products"] + med["sigma_op"]
-    out = {"cell": args.cell, "threads": args.threads, "tokens_per_example": real / len(batches[0]["input_ids"]),
+    out = {"cell": args.cell, "threads": args.threads, "adapter_dropout": float(lr.cfg.regime.get("adapter_dropout", 0.0)),
+           "tokens_per_example": real / len(batches[0]["input_ids"]),
            "tokens_per_step": real, "padded_tokens_per_step": padded, "adapted_linears": n_adapted,
            "adapted_elements": sum(m.lora_B.shape[0] * m.lora_A.shape[1] for m in adapted_layers(lr.model).values()),
            "median_step_s": {"lora": med["lora"], "lrlora": med["lrlora"]},
@@ -260,10 +265,11 @@ def memory_worker(args) -> dict:
 
 
 def companion(args) -> None:
-    """The other run of a pair: LoRA and LR-LoRA steps in turn until killed (``--shared``)."""
+    """The other run of a pair: steps of ``--partner`` (lora, lrlora, or both in turn) until killed (``--shared``)."""
     torch.set_num_threads(args.threads)
-    cases = [Case(args.cell, "lora")]
-    cases.append(Case(args.cell, "lrlora", cases[0].accelerator))
+    methods = list(METHODS) if args.partner == "both" else [args.partner]
+    cases = [Case(args.cell, methods[0])]
+    cases += [Case(args.cell, m, cases[0].accelerator) for m in methods[1:]]
     b = cases[0].batch(0)
     print("ready", flush=True)
     while True:
@@ -290,22 +296,36 @@ def _worker_cmd(args, *extra) -> list[str]:
             "--profile-steps", str(args.profile_steps), *extra]
 
 
-def run_cell(args, cell: str) -> dict:
-    out = {"cell": cell, "overrides": {m: [*METHODS[m], *CELLS[cell], *COMMON] for m in METHODS},
-           "load_average_before": os.getloadavg()}
+def _timing(args, cell: str, partner_methods: str | None) -> dict:
+    """The timing worker, alone or beside a companion process stepping ``partner_methods`` throughout."""
     partner = None
-    if args.shared:
-        partner = subprocess.Popen(_worker_cmd(args, "--companion", cell), cwd=ROOT, env=_env(args),
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-        partner.stdout.readline()  # "ready": both of its models are built and stepping
-        out["shared"] = "a second process ran LoRA and LR-LoRA steps of the same cell in turn throughout"
+    if partner_methods:
+        partner = subprocess.Popen(_worker_cmd(args, "--companion", cell, "--partner", partner_methods), cwd=ROOT,
+                                   env=_env(args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   start_new_session=True)
+        partner.stdout.readline()  # "ready": its models are built and stepping
     try:
-        timing = _run(_worker_cmd(args, "--worker", cell, "timing", *(["--profile"] if args.profile else [])), _env(args))
+        return _run(_worker_cmd(args, "--worker", cell, "timing", *(["--profile"] if args.profile else [])), _env(args))
     finally:
         if partner is not None:
             os.killpg(partner.pid, signal.SIGTERM)  # the companion this call started, and nothing else
             partner.wait()
-    out.update(timing)
+
+
+def run_cell(args, cell: str) -> dict:
+    out = {"cell": cell, "overrides": {m: [*METHODS[m], *CELLS[cell], *COMMON] for m in METHODS},
+           "load_average_before": os.getloadavg()}
+    if args.shared:
+        out["shared"] = "a second process stepped LoRA and LR-LoRA of the same cell in turn throughout"
+    out.update(_timing(args, cell, "both" if args.shared else None))
+    if args.shared and "median_step_s" in out:
+        # As the grid's two shards pair cells: a LoRA run beside a LoRA run, an LR-LoRA run beside an LR-LoRA run.
+        same = {m: _timing(args, cell, m) for m in METHODS}
+        if all("median_step_s" in v for v in same.values()):
+            lora, lr = same["lora"]["median_step_s"]["lora"], same["lrlora"]["median_step_s"]["lrlora"]
+            out["same_method_partner"] = {"median_step_s": {"lora": lora, "lrlora": lr}, "step_ratio": lr / lora,
+                                          "runs": {m: {k: v[k] for k in ("median_step_s", "load_average_before",
+                                                                          "load_average_after")} for m, v in same.items()}}
     if not args.no_memory and not args.shared:
         out["memory"] = {m: _run(_worker_cmd(args, "--worker", cell, m), _env(args, memory=True)) for m in METHODS}
         mem = out["memory"]
@@ -364,6 +384,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", nargs=2, metavar=("CELL", "KIND"), help=argparse.SUPPRESS)
     ap.add_argument("--companion", metavar="CELL", help=argparse.SUPPRESS)
+    ap.add_argument("--partner", choices=("lora", "lrlora", "both"), default="both", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.companion:
         args.cell = args.companion
@@ -377,8 +398,8 @@ def main(argv=None):
             res = memory_worker(args)
         print(json.dumps(res))
         return None
-    if "smollm2_128" in args.cells and not (ROOT / "cache" / "smollm2_135m" / "config.json").exists():
-        raise ConfigError("the smollm2_128 cell needs the converted SmolLM2 copy in cache/smollm2_135m "
+    if "smollm2_256" in args.cells and not (ROOT / "cache" / "smollm2_135m" / "config.json").exists():
+        raise ConfigError("the smollm2_256 cell needs the converted SmolLM2 copy in cache/smollm2_135m "
                           "(python -m scripts.cache_smollm2), or leave it out with --cells minilm_56 minilm_128")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"workload{'_shared' if args.shared else ''}.json")
     results = {"machine": machine_info("cpu"), "threads": args.threads, "repeats": args.repeats,
@@ -396,6 +417,8 @@ def main(argv=None):
         print(f"{cell}: step LoRA {m['lora']:.3f} s, LR-LoRA {m['lrlora']:.3f} s = {c['step_ratio']:.2f}x "
               f"(floor {c['floor']['ratio']:.2f}x); evaluation {c['eval_ratio']:.2f}x"
               + (f"; peak memory {c['memory_ratio']:.2f}x" if "memory_ratio" in c else "")
+              + (f"; beside a run of the same method {c['same_method_partner']['step_ratio']:.2f}x"
+                 if "same_method_partner" in c else "")
               + f"; load {c['load_average_before'][0]:.1f}-{c['load_average_after'][0]:.1f}", flush=True)
     if args.runs:
         results["runs"] = whole_runs(args)
