@@ -39,12 +39,12 @@ def fold(weight: torch.Tensor, dw: torch.Tensor) -> tuple:
     d = dw.to(weight.dtype)
     merged = weight + d
     back = d.sub_(merged).neg_()  # (W0 + ΔW) − ΔW, exactly as unfold will compute it
-    bad = (back != weight).view(-1).nonzero().squeeze(1)
+    bad = (back != weight).reshape(-1).nonzero().squeeze(1)
     del back
-    if 2 * bad.numel() > weight.numel():  # most entries: W0 whole is smaller than their positions and values
+    if 2 * bad.numel() > weight.numel() or not weight.is_contiguous():  # W0 whole: smaller, or no flat view
         fix = (None, weight.clone())
     else:  # int32 positions where they fit: 8 bytes a recorded entry
-        fix = (bad.to(torch.int32) if weight.numel() < 2**31 else bad, weight.view(-1)[bad].clone())
+        fix = (bad.to(torch.int32) if weight.numel() < 2**31 else bad, weight.reshape(-1)[bad].clone())
     weight.copy_(merged)
     return fix
 
