@@ -125,8 +125,8 @@ void interp_impl(const T* __restrict t, T* __restrict out, int64_t n, const doub
 
 // val may alias g (σ(t) written over the upstream gradient once it is read): no __restrict on either.
 template <typename T, typename P>
-void backward_impl(const T* __restrict t, const T* g, int64_t n, const double* tab_d, const double* dtab_d,
-                   int64_t m, double lo_d, double inv_d, T* __restrict grad_t, T* val, double* __restrict hist) {
+void backward_impl(const T* t, const T* g, int64_t n, const double* tab_d, const double* dtab_d,
+                   int64_t m, double lo_d, double inv_d, T* grad_t, T* val, double* __restrict hist) {
   std::vector<P> tv, ts, dv, ds;
   split_table<P>(tab_d, m, tv, ts);
   split_table<P>(dtab_d, m, dv, ds);
@@ -144,13 +144,20 @@ void backward_impl(const T* __restrict t, const T* g, int64_t n, const double* t
     std::vector<double> h(hist ? 4 * m : 0, 0.0);
     int jb[kBlock];
     P gb[kBlock], gfb[kBlock];
+    T tb[kBlock];
     for (int64_t b0 = b; b0 < e; b0 += kBlock) {
       const int64_t len = std::min(kBlock, e - b0);
+      // grad_t written over t (the caller's buffer, to hold one matrix less): the loops read a copy of the block
+      const T* tk = t + b0;
+      if (grad_t == t) {
+        std::copy(tk, tk + len, tb);
+        tk = tb;
+      }
       // Vectorised: positions, σ', σ, and the histogram's cells and weights into block buffers.
       if (grad_t && !val)
-        backward_loop_grad<T, P>(t + b0, g + b0, len, dtab, dslope, last, top, lo, inv, grad_t + b0, jb, gb, gfb);
+        backward_loop_grad<T, P>(tk, g + b0, len, dtab, dslope, last, top, lo, inv, grad_t + b0, jb, gb, gfb);
       else
-        backward_loop<T, P>(t + b0, g + b0, len, tab, slope, dtab, dslope, last, top, lo, inv,
+        backward_loop<T, P>(tk, g + b0, len, tab, slope, dtab, dslope, last, top, lo, inv,
                             grad_t ? grad_t + b0 : nullptr, val ? val + b0 : nullptr, jb, gb, gfb);
       if (hist) {  // the scatter: scalar
         double* h0 = h.data();
@@ -280,9 +287,16 @@ namespace {
 // In place over x (rows × cols): d = (x − c)·p; x ← d; out ← base + s·d when wanted. The operations of the
 // PyTorch form (sub_, mul_, then mul_ and add_ for the merged weight) in its order, in T, in one pass.
 template <typename T>
-void finish_impl(T* __restrict x, const T* __restrict base, T* __restrict out, int64_t n, T c, T p, T s) {
+void finish_in_place(T* x, const T* __restrict base, int64_t b, int64_t e, T c, T p, T s) {
+  for (int64_t k = b; k < e; ++k) x[k] = base[k] + ((x[k] - c) * p) * s;
+}
+
+template <typename T>
+void finish_impl(T* x, const T* __restrict base, T* out, int64_t n, T c, T p, T s) {
   at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-    if (out) {
+    if (out == x) {  // the merged weight over ΔW itself
+      finish_in_place<T>(x, base, b, e, c, p, s);
+    } else if (out) {
       for (int64_t k = b; k < e; ++k) {
         T d = (x[k] - c) * p;
         x[k] = d;
@@ -543,7 +557,7 @@ std::vector<torch::Tensor> sinc_param_sums(torch::Tensor s, torch::Tensor hist, 
   return {out};
 }
 
-// out: the merged weight base + s·ΔW (or undefined: ΔW only, in place over x).
+// out: the merged weight base + s·ΔW (x itself: written over ΔW; undefined: ΔW only, in place over x).
 void finish_delta(torch::Tensor x, std::optional<torch::Tensor> base, std::optional<torch::Tensor> out, double c,
                   double p, double s) {
   TORCH_CHECK(x.is_contiguous());
@@ -622,7 +636,7 @@ def get():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        name = f"lrlora_sigma_kernels_v16_{_cpu_tag()}"
+        name = f"lrlora_sigma_kernels_v17_{_cpu_tag()}"
         _say_if_compiling(name)
         _module = load_inline(
             name=name,

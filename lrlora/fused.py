@@ -109,13 +109,13 @@ def _merged_weight(weight: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
 
 
 class _Workspace(threading.local):
-    """Scratch matrices the fused op reuses on CPU, across layers and steps: t = BA, ΔW (then G_ΔW), the merged
-    weight, ΔWᵀ and the dropped input, each as large as the largest seen. A fresh allocation of that size is a
-    fresh mapping whose pages fault in on first touch (glibc returns large freed blocks to the system): on the
-    measured machine that cost more than the arithmetic on such a matrix (docs/performance.md). Nothing here
-    outlives one call of the op (no output, nothing saved for backward). Per thread; ``release_workspace()``
-    frees the calling thread's (at most three d_out × d_in matrices of the largest adapted layer, plus one
-    input-sized buffer, per dtype). GPUs have a caching allocator and take fresh tensors."""
+    """Scratch matrices the fused op reuses on CPU, across layers and steps: two d_out × d_in matrices as large as
+    the largest adapted one (t = BA, then grad_t over it, then ΔWᵀ; σ(t), then ΔW and the merged weight over it,
+    and G_ΔW in the backward), and with dropout one input-sized buffer (the dropped input X̃). A fresh allocation of that size is a fresh mapping whose pages fault in on first
+    touch (glibc returns large freed blocks to the system): on the measured machine that cost more than the
+    arithmetic on such a matrix (docs/performance.md). Nothing here outlives one call of the op (no output,
+    nothing saved for backward). Per thread and dtype; ``release_workspace()`` frees the calling thread's. GPUs
+    have a caching allocator and take fresh tensors."""
 
     def __init__(self):
         self.buffers: dict = {}
@@ -162,29 +162,39 @@ def _lowrank_into(A, B, ds: DeltaSpec) -> torch.Tensor:
     return t
 
 
+def _merge_into(k, dw, weight, c0, ds: DeltaSpec, pos, s):
+    """dw holds σ(t): turn it into the merged weight W0 + s·ΔW in place, and return ΔWᵀ (one contiguous row per
+    input, in the workspace's other matrix, t's, which is spent by now) where there are dropped entries."""
+    base = weight.detach().contiguous()
+    if pos is None or not pos.numel():
+        k.finish_delta(dw, base, dw, c0, ds.post_scale, s)
+        return None
+    k.finish_delta(dw, None, None, c0, ds.post_scale, 1.0)  # ΔW
+    dwt = _WORKSPACE.get("t", (dw.shape[1], dw.shape[0]), dw).copy_(dw.t())
+    k.finish_delta(dw, base, dw, 0.0, 1.0, s)  # W0 + s·ΔW
+    return dwt
+
+
 def _forward_compiled(k, x, weight, bias, t, table, c0, ds: DeltaSpec, pos, s):
-    """The merged form (pos None) or the sparse-correction form, every matrix in the workspace: ΔW = σ(t) by the
-    table, the merged weight W0 + sΔW in one pass, and − s · D ΔWᵀ over the dropped entries (a compiled kernel)."""
+    """The merged form (pos None) or the sparse-correction form in two workspace matrices: ΔW = σ(t) by the table,
+    the merged weight W0 + sΔW over it, and − s · D ΔWᵀ over the dropped entries (a compiled kernel)."""
     d_out, d_in = weight.shape
     dw = _WORKSPACE.get("delta", t.shape, t)
     k.interp_into(t, table.vals, table.lo, table.inv, dw)
-    w_eff = _WORKSPACE.get("merged", t.shape, t)
-    k.finish_delta(dw, weight.detach().contiguous(), w_eff, c0, ds.post_scale, s)
-    y = F.linear(x, w_eff, bias)
-    if pos is not None and pos.numel():
-        dwt = _WORKSPACE.get("t", (d_in, d_out), t).copy_(dw.t())  # t is spent: ΔWᵀ, one contiguous row per input
+    dwt = _merge_into(k, dw, weight, c0, ds, pos, s)
+    y = F.linear(x, dw, bias)
+    if dwt is not None:
         k.drop_forward(y.view(-1, d_out), x.reshape(-1, d_in).contiguous(), dwt, pos, -s)
     return y
 
 
 def _backward_compiled(k, ctx, g2, x2, weight, A, B, a, rho, grid, pos, s, needs):
-    """The backward of ``_forward_compiled``, with its table: G_ΔW = gᵀ X̃ (X̃ the dropped input, built in the
-    workspace), one pass over t for σ'·G_ΔW, the histogram and σ(t), the merged weight, and the input gradient
-    with − s · (1 − m) ⊙ (g ΔW) at the dropped entries only (a compiled kernel). Returns grad_x, grad_A, grad_B,
-    [grad_a, grad_rho, grad_grid]."""
+    """The backward of ``_forward_compiled``, with its table, in the same two workspace matrices: G_ΔW = gᵀ X̃ (X̃
+    the dropped input), one pass over t for σ'·G_ΔW (written over t), the histogram and σ(t) (over G_ΔW), then the
+    merged weight, and the input gradient with − s · (1 − m) ⊙ (g ΔW) at the dropped entries only (a compiled
+    kernel). Returns grad_x, grad_A, grad_B, [grad_a, grad_rho, grad_grid]."""
     ds, table, c0 = ctx.ds, ctx.table, ctx.c0
     need_x, need_A, need_B, needs_p = needs[0], needs[3], needs[4], needs[5:8]
-    d_out, d_in = weight.shape
     grad_x = grad_A = grad_B = None
     grads_p = [None, None, None]
     t = _lowrank_into(A, B, ds)
@@ -195,11 +205,12 @@ def _backward_compiled(k, ctx, g2, x2, weight, A, B, a, rho, grid, pos, s, needs
             xd = torch.mul(x2, s, out=_WORKSPACE.get("input", x2.shape, x2))
             xd.view(-1).index_fill_(0, pos, 0.0)
         torch.mm(g2.t(), xd, out=gdw)
+        del xd
         if ds.post_scale != 1.0:
             gdw.mul_(ds.post_scale)
         total = gdw.sum(dtype=torch.float64) if ds.center and any(needs_p) else None
         table.prepare_backward(needs_p)
-        grad_t = _WORKSPACE.get("merged", t.shape, t) if (need_A or need_B) else None
+        grad_t = t if (need_A or need_B) else None  # written over t, block by block, once read
         dtab = table.dvals if grad_t is not None else table.vals
         hist = k.interp_backward_into(t, gdw, table.vals, dtab, table.lo, table.inv, grad_t, need_x, any(needs_p))
         if grad_t is not None:
@@ -213,12 +224,10 @@ def _backward_compiled(k, ctx, g2, x2, weight, A, B, a, rho, grid, pos, s, needs
                 grads_p = _add_center_grads(grads_p, total, a, rho, grid, needs_p, ds)
     elif need_x:
         k.interp_into(t, table.vals, table.lo, table.inv, gdw)
-    if need_x:  # gdw holds σ(t): ΔW, the merged weight (grad_t is spent), the input gradient
-        w_eff = _WORKSPACE.get("merged", t.shape, t)
-        k.finish_delta(gdw, weight.detach().contiguous(), w_eff, c0, ds.post_scale, s)
-        grad_x = g2 @ w_eff
-        if pos is not None and pos.numel():
-            dwt = _WORKSPACE.get("t", (d_in, d_out), t).copy_(gdw.t())
+    if need_x:  # gdw holds σ(t): ΔW, the merged weight over it, the input gradient
+        dwt = _merge_into(k, gdw, weight, c0, ds, pos, s)
+        grad_x = g2 @ gdw
+        if dwt is not None:
             k.drop_grad_input(grad_x, g2.contiguous(), dwt, pos, -s)
     return grad_x, grad_A, grad_B, grads_p
 
