@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import time
 import traceback
@@ -124,10 +125,35 @@ def plan(table: str, scale: str, seeds=None, variants=None, columns=None, extra=
     return cells
 
 
-def reproduction_plan(claims=None) -> list[tuple[dict, Cell]]:
-    """(step, cell) for every step of `reproduction:` in analysis/scales.yaml, in order; `claims` keeps the steps
-    of these claims only (e.g. ["7"], or ["1b", "8"])."""
-    steps = paper.scales().get("reproduction") or []
+GRIDS = {"reproduction": None, "reproduction2": "analysis/rules/round2.yaml"}  # grid -> its selection rules
+PLACEHOLDER = re.compile(r"@(\w+)")
+
+
+class Waiting(Exception):
+    """A step that needs a value its selection rule has not chosen yet."""
+
+
+def fill(text: str, chosen: dict | None) -> str | None:
+    """`text` with each `@key` replaced by the chosen value; None when a chosen value is null (the step's arm does
+    not exist, e.g. no engaged LR-LoRA); Waiting when a key is not chosen yet."""
+    if chosen is None or "@" not in text:
+        return text
+    for key in PLACEHOLDER.findall(text):
+        if key not in chosen:
+            raise Waiting(key)
+        if chosen[key] is None:
+            return None
+        text = text.replace(f"@{key}", str(chosen[key]))
+    return text
+
+
+def reproduction_plan(claims=None, grid: str = "reproduction", chosen: dict | None = None,
+                      waiting: list | None = None) -> list[tuple[dict, Cell]]:
+    """(step, cell) for every step of the grid `grid:` in analysis/scales.yaml, in order; `claims` keeps the steps
+    of these claims only (e.g. ["7"], or ["1b", "8"]). A step's `grid: {key: [values]}` runs it once per value;
+    with `chosen` (the selection file's values), `@key` in a step's columns or a cell's overrides is filled in, a
+    step whose key is not chosen yet is left out and named in `waiting`, and one whose value is null is dropped."""
+    steps = paper.scales().get(grid) or []
     if claims:
         unknown = set(claims) - {str(s["claim"]) for s in steps}
         if unknown:
@@ -136,9 +162,27 @@ def reproduction_plan(claims=None) -> list[tuple[dict, Cell]]:
         steps = [s for s in steps if str(s["claim"]) in claims]
     out = []
     for step in steps:
-        for cell in plan(step["table"], step["scale"], step.get("seeds"), step.get("variants"),
-                         step.get("columns"), step.get("overrides") or ()):
-            out.append((step, cell))
+        try:
+            if step.get("when"):
+                if step["when"] not in (chosen or {}):
+                    raise Waiting(step["when"])
+                if not chosen[step["when"]]:
+                    continue
+            columns = [fill(c, chosen) for c in step.get("columns") or []] or None
+            if columns is not None and None in columns:
+                continue
+            values = step.get("grid") or {}
+            for combo in itertools.product(*values.values()):
+                extra = [*(step.get("overrides") or ()), *(f"{k}={v}" for k, v in zip(values, combo))]
+                for cell in plan(step["table"], step["scale"], step.get("seeds"), step.get("variants"), columns,
+                                 extra):
+                    overrides = [fill(o, chosen) for o in cell.overrides]
+                    if None not in overrides:
+                        cell.overrides = overrides
+                        out.append((step, cell))
+        except Waiting as e:
+            if waiting is not None:
+                waiting.append(f"claim {step['claim']}: waits for {e.args[0]}")
     return out
 
 
@@ -203,18 +247,86 @@ def run_para_jobs(jobs: list, dry_run: bool, root: str | None) -> list[str]:
     return failed
 
 
-def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (0, 1), claims=None) -> int:
-    """Run the missing cells of the reproduction grid one after another (module docstring). `shard` (i, n):
-    this process takes every n-th missing cell from the i-th, so n processes started together share the grid
-    without running a cell twice (one core each); `claims` runs only the steps of these claims."""
+def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (0, 1), claims=None,
+                     grid: str = "reproduction", wait_s: float = 0) -> int:
+    """Run the missing cells of a reproduction grid one after another (module docstring). `shard` (i, n): this
+    process takes every n-th missing cell from the i-th, so n processes started together share the grid without
+    running a cell twice (one core each; a cell another process holds is skipped); `claims` runs only the steps
+    of these claims. A grid with selection rules (GRIDS) re-applies them after every cell, so a step unlocks as
+    soon as its value is chosen; with `wait_s`, a process that has nothing left to run but steps still waiting
+    (for another shard's pilot cells, say) checks again every minute for that long."""
     from omegaconf import open_dict
 
-    from experiments.para import para_run_name
     from experiments.train import run
+    from lrlora._atomic import Busy
     from lrlora.errors import UserError
 
+    if GRIDS.get(grid) and root is None:  # the rules say where their runs live
+        from analysis.selection import load_rules, resolve
+
+        root = str(resolve(load_rules(ROOT / GRIDS[grid])["results"]).parent)
+    failed, skipped, waited, first = [], set(), 0.0, True
+    while True:
+        chosen, waiting = None, []
+        if GRIDS.get(grid):
+            from analysis.selection import update
+
+            chosen, _ = update(ROOT / GRIDS[grid], root, write=not dry_run)
+        n, todo, para_jobs, para_todo = grid_todo(grid, claims, root, chosen, waiting)
+        if first or dry_run:
+            report_todo(n, todo, para_jobs, para_todo, waiting, shard)
+        first = False
+        i_shard, n_shard = shard
+        mine = [t for t in (todo[i_shard::n_shard] or todo) if t[2].run_name not in skipped]
+        if dry_run:
+            for _, cell, _, _ in todo[i_shard::n_shard]:
+                print("python -m experiments.train " + " ".join(cell.overrides)
+                      + (f" paths.root={root}" if root else ""))
+            run_para_jobs(para_todo[i_shard::n_shard], True, root)
+            return 0
+        if not mine:
+            failed += run_para_jobs(para_todo[i_shard::n_shard], False, root)  # sources trained above are used now
+            if waiting and waited < wait_s:
+                time.sleep(60)
+                waited += 60
+                continue
+            break
+        step, _, cfg, why = mine[0]
+        t = time.perf_counter()
+        if why != "missing":  # a changed config: retrain explicitly; another configuration's folder is still refused
+            with open_dict(cfg):
+                cfg.trainer.force = True
+        try:
+            run(cfg)
+        except Busy:  # another shard holds it
+            skipped.add(cfg.run_name)
+            continue
+        except UserError as e:  # reported, and the grid goes on: one bad cell must not stall hours of others
+            print(f"error: {cfg.run_name}: {e}", file=sys.stderr)
+            failed.append(cfg.run_name)
+            skipped.add(cfg.run_name)
+            continue
+        except Exception:  # a crash too (its traceback in the log); the next call retries it
+            traceback.print_exc()
+            print(f"error: {cfg.run_name} crashed (traceback above)", file=sys.stderr)
+            failed.append(cfg.run_name)
+            skipped.add(cfg.run_name)
+            continue
+        waited = 0.0
+        print(f"[reproduction] {len(todo) - 1} to go: claim {step['claim']}: {cfg.run_name} "
+              f"({time.perf_counter() - t:.1f} s)", flush=True)
+    if failed:
+        print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def grid_todo(grid, claims, root, chosen, waiting):
+    """The grid's training cells and PARA jobs: (number of runs, cells to run, PARA jobs, PARA jobs to run)."""
+    from experiments.para import para_run_name
+
     todo, seen, n, para_jobs = [], set(), 0, {}
-    for step, cell in reproduction_plan(claims):
+    for step, cell in reproduction_plan(claims, grid, chosen, waiting):
         cfg = compose(cell.overrides, root)
         if step.get("para"):  # trains nothing: PARA of this cell's run at each setting
             for ke, red in para_settings(step):
@@ -228,49 +340,26 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
         why = staleness(cfg, any_commit=True)
         if why:
             todo.append((step, cell, cfg, why))
-    print(f"[reproduction] {n} runs in the grid, {len(todo)} to run ({n - len(todo)} done)")
     para_todo = [job for job in para_jobs.values()
                  if not (Path(job[1].paths.results_dir) / f"{job[4]}.json").exists()]
-    waiting = sum(not (Path(cfg.paths.results_dir) / f"{cfg.run_name}.json").exists() for _, cfg, *_ in para_todo)
+    return n, todo, para_jobs, para_todo
+
+
+def report_todo(n, todo, para_jobs, para_todo, waiting, shard):
+    print(f"[reproduction] {n} runs in the grid, {len(todo)} to run ({n - len(todo)} done)")
+    for line in dict.fromkeys(waiting):
+        print(f"[reproduction] {line} (chosen by analysis.selection once its runs are in)")
+    waiting_para = sum(not (Path(cfg.paths.results_dir) / f"{cfg.run_name}.json").exists()
+                       for _, cfg, *_ in para_todo)
     if para_jobs:
         print(f"[reproduction] {len(para_jobs)} PARA runs in the grid, {len(para_todo)} to run "
-              f"({waiting} of them waiting for their run; {len(para_jobs) - len(para_todo)} done)")
+              f"({waiting_para} of them waiting for their run; {len(para_jobs) - len(para_todo)} done)")
     i_shard, n_shard = shard
     if n_shard > 1:
-        todo, para_todo = todo[i_shard::n_shard], para_todo[i_shard::n_shard]
-        print(f"[reproduction] shard {i_shard + 1}/{n_shard}: {len(todo)} of them here"
-              + (f", and {len(para_todo)} PARA runs" if para_jobs else ""))
-    for step, _, cfg, why in todo:
+        print(f"[reproduction] shard {i_shard + 1}/{n_shard}: {len(todo[i_shard::n_shard])} of them here"
+              + (f", and {len(para_todo[i_shard::n_shard])} PARA runs" if para_jobs else ""))
+    for step, _, cfg, why in todo[i_shard::n_shard]:
         print(f"  claim {step['claim']}: {cfg.run_name}: {why}")
-    if dry_run:
-        for _, cell, _, _ in todo:
-            print("python -m experiments.train " + " ".join(cell.overrides) + (f" paths.root={root}" if root else ""))
-        run_para_jobs(para_todo, True, root)
-        return 0
-    failed = []
-    for i, (step, _, cfg, why) in enumerate(todo, 1):
-        t = time.perf_counter()
-        if why != "missing":  # a changed config: retrain explicitly; another configuration's folder is still refused
-            with open_dict(cfg):
-                cfg.trainer.force = True
-        try:
-            run(cfg)
-        except UserError as e:  # reported, and the grid goes on: one bad cell must not stall hours of others
-            print(f"error: {cfg.run_name}: {e}", file=sys.stderr)
-            failed.append(cfg.run_name)
-            continue
-        except Exception:  # a crash too (its traceback in the log); the next call retries it
-            traceback.print_exc()
-            print(f"error: {cfg.run_name} crashed (traceback above)", file=sys.stderr)
-            failed.append(cfg.run_name)
-            continue
-        print(f"[reproduction] {i}/{len(todo)} claim {step['claim']}: {cfg.run_name} "
-              f"({time.perf_counter() - t:.1f} s)", flush=True)
-    failed += run_para_jobs(para_todo, False, root)  # after the cells: a source trained above is used now
-    if failed:
-        print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -329,6 +418,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print what would run; run nothing")
     ap.add_argument("--claims", nargs="+", default=None, help="reproduction only: run the steps of these claims "
                     "only (e.g. --claims 7 runs the PARA jobs whose LoRA runs exist)")
+    ap.add_argument("--wait", type=float, default=0, help="reproduction grids: minutes to keep checking for "
+                    "steps that wait on another process's runs before exiting")
     ap.add_argument("--shard", default="1/1", help="I/N runs every N-th missing cell from the I-th, so N processes "
                     "started together share the grid (e.g. 1/2 and 2/2 on two cores)")
     args = ap.parse_args(argv)
@@ -336,8 +427,9 @@ def main(argv=None) -> int:
     import experiments  # noqa: F401  (registers the run-name resolver)
     from experiments.results import git_info
 
-    if args.table == "reproduction":
-        return run_reproduction(args.root, args.dry_run, parse_shard(args.shard), args.claims)
+    if args.table in GRIDS:
+        return run_reproduction(args.root, args.dry_run, parse_shard(args.shard), args.claims, args.table,
+                                60 * args.wait)
 
     t0 = time.perf_counter()
     cells = plan(args.table, args.scale, args.seeds, args.variants)

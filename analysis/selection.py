@@ -1,0 +1,260 @@
+"""The pre-registered selection rules of the reproduction's second round: which head, which two tasks, which
+engaged LR-LoRA and which learning rate per arm, chosen from pilot and selection runs by rules committed before
+them (`select:` in analysis/rules/round2.yaml; REPRODUCTION.md, "Design and decision rules").
+
+    python -m analysis.selection                     # apply the rules to results/reproduction2, print the evidence
+    values = update("analysis/rules/round2.yaml")    # the same, returning {key: value}; the grid runner calls it
+
+Every rule reads best validation scores only (test scores are never looked at before the test grid). A value is
+written to the rules' `selection` file once every run it needs exists, and never changed afterwards: a rerun or a
+later result cannot move a choice that later runs were made with. Until then the key is absent and the grid's
+steps that use it (`@key` in analysis/scales.yaml) wait. Keys: head, task_a, task_b, smollm2_primary,
+engaged_pre_scale (null: no setting engages and trains), primary_pre_scale (the engaged one, else 1.0),
+lr_lora, lr_centred, lr_engaged, lr_primary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from lrlora import cli
+from lrlora._atomic import atomic_json
+from lrlora.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "analysis/rules/round2.yaml"
+
+WAIT = object()  # a rule whose runs are not all in yet
+SELECTORS: dict[str, Callable] = {}
+
+
+class SelectionError(UserError, ValueError):
+    """A rules file this module cannot apply (an unknown rule, a missing key)."""
+
+
+def selector(name: str):
+    def deco(fn):
+        SELECTORS[name] = fn
+        return fn
+    return deco
+
+
+def load_rules(path: str | Path = RULES) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise SelectionError(f"rules file {path} not found; the committed one is {RULES.relative_to(ROOT)}")
+    return yaml.safe_load(path.read_text())
+
+
+def resolve(path: str, base: Path = ROOT) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else base / p
+
+
+@cache
+def _regime_split(regime_json: str, data_dir: str, split: str) -> tuple[float, int]:
+    """Chance (%) of a regime's `split` slice, through the harness's own loader and caps, and its size: pair
+    regimes score the best option per question, so chance is the mean of 1/k; other regimes the majority label."""
+    from omegaconf import OmegaConf
+
+    from experiments.data import load_splits
+
+    data = getattr(load_splits(OmegaConf.create(json.loads(regime_json)), data_dir), split)
+    if any("group" in ex for ex in data):
+        sizes = Counter(ex["group"] for ex in data)
+        return 100 * sum(1 / k for k in sizes.values()) / len(sizes), len(sizes)
+    return 100 * max(Counter(ex["label"] for ex in data).values()) / len(data), len(data)
+
+
+def val_chance(row: pd.Series, data_dir: str) -> float:
+    stored = json.loads(Path(row["path"]).read_text())["config"]["regime"]
+    return _regime_split(json.dumps(stored, sort_keys=True), data_dir, "val")[0]
+
+
+def pick(df: pd.DataFrame, filters: dict) -> pd.DataFrame:
+    """The rows matching every {column: value} (a list: any of its values)."""
+    for k, v in filters.items():
+        if k not in df.columns:
+            return df.iloc[0:0]
+        df = df[df[k].isin(v)] if isinstance(v, list) else df[df[k] == v]
+    return df
+
+
+def best_val(df: pd.DataFrame) -> pd.Series:
+    return 100 * df["metrics.train.best_val"].astype(float)
+
+
+# --- the rules: fn(spec, df, chosen, ctx) -> (value or WAIT, evidence rows) ----------------------------------------
+@selector("head")
+def _head(spec, df, chosen, ctx):
+    tasks = ctx["rules"]["select"]["tasks"]
+    regimes = list(tasks["suite"]) + list(tasks.get("fill") or [])
+    runs = pick(df, {**spec["runs"], "config.regime.train.lr": 1e-3, "regime": regimes})
+    rows, stats = [], {}
+    for head in spec["candidates"]:
+        mine = pick(runs, {"config.backbone.pooling": head})
+        if set(mine["regime"]) != set(regimes):
+            return WAIT, []
+        excess = [float(b) - val_chance(r, ctx["data_dir"]) for (_, r), b in zip(mine.iterrows(), best_val(mine))]
+        collapsed = sum(e < spec["collapsed_within"] for e in excess)
+        stats[head] = (collapsed, float(np.mean(excess)))
+        rows.append({"head": head, "collapsed": collapsed, "mean excess over chance": round(float(np.mean(excess)), 2)})
+    a, b = spec["candidates"]
+    if stats[a][0] != stats[b][0]:
+        return (a if stats[a][0] < stats[b][0] else b), rows
+    if abs(stats[a][1] - stats[b][1]) <= spec["tie"]:
+        return spec["default"], rows
+    return (a if stats[a][1] > stats[b][1] else b), rows
+
+
+@selector("tasks")
+def _tasks(spec, df, chosen, ctx):
+    if "head" not in chosen:
+        return WAIT, []
+    runs = pick(df, {**spec["runs"], "config.regime.train.lr": 1e-3, "config.backbone.pooling": chosen["head"]})
+    rows, passing, fill = [], [], []
+    for regime in [*spec["suite"], *(spec.get("fill") or [])]:
+        r = pick(runs, {"regime": regime})
+        if len(r) != 1:
+            return WAIT, []
+        score = float(best_val(r).iloc[0])
+        excess = score - val_chance(r.iloc[0], ctx["data_dir"])
+        ok = excess >= spec["above_chance"] and score <= spec["below"]
+        (passing if regime in spec["suite"] else fill).append((excess, regime)) if ok else None
+        rows.append({"task": regime, "best val": round(score, 1), "excess over chance": round(excess, 1),
+                     "passes": ok})
+    ranked = [t for _, t in sorted(passing, reverse=True)]
+    n_suite = len(ranked)
+    ranked += [t for _, t in sorted(fill, reverse=True)]
+    value = {"task_a": ranked[0] if ranked else None, "task_b": ranked[1] if len(ranked) > 1 else None,
+             "smollm2_primary": n_suite < spec["primary_smollm2_if_fewer_than"]}
+    return value, rows
+
+
+@selector("engaged")
+def _engaged(spec, df, chosen, ctx):
+    if "task_a" not in chosen or chosen["task_a"] is None:
+        return WAIT, []
+    where = {"regime": chosen["task_a"], "config.backbone.pooling": chosen["head"], "config.regime.train.lr": 1e-3}
+    lora = pick(df, {"adapter": "lora", "seed": 1, "r": 4, **where})
+    runs = pick(df, {**spec["runs"], **where, "config.adapter.center": True})
+    if len(lora) != 1:
+        return WAIT, []
+    floor = float(best_val(lora).iloc[0]) - spec["trains_within"]
+    rows, value = [], None
+    for s in spec["candidates"]:
+        r = pick(runs, {"config.adapter.pre_scale": float(s)})
+        if len(r) != 1:
+            return WAIT, []
+        row = r.iloc[0]
+        energy = row.get("mechanism.summary.energy_beyond_r.median")
+        resid = row.get("mechanism.summary.linear_residual.median")
+        score = float(best_val(r).iloc[0])
+        engages = energy is not None and resid is not None and energy >= spec["energy_beyond_r"] \
+            and resid >= spec["linear_residual"]
+        trains = score >= floor
+        rows.append({"pre_scale": s, "energy beyond r (median)": energy, "linear residual (median)": resid,
+                     "best val": round(score, 1), "LoRA's − 3": round(floor, 1), "engages": engages,
+                     "trains": trains})
+        if value is None and engages and trains:
+            value = float(s)
+    return {"engaged_pre_scale": value, "primary_pre_scale": value if value is not None else 1.0}, rows
+
+
+ARM_FILTERS = {"lora": {"adapter": "lora"},
+               "centred": {"adapter": "lrlora", "config.adapter.center": True, "config.adapter.pre_scale": 1.0,
+                           "config.adapter.share": "none"},
+               "engaged": {"adapter": "lrlora", "config.adapter.center": True, "config.adapter.share": "none"}}
+
+
+@selector("lr")
+def _lr(spec, df, chosen, ctx):
+    if "engaged_pre_scale" not in chosen:
+        return WAIT, []
+    where = {**spec["runs"], "regime": chosen["task_a"], "config.backbone.pooling": chosen["head"],
+             "seed": list(spec["seeds"])}
+    value, rows = {}, []
+    for arm in spec["arms"]:
+        filters = dict(ARM_FILTERS[arm])
+        if arm == "engaged":
+            if chosen["engaged_pre_scale"] is None:  # no engaged arm: nothing to choose
+                value["lr_engaged"] = None
+                continue
+            filters["config.adapter.pre_scale"] = chosen["engaged_pre_scale"]
+        means = {}
+        for lr in spec["grid"]:
+            r = pick(df, {**where, **filters, "config.regime.train.lr": float(lr)})
+            if len(r) != len(spec["seeds"]):
+                return WAIT, []
+            means[float(lr)] = float(best_val(r).mean())
+            rows.append({"arm": arm, "lr": lr, "best val, mean over seeds": round(means[float(lr)], 2)})
+        top = max(means.values())
+        value[f"lr_{arm}"] = min(lr for lr, m in means.items() if m >= top - spec["tie"])
+    value["lr_primary"] = value["lr_engaged"] if value.get("lr_engaged") is not None else value["lr_centred"]
+    return value, rows
+
+
+def evaluate(rules: dict, df: pd.DataFrame, chosen: dict, data_dir: str) -> tuple[dict, dict]:
+    """Apply every selection rule in order over the runs in `df`, keeping `chosen` values as they are: the new
+    {key: value} and {rule name: evidence rows}."""
+    chosen, evidence = dict(chosen), {}
+    ctx = {"rules": rules, "data_dir": data_dir}
+    for name, spec in (rules.get("select") or {}).items():
+        fn = SELECTORS.get(spec.get("rule"))
+        if fn is None:
+            raise SelectionError(f"selection {name!r}: unknown rule {spec.get('rule')!r}; known: {sorted(SELECTORS)}")
+        value, rows = fn(spec, df, chosen, ctx) if len(df) else (WAIT, [])
+        evidence[name] = rows
+        if value is WAIT:
+            continue
+        for k, v in (value if isinstance(value, dict) else {name: value}).items():
+            chosen.setdefault(k, v)  # a chosen value never moves
+    return chosen, evidence
+
+
+def update(rules_path: str | Path = RULES, root: str | Path | None = None, data_dir: str | None = None,
+           write: bool = True) -> tuple[dict, dict]:
+    """Apply the rules to the runs under `root` (default: the rules' results folder's parent) and write the
+    selection file with any value newly decided. Returns ({key: value}, evidence)."""
+    from analysis.load import load_results
+
+    rules = load_rules(rules_path)
+    results = resolve(rules["results"]) if root is None else Path(root) / "results"
+    sel_path = resolve(rules["selection"]) if root is None else Path(root) / Path(rules["selection"]).name
+    old = json.loads(sel_path.read_text()) if sel_path.exists() else {}
+    df = load_results([results]) if results.exists() and any(results.glob("*.json")) else pd.DataFrame()
+    chosen, evidence = evaluate(rules, df, old, data_dir or str(ROOT / "data"))
+    if write and chosen != old:
+        atomic_json(sel_path, chosen, indent=1, sort_keys=True)
+    return chosen, evidence
+
+
+def main(argv=None) -> int:
+    ap = cli.ArgumentParser(prog="python -m analysis.selection", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rules", default=str(RULES))
+    ap.add_argument("--root", default=None, help="the grid's root (default: the rules' results folder's parent)")
+    ap.add_argument("--dry-run", action="store_true", help="print; write no selection file")
+    args = ap.parse_args(argv)
+    chosen, evidence = update(args.rules, args.root, write=not args.dry_run)
+    for name, rows in evidence.items():
+        print(f"## {name}")
+        if rows:
+            print(pd.DataFrame(rows).to_markdown(index=False))
+        else:
+            print("(waiting for its runs)")
+    print(json.dumps(chosen, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
