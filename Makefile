@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup assets data test test-slow test-gpu gpu-check lint demo bench bench-quick clean data-bb reproduce-table1 reproduce reproduction report tables figures
+.PHONY: help setup assets data test test-slow test-gpu gpu-check lint demo bench bench-quick clean data-bb reproduce-table1 reproduce reproduction reproduction2 report tables figures
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  \033[36m%-16s\033[0m %s\n",$$1,$$2}'
@@ -64,7 +64,7 @@ bench-quick: $(STAMP)  ## a few-minute subset of `make bench` (down_proj σ op; 
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.workload --cells minilm_56 --repeats 4 --no-memory --out benchmarks/results/workload_quick.json
 
 # From runs to the paper's tables and figures (analysis/): SCALE=smoke (tiny random models, CPU, minutes) |
-# mini (SmolLM2-135M on commonsense_bb) | paper (the paper's grid: GPU + LLM-Adapters data).
+# mini (SmolLM2-135M on the real commonsense_15k / 170k mixes) | paper (the paper's grid: GPU + LLM-Adapters data).
 SCALE   ?= smoke
 TABLE   ?= table1
 OUTPUTS ?= outputs
@@ -76,6 +76,10 @@ reproduce: $(STAMP)  ## the same for TABLE=table3|table12|table13|table20|table2
 
 reproduction: $(STAMP)  ## the grid that tests the paper's claims: run its missing cells into results/reproduction/ (re-run to continue)
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m analysis.reproduce reproduction --root results/reproduction $(ARGS)
+
+reproduction2: $(STAMP)  ## the second, pre-registered round (REPRODUCTION.md): its missing cells into results/reproduction2/, two at a time
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m analysis.reproduce reproduction2 --shard 1/2 --wait 30 $(ARGS) & \
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m analysis.reproduce reproduction2 --shard 2/2 --wait 30 $(ARGS); wait
 
 report: $(STAMP)  ## rebuild REPRODUCTION.md's tables (and the claim-3 figure) from results/reproduction/results
 	$(PY) -m analysis.report REPRODUCTION.md

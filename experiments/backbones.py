@@ -3,11 +3,14 @@
     model, processor = build_backbone(cfg.backbone, task="classification", num_labels=5, cache_dir="cache")
 
 The model class follows the regime's task (sequence classification, causal LM, image classification);
-`processor` is the tokenizer (text) or image processor (vision; None for the tiny ViT).
+`processor` is the tokenizer (text) or image processor (vision; None for the tiny ViT). An encoder's
+classification head pools as `backbone.pooling` says (`cls`: the model's own head; `mean`: the mean of the last
+hidden state over the real tokens, `pool_mean`), wherever the backbone is built: training, re-scoring, analysis.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -20,7 +23,8 @@ from transformers import (
     AutoTokenizer,
 )
 
-from lrlora.errors import UserError
+from experiments.identity import ADDED
+from lrlora.errors import ConfigError, UserError
 
 AUTO_CLASS = {
     "classification": AutoModelForSequenceClassification,
@@ -107,7 +111,13 @@ def load_gguf(cfg, cache_dir: str | None):
 
 
 def build_backbone(cfg, task: str, num_labels: int | None = None, cache_dir: str | None = None):
-    """(model, processor) for a backbone config and a regime task."""
+    """(model, processor) for a backbone config and a regime task, its head pooling as `cfg.pooling` says."""
+    pooling = check_pooling(cfg, task)  # before minutes of loading
+    model, processor = _load(cfg, task, num_labels, cache_dir)
+    return pool_mean(model) if pooling == "mean" else model, processor
+
+
+def _load(cfg, task: str, num_labels: int | None, cache_dir: str | None):
     if cfg.get("tiny"):
         return tiny_model(cfg.kind, task, num_labels or 2, image_size=cfg.get("image_size", 32))
     if cfg.get("hub"):
@@ -138,3 +148,73 @@ def build_backbone(cfg, task: str, num_labels: int | None = None, cache_dir: str
             processor.pad_token = processor.eos_token
         model.config.pad_token_id = processor.pad_token_id
     return model, processor
+
+
+# --- the classification head's pooling (backbone.pooling) ---------------------------------------------------------
+POOLINGS = ("cls", "mean")
+# backbone.pooling=mean, per sequence-classification class: its encoder's attribute and the encoder output that the
+# head reads, which the mean replaces. BERT: `pooler_output` (CLS through the pretrained dense+tanh pooler), so
+# the mean goes through the model's dropout to `classifier`, the pooler unused. RoBERTa has no pretrained pooler:
+# its head (`classifier`: dense, tanh, out_proj, new and trained like BERT's) reads the <s> position of
+# `last_hidden_state`, so the mean takes that position's place and the head stays whole.
+_MEAN_POOLED = {"BertForSequenceClassification": ("bert", "pooler_output"),
+                "RobertaForSequenceClassification": ("roberta", "last_hidden_state")}
+_OUTPUT_INDEX = {"last_hidden_state": 0, "pooler_output": 1}  # in the tuple of return_dict=False (transformers 4.x)
+
+
+def check_pooling(cfg, task: str) -> str:
+    """backbone.pooling ('cls' when absent: decoders, vision, configs from before the option), checked before
+    anything loads: ConfigError, one line naming the setting and the fix."""
+    pooling = cfg.get("pooling", ADDED["backbone.pooling"])
+    if pooling not in POOLINGS:
+        raise ConfigError(f"backbone.pooling={pooling!r} must be one of {', '.join(POOLINGS)} (cls: the model's "
+                          f"own head; mean: the mean of the last hidden state over the real tokens)")
+    if pooling == "mean" and cfg.get("kind") != "encoder":
+        raise ConfigError(f"backbone.pooling=mean pools an encoder's classification head, and backbone "
+                          f"{cfg.get('name')} is a {cfg.get('kind')} with a head of its own: drop backbone.pooling "
+                          f"(or set it to cls)")
+    if pooling == "mean" and task not in ("classification", "regression"):
+        raise ConfigError(f"backbone.pooling=mean pools a sequence-classification head, and this regime's task is "
+                          f"{task}: drop backbone.pooling (or set it to cls)")
+    return pooling
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, H] -> [B, H]: the mean over the positions where `mask` [B, T] is 1 (every position when None),
+    summed in fp32 (a bf16 sum over hundreds of tokens loses digits)."""
+    if mask is None:
+        return hidden.mean(dim=1)
+    m = mask.to(torch.float32).unsqueeze(-1)
+    return ((hidden.float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).to(hidden.dtype)
+
+
+def _mean_pool_hook(field: str, module, args, kwargs, output):
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    hidden = output[0]
+    pooled = masked_mean(hidden, mask)
+    new = pooled if field == "pooler_output" else torch.cat([pooled.unsqueeze(1), hidden[:, 1:]], dim=1)
+    if isinstance(output, tuple):
+        i = _OUTPUT_INDEX[field]
+        return (*output[:i], new, *output[i + 1:])
+    output[field] = new  # a ModelOutput: its item and its attribute together
+    return output
+
+
+def pool_mean(model: torch.nn.Module) -> torch.nn.Module:
+    """backbone.pooling=mean on a BERT or RoBERTa sequence classifier, in place: its head reads the mean of the
+    last hidden state over the tokens the attention mask keeps (padding ignored), as all-MiniLM-L6-v2 was
+    trained to be read.
+
+    A forward hook on the encoder (`model.bert`, `model.roberta`) replaces what the head reads, with the mask
+    from the encoder's own call: no module is swapped and no parameter renamed or dropped (the adapters find
+    their targets by name, `classifier` is saved as modules_to_save, the parameter counts stay those of `cls`),
+    and nothing is held between calls (a pooler module would have to be handed the mask through a second
+    hook). The hook stays through adapters, merges and reloads, which wrap or replace linears inside the
+    encoder but never the encoder. BERT's pooler still runs, its output unused: one [B, H] x [H, H] product."""
+    where = _MEAN_POOLED.get(type(model).__name__)
+    if where is None:
+        raise ConfigError(f"backbone.pooling=mean is implemented for BERT and RoBERTa sequence classifiers, not "
+                          f"{type(model).__name__}: use backbone.pooling=cls")
+    attr, field = where
+    getattr(model, attr).register_forward_hook(functools.partial(_mean_pool_hook, field), with_kwargs=True)
+    return model

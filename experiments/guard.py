@@ -84,6 +84,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Every setting checked before data or backbone load; ConfigError names the setting and the fix."""
     from baselines import methods
     from baselines.core import check_rank_value
+    from experiments.backbones import check_pooling
 
     inf = float("inf")
     _int(cfg, "seed", minimum=0)
@@ -124,6 +125,7 @@ def validate_config(cfg: DictConfig) -> None:
     for k in ("n_train", "n_val", "n_test", "max_length"):
         _int(cfg, f"regime.{k}", optional=True)
     check_known_keys(cfg)
+    check_pooling(cfg.backbone, cfg.regime.task)
     metrics = TASK_METRICS.get(cfg.regime.task)
     if metrics and cfg.regime.get("pairs"):  # (question, option) pairs: also the per-question accuracy
         metrics = (*metrics, "choice_accuracy")

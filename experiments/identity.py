@@ -39,7 +39,9 @@ SIZE_KEYS = frozenset({"r", "lora_alpha", "randlora_alpha", "target_r", "r_max",
 HARNESS_KEYS = ("name", "lr")
 # settings added to a config group after runs were made: {dotted key: the default that keeps the old behaviour}.
 # Add a new result-affecting option here when it gets its YAML default (module docstring).
-ADDED: dict[str, object] = {}
+ADDED: dict[str, object] = {
+    "backbone.pooling": "cls",  # an encoder classification head's pooling (experiments/backbones.py)
+}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

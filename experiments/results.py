@@ -128,7 +128,7 @@ def rank_stats(delta_weights: dict, target_modules) -> dict:
 
 def mechanism_stats(delta_weights: dict, r: int | None, sigma_arguments: dict | None = None) -> dict:
     """Per adapted matrix, `lrlora.mechanism`: ΔW's energy beyond the nominal rank r, and for LR-LoRA the range
-    of σ's argument and ΔW's distance from an affine function of it; with the median, min and max of each over
+    of σ's argument and ΔW's distance from an affine function of it; with the mean, median, min and max of each over
     the matrices (docs/RESULTS.md). Empty without a nominal rank."""
     from lrlora import mechanism
 
@@ -139,7 +139,7 @@ def mechanism_stats(delta_weights: dict, r: int | None, sigma_arguments: dict | 
     summary = {}
     for f in fields:
         v = np.array([row[f] for row in per_layer.values() if f in row], dtype=float)
-        summary[f] = {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": len(v)}
+        summary[f] = {"mean": float(v.mean()), "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": len(v)}
     return {"r": int(r), "per_layer": per_layer, "summary": summary}
 
 

@@ -28,7 +28,8 @@ def mechanism(delta: torch.Tensor, r: int, sigma_arg: torch.Tensor | None = None
 
     ``energy_beyond_r`` = Σ_{i>r} s_i² / Σ s_i² over ΔW's singular values: 0 for a rank-r update (LoRA's, always),
     and for LR-LoRA whenever σ is near-linear on the values it sees. With ``sigma_arg`` (LR-LoRA's argument of σ,
-    pre_scale · BA): its ``t_absmax`` and ``t_rms``, and ``linear_residual`` = ‖ΔW − (c0·11ᵀ + c1·t)‖_F / ‖ΔW‖_F
+    pre_scale · BA): its ``t_absmax`` and ``t_rms``, ``ba_stable_rank`` (the stable rank of the argument, i.e. of BA:
+    what ΔW's stable rank is measured against), and ``linear_residual`` = ‖ΔW − (c0·11ᵀ + c1·t)‖_F / ‖ΔW‖_F
     for the least-squares c0, c1 — 0 when σ acts as an affine map on those values, i.e. ΔW is LoRA's BA up to
     scale plus a constant. A zero ΔW gives 0.0 for both ratios (nothing learned, nothing beyond r)."""
     d = delta.detach().double()
@@ -43,6 +44,7 @@ def mechanism(delta: torch.Tensor, r: int, sigma_arg: torch.Tensor | None = None
         resid = y - (design @ coef).squeeze(1)
         norm = float(y.norm())
         out.update(t_absmax=float(t.abs().max()), t_rms=float(t.square().mean().sqrt()),
+                   ba_stable_rank=stable_rank(sigma_arg),
                    linear_residual=float(resid.norm()) / norm if norm > 0 else 0.0)
     return out
 

@@ -514,10 +514,13 @@ def test_mechanism_diagnostics_known_values():
     m = mechanism(affine, 2, t)
     assert m["linear_residual"] == pytest.approx(0.0, abs=1e-6) and m["energy_beyond_r"] > 1e-4
     assert m["t_absmax"] == pytest.approx(float(t.abs().max())) and m["t_rms"] == pytest.approx(float(t.pow(2).mean().sqrt()))
+    assert m["ba_stable_rank"] == pytest.approx(stable_rank(t))  # what ΔW's stable rank is held against
     bent = torch.sin(3 * t)  # far from affine on a wide range
     assert mechanism(bent, 2, t)["linear_residual"] > 0.5
     assert mechanism(torch.zeros(4, 5), 2, torch.zeros(4, 5)) == {"energy_beyond_r": 0.0, "t_absmax": 0.0,
-                                                                 "t_rms": 0.0, "linear_residual": 0.0}
+                                                                 "t_rms": 0.0, "ba_stable_rank": 0.0,
+                                                                 "linear_residual": 0.0}
+    assert 1.0 < mechanism(diag, 1, diag)["ba_stable_rank"] == pytest.approx(14 / 9)
 
 
 def test_rank_report_carries_the_mechanism():

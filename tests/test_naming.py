@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.naming import suffix_for
@@ -123,3 +124,61 @@ def test_a_setting_added_later_at_its_default_keeps_old_names_fingerprints_and_g
     cfg, config = composed(["adapter.new_knob=0.7"])
     name_, fingerprint, stale, variant = identity_of(cfg, config)
     assert "__new_knob=0.7" in name_ and fingerprint != before[1] and variant == "new_knob=0.7"
+
+
+# One case per setting of experiments.identity.ADDED: overrides under which today's conf/ sets it, and another value.
+ADDED_CASES = {"backbone.pooling": (["backbone=tiny_encoder", "regime=bbc_news"], "mean")}
+
+
+def test_every_setting_added_later_has_a_case():
+    from experiments import identity
+
+    assert set(ADDED_CASES) == set(identity.ADDED), "add the new setting to ADDED_CASES"
+
+
+@pytest.mark.parametrize("key", sorted(ADDED_CASES))
+def test_each_setting_added_later_keeps_the_identity_of_runs_made_before_it(tmp_path, monkeypatch, key):
+    """The real ADDED entries: conf/ as it was before the option (the key deleted from every file that sets it)
+    and today's compose to the same run name, fingerprint, currency and analysis variant; another value is a run
+    of its own."""
+    import shutil
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from analysis.load import variant_of
+    from analysis.reproduce import staleness
+    from experiments import guard, naming
+
+    overrides, other = ADDED_CASES[key]
+    group, *path = key.split(".")
+    before = tmp_path / "conf"
+    shutil.copytree(CONF, before)
+    in_group = (before / group).is_dir()
+    for f in sorted((before / group).glob("*.yaml")) if in_group else [before / "train.yaml"]:
+        tree = yaml.safe_load(f.read_text())
+        node = tree
+        for part in (path if in_group else [group, *path])[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            del node[path[-1]]
+            f.write_text(yaml.safe_dump(tree))
+    results = tmp_path / "out" / "results"
+    results.mkdir(parents=True)
+
+    def identity_of(conf, extra=()):
+        monkeypatch.setattr(naming, "_REFERENCE", {})
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose("train", overrides=[*overrides, f"paths.root={tmp_path / 'out'}", *extra])
+            config = OmegaConf.to_container(cfg, resolve=True)
+            return (cfg.run_name, guard.run_fingerprint(config, "data"), staleness(cfg, any_commit=True),
+                    variant_of({"adapter": cfg.adapter.name, "config": config})), config
+
+    (name_, fingerprint, _, variant), old_config = identity_of(before)  # a run made before the option existed
+    assert OmegaConf.select(OmegaConf.create(old_config), key) is None, "the old conf/ must lack the setting"
+    (results / f"{name_}.json").write_text(json.dumps({"config": old_config, "seed": old_config["seed"]}))
+    now, config = identity_of(CONF)
+    assert OmegaConf.select(OmegaConf.create(config), key) is not None
+    assert now == (name_, fingerprint, None, variant)
+    (other_name, other_fingerprint, _, _), _ = identity_of(CONF, [f"{key}={other}"])
+    assert other_name == f"{name_}__{path[-1]}={other}" and other_fingerprint != fingerprint
