@@ -1,0 +1,163 @@
+"""The second round's pre-registered selection rules (analysis/selection.py, `select:` of analysis/rules/round2.yaml)
+on hand-made run tables whose right answers are known, and the grid runner's `@key` steps (analysis/reproduce.py,
+`reproduction2:` of analysis/scales.yaml): a step waits for its value, a null value drops its arm, a chosen value
+never moves."""
+
+import pandas as pd
+import pytest
+
+from analysis import selection
+from analysis.reproduce import Waiting, fill, reproduction_plan
+from analysis.selection import evaluate, load_rules
+
+RULES = load_rules()
+SUITE = RULES["select"]["tasks"]["suite"]
+CHANCE = {"cs_boolq": 62.0, "cs_piqa": 50.0, "cs_social_i_qa": 33.3, "cs_hellaswag": 25.0, "cs_winogrande": 50.0,
+          "cs_arc_easy": 25.0, "cs_arc_challenge": 25.0, "cs_openbookqa": 25.0, "bbc_news": 20.0}
+
+
+@pytest.fixture(autouse=True)
+def known_chance(monkeypatch):
+    monkeypatch.setattr(selection, "val_chance", lambda row, data_dir: CHANCE[row["regime"]])
+
+
+def run(regime, best_val, adapter="lora", seed=1, lr=1e-3, pooling="cls", pre_scale=1.0, share="none",
+        energy=None, resid=None, center=True):
+    return {"adapter": adapter, "seed": seed, "r": 4, "regime": regime, "config.regime.train.lr": lr,
+            "config.backbone.pooling": pooling, "metrics.train.best_val": best_val / 100,
+            "config.adapter.center": center if adapter == "lrlora" else None,
+            "config.adapter.pre_scale": pre_scale if adapter == "lrlora" else None,
+            "config.adapter.share": share if adapter == "lrlora" else None,
+            "mechanism.summary.energy_beyond_r.median": energy, "mechanism.summary.linear_residual.median": resid,
+            "path": None}
+
+
+def pilot(excess_cls: dict, excess_mean: dict) -> list[dict]:
+    """Both heads on every candidate task, best validation = chance + the given excess (0 when not given)."""
+    rows = []
+    for head, excess in (("cls", excess_cls), ("mean", excess_mean)):
+        for regime in [*SUITE, "bbc_news"]:
+            rows.append(run(regime, CHANCE[regime] + excess.get(regime, 0.0), pooling=head))
+    return rows
+
+
+def choose(rows, chosen=None):
+    return evaluate(RULES, pd.DataFrame(rows), chosen or {}, "data")[0]
+
+
+def test_the_head_with_fewer_collapses_wins_then_the_higher_excess_then_cls():
+    everything = {r: 5.0 for r in [*SUITE, "bbc_news"]}
+    # mean collapses on one task fewer (its piqa is 3 points above chance, cls's is 1): mean, despite cls's
+    # higher excess elsewhere
+    assert choose(pilot({**everything, "cs_piqa": 1.0, "cs_boolq": 30.0}, {**everything, "cs_piqa": 3.0}))["head"] == "mean"
+    # same collapses, mean ahead by 1 point on average over 9 tasks (9 points on one): mean
+    assert choose(pilot(everything, {**everything, "cs_boolq": 14.0}))["head"] == "mean"
+    # same collapses, within 0.5 points: the model's own head
+    assert choose(pilot(everything, {**everything, "cs_boolq": 9.0}))["head"] == "cls"
+
+
+def test_tasks_rank_by_excess_among_those_between_chance_plus_7_and_95():
+    excess = {"cs_piqa": 12.0, "cs_social_i_qa": 20.0, "cs_winogrande": 6.9, "cs_arc_easy": 71.0, "bbc_news": 60.0}
+    chosen = choose(pilot(excess, excess))
+    # arc_easy at 96% is above the ceiling; winogrande 6.9 points is under the margin; bbc_news is a fill-in only
+    assert (chosen["task_a"], chosen["task_b"], chosen["smollm2_primary"]) == ("cs_social_i_qa", "cs_piqa", False)
+
+
+def test_fewer_than_two_suite_tasks_bring_in_the_fill_and_smollm2_as_primary():
+    excess = {"cs_piqa": 12.0, "bbc_news": 40.0}
+    chosen = choose(pilot(excess, excess))
+    assert (chosen["task_a"], chosen["task_b"], chosen["smollm2_primary"]) == ("cs_piqa", "bbc_news", True)
+
+
+def test_a_missing_pilot_run_keeps_every_later_key_unchosen():
+    rows = pilot({"cs_piqa": 12.0}, {})[:-1]  # the last (mean, bbc_news) not in yet
+    assert choose(rows) == {}
+
+
+def engage_rows(lora_val, settings):
+    rows = pilot({"cs_piqa": lora_val - 50.0, "cs_social_i_qa": 10.0}, {})
+    for s, (val, energy, resid) in settings.items():
+        rows.append(run("cs_piqa", val, adapter="lrlora", pre_scale=s, energy=energy, resid=resid))
+    return rows
+
+
+def test_the_engaged_scale_is_the_smallest_that_engages_and_trains():
+    chosen = choose(engage_rows(70.0, {10.0: (70.0, 1e-3, 0.5),      # trains, does not engage
+                                       30.0: (66.0, 0.05, 0.2),      # engages, 4 points under LoRA: does not train
+                                       100.0: (67.5, 0.05, 0.2)}))   # both
+    assert chosen["task_a"] == "cs_piqa" and chosen["engaged_pre_scale"] == 100.0
+    assert chosen["primary_pre_scale"] == 100.0
+
+
+def test_no_engaging_setting_is_a_null_and_the_centred_arm_becomes_primary():
+    chosen = choose(engage_rows(70.0, {10.0: (70.0, 1e-3, 0.5), 30.0: (60.0, 0.05, 0.2), 100.0: (50.0, 0.3, 0.6)}))
+    assert chosen["engaged_pre_scale"] is None and chosen["primary_pre_scale"] == 1.0
+
+
+def lr_rows(means: dict, engaged=100.0):
+    """Each arm at each rate, seeds 1 and 2 at mean -/+ 1; LoRA's seed 1 at 1e-3 on task_a is the pilot's run."""
+    lora_pilot = means["lora"][1e-3] - 1.0
+    rows = engage_rows(lora_pilot, {10.0: (70.0, 1e-3, 0.5), 30.0: (60.0, 0.05, 0.2), 100.0: (69.0, 0.3, 0.6)})
+    for arm, by_lr in means.items():
+        for lr, mean in by_lr.items():
+            for seed, d in ((1, -1.0), (2, 1.0)):
+                if arm == "lora" and seed == 1 and lr == 1e-3:
+                    continue  # the same run as the pilot's
+                if arm == "engaged" and seed == 1 and lr == 1e-3:
+                    continue  # the engage pilot's run at the chosen scale
+                kw = dict(adapter="lora") if arm == "lora" else dict(
+                    adapter="lrlora", pre_scale=1.0 if arm == "centred" else engaged)
+                rows.append(run("cs_piqa", mean + d, seed=seed, lr=lr, **kw))
+    return rows
+
+
+def test_each_arm_takes_its_best_rate_and_the_smaller_within_half_a_point():
+    chosen = choose(lr_rows({"lora": {3e-4: 60.0, 1e-3: 70.0, 3e-3: 65.0},
+                             "centred": {3e-4: 71.0, 1e-3: 71.4, 3e-3: 50.0},   # within 0.5: the smaller
+                             "engaged": {3e-4: 60.0, 1e-3: 70.0, 3e-3: 72.0}}))
+    assert (chosen["lr_lora"], chosen["lr_centred"], chosen["lr_engaged"]) == (1e-3, 3e-4, 3e-3)
+    assert chosen["lr_primary"] == 3e-3
+
+
+def test_a_chosen_value_never_moves():
+    everything = {r: 5.0 for r in [*SUITE, "bbc_news"]}
+    chosen = evaluate(RULES, pd.DataFrame(pilot(everything, {**everything, "cs_boolq": 14.0})), {"head": "cls"},
+                      "data")[0]
+    assert chosen["head"] == "cls"  # the data now say mean; the file said cls first
+
+
+def test_fill_waits_drops_and_fills():
+    assert fill("regime.train.lr=@lr_lora", {"lr_lora": 0.001}) == "regime.train.lr=0.001"
+    assert fill("adapter.pre_scale=@engaged_pre_scale", {"engaged_pre_scale": None}) is None
+    with pytest.raises(Waiting):
+        fill("backbone.pooling=@head", {})
+    assert fill("regime=cs_piqa", {}) == "regime=cs_piqa" and fill("x=@y", None) == "x=@y"  # round 1: no selection
+
+
+def test_the_round2_grid_waits_for_its_choices_then_fills_them():
+    waiting = []
+    cells = reproduction_plan(grid="reproduction2", chosen={}, waiting=waiting)
+    # nothing chosen: the pilot (9 tasks x 2 heads) and SmolLM2's LoRA cells run; the rest wait
+    assert sum(step["claim"] == "pilot" for step, _ in cells) == 18
+    assert {step["claim"] for step, _ in cells} == {"pilot", "1"}
+    assert all("smollm2_135m" in " ".join(c.overrides) for step, c in cells if step["claim"] == "1")
+    assert any("waits for task_a" in w for w in waiting) and any("waits for smollm2_primary" in w for w in waiting)
+
+    chosen = {"head": "mean", "task_a": "cs_piqa", "task_b": "cs_social_i_qa", "smollm2_primary": False,
+              "engaged_pre_scale": None, "primary_pre_scale": 1.0, "lr_lora": 0.001, "lr_centred": 0.0003,
+              "lr_engaged": None, "lr_primary": 0.0003}
+    waiting = []
+    cells = reproduction_plan(grid="reproduction2", chosen=chosen, waiting=waiting)
+    assert waiting == []
+    assert not any("@" in o for _, c in cells for o in c.overrides)
+    select = [c for step, c in cells if step["claim"] == "select"]
+    # no engaged arm: LoRA and centred, 3 rates, seeds 1 and 2 on task_a
+    assert len(select) == 2 * 3 * 2 and all("regime=cs_piqa" in c.overrides for c in select)
+    claim1 = [c for step, c in cells if step["claim"] == "1" and "backbone=minilm_l6" in c.overrides]
+    assert all("backbone.pooling=mean" in c.overrides for c in claim1)
+    lora_t1 = [c for c in claim1 if "adapter=lora" in c.overrides and "regime=cs_piqa" in c.overrides]
+    assert len(lora_t1) == 10 and all("regime.train.lr=0.001" in c.overrides for c in lora_t1)
+    smollm2 = [c for step, c in cells if "backbone=smollm2_135m" in c.overrides]
+    assert len(smollm2) == 2 * 5  # not primary: 5 seeds per arm
+    assert len([c for step, c in reproduction_plan(grid="reproduction2", chosen={**chosen, "smollm2_primary": True})
+                if "backbone=smollm2_135m" in c.overrides]) == 2 * 10
