@@ -81,9 +81,10 @@ reproduction2: $(STAMP)  ## the second, pre-registered round (REPRODUCTION.md): 
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m analysis.reproduce reproduction2 --shard 1/2 --wait 30 $(ARGS) & \
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m analysis.reproduce reproduction2 --shard 2/2 --wait 30 $(ARGS); wait
 
-report: $(STAMP)  ## rebuild REPRODUCTION.md's tables (and the claim-3 figure) from results/reproduction/results
+report: $(STAMP)  ## rebuild REPRODUCTION.md's tables and figures from results/reproduction{,2}/results
 	$(PY) -m analysis.report REPRODUCTION.md
 	$(PY) -m analysis fig_claim3 --results results/reproduction/results --out results/reproduction/analysis
+	$(PY) -m analysis fig_mechanism --results results/reproduction/results --out results/reproduction/analysis
 
 tables: $(STAMP)  ## every table from the existing results -> $(OUTPUTS)/analysis/ (md, csv, tex)
 	$(PY) -m analysis tables --results $(OUTPUTS)/results --out $(OUTPUTS)/analysis

@@ -9,8 +9,10 @@ Columns: the identity fields (`run_name backbone adapter regime r seed tags`), e
 `params.*`, `timing.*`, `memory.*`, `stable_ranks.all.*`, the whole config as `config.*`, plus derived
 columns: `method` (the paper's name), `data` (the regime, with its training cap), `column` (backbone, data),
 `score` (the regime's headline metric in %), `variant` (adapter settings that differ from its YAML, e.g.
-`K=25`: '' for a method's own runs), `git.commit`, `path`. The per-layer stable ranks stay one
-dict per run in `stable_ranks.per_layer` (figures read them).
+`K=25`: '' for a method's own runs), `git.commit`, `path`. The per-layer stable ranks and mechanism diagnostics
+stay one dict per run, `stable_ranks.per_layer` and `mechanism.per_layer` (figures and the mechanism table read
+them; flattened, module names holding dots would each become columns); `mechanism.r` and
+`mechanism.summary.<field>.<stat>` are columns.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def _isnan(x) -> bool:
 def to_row(d: dict, path: Path | None = None) -> dict:
     d = upgrade_legacy(d)
     row = _flatten({k: v for k, v in d.items() if k not in ("config", "samples")}, "", {},
-                   keep_dicts=("stable_ranks.per_layer", "adapter_extra"))
+                   keep_dicts=("stable_ranks.per_layer", "mechanism.per_layer", "adapter_extra"))
     _flatten(d.get("config") or {}, "config", row)
     row["tags"] = tuple(d.get("tags") or ())
     row["path"] = str(path) if path else None

@@ -14,7 +14,10 @@ from analysis.targets import TARGETS, Context
 def load_all() -> None:
     import analysis.claims  # noqa: F401
     import analysis.figures  # noqa: F401
+    import analysis.mechanism  # noqa: F401
+    import analysis.selection  # noqa: F401
     import analysis.tables  # noqa: F401
+    import analysis.verdicts  # noqa: F401
 
 
 def build(name: str, results=("outputs/results",), out="outputs/analysis", run=None, df=None, write: bool = True,
@@ -30,7 +33,10 @@ def build(name: str, results=("outputs/results",), out="outputs/analysis", run=N
     ctx = Context(out=Path(out), run=Path(run) if run else None, options=options)
     if t.needs_run and ctx.run is None:
         raise ValueError(f"{name} is built from one run folder: pass --run outputs/runs/<run_name>")
-    frame = df if df is not None or t.needs_run else load_results(results)
+    if t.own_results:  # its results folder is its own (a rules file names it), whatever `results` says
+        frame = None
+    else:
+        frame = df if df is not None or t.needs_run else load_results(results)
     if frame is not None and not t.reads_para and len(frame):
         # a PARA results file keeps its source's identity (backbone, adapter, r, seed): counted as a run, it
         # would be a second seed of its source in every table of methods

@@ -4,7 +4,8 @@
     python -m analysis.report REPRODUCTION.md --check         # exit 1 if a block differs from what analysis gives
 
 A generated block is the text between a line `<!-- analysis: <target> -->` and the next line `<!-- /analysis -->`:
-the markdown of that analysis target (analysis/claims.py, or any table target) built from `--results`. Only those
+the markdown of that analysis target (analysis/claims.py, or any table target) built from `--results`, or, for a
+target with its own results folder (analysis/verdicts.py: the one its rules file names), from that. Only those
 blocks are written; the prose around them is the author's and is never touched. Markers are read strictly: a
 block is rebuilt only when its opening and closing lines are both found, in that order, with no marker between;
 a line that looks like a damaged marker (`<!-- /analysis ->`, `<!-- analysis:claim1-->`, ...) or markers out of
@@ -80,9 +81,11 @@ def regenerate(text: str, results=(RESULTS,), path: str = "the report") -> str:
         if b.name not in TARGETS or TARGETS[b.name].kind != "table":
             raise ReportError(f"report block {b.name!r} is not a table target; known: "
                               f"{', '.join(t for t in sorted(TARGETS) if TARGETS[t].kind == 'table')}")
-    df = load_results(list(results))
+    df = None  # read once, and only when a block reads --results (a target with its own results folder does not)
     out, at = [], 0
     for b in found:
+        if df is None and not TARGETS[b.name].own_results:
+            df = load_results(list(results))
         out += [text[at:b.start], build(b.name, df=df, write=False).markdown()]
         at = b.end
     new = "".join(out) + text[at:]

@@ -1,16 +1,21 @@
 """Selecting runs and cells from the results DataFrame (analysis.load): what the tables, the figures and the
 claims of REPRODUCTION.md share.
 
-    from analysis.select import cell_runs, get_column, method_rows, ordered_columns
+    from analysis.select import cell_runs, get_column, matching, method_rows, ordered_columns
     for label, method, r in method_rows(df):
         for column in ordered_columns(df):
             runs = cell_runs(df, column, method, r)      # one cell: that method (at that r) in that column
+    df[matching(df, {"adapter": "lrlora", "config.adapter.center": True, "r": 4})]   # a filter written as data
 
 Runs are selected by fields (column, method, r, variant), never by lists of names.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
 import pandas as pd
 
 from analysis import paper
@@ -29,6 +34,29 @@ def method_order() -> list[str]:
 
 def get_column(df: pd.DataFrame, name: str) -> pd.Series:
     return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+
+def matching(df: pd.DataFrame, filters: dict) -> pd.Series:
+    """The rows whose every column named in `filters` holds its value: numbers compare as numbers (4 == 4.0,
+    within 1e-9), booleans only with booleans, strings as strings, None matches a missing value, and a list any
+    of its values. A column no results file has matches nothing (None excepted)."""
+    mask = pd.Series(True, index=df.index)
+    for column, want in filters.items():
+        mask &= get_column(df, column).map(lambda x, want=want: _holds(x, want)).astype(bool)
+    return mask
+
+
+def _holds(x, want) -> bool:
+    if isinstance(want, (list, tuple)):
+        return any(_holds(x, w) for w in want)
+    missing = x is None or (isinstance(x, float) and math.isnan(x))
+    if want is None or missing:
+        return want is None and missing
+    if isinstance(want, (bool, np.bool_)) or isinstance(x, (bool, np.bool_)):  # True is not 1 here
+        return isinstance(want, (bool, np.bool_)) and isinstance(x, (bool, np.bool_)) and bool(x) == bool(want)
+    if isinstance(want, numbers.Number):
+        return isinstance(x, numbers.Number) and math.isclose(float(x), float(want), rel_tol=1e-9, abs_tol=1e-12)
+    return isinstance(x, str) and x == want
 
 
 def ordered_columns(d: pd.DataFrame) -> list[str]:

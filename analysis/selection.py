@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
+from analysis.targets import target
 from lrlora import cli
 from lrlora._atomic import atomic_json
 from lrlora.errors import UserError
@@ -60,33 +59,18 @@ def resolve(path: str, base: Path = ROOT) -> Path:
     return p if p.is_absolute() else base / p
 
 
-@cache
-def _regime_split(regime_json: str, data_dir: str, split: str) -> tuple[float, int]:
-    """Chance (%) of a regime's `split` slice, through the harness's own loader and caps, and its size: pair
-    regimes score the best option per question, so chance is the mean of 1/k; other regimes the majority label."""
-    from omegaconf import OmegaConf
-
-    from experiments.data import load_splits
-
-    data = getattr(load_splits(OmegaConf.create(json.loads(regime_json)), data_dir), split)
-    if any("group" in ex for ex in data):
-        sizes = Counter(ex["group"] for ex in data)
-        return 100 * sum(1 / k for k in sizes.values()) / len(sizes), len(sizes)
-    return 100 * max(Counter(ex["label"] for ex in data).values()) / len(data), len(data)
-
-
 def val_chance(row: pd.Series, data_dir: str) -> float:
-    stored = json.loads(Path(row["path"]).read_text())["config"]["regime"]
-    return _regime_split(json.dumps(stored, sort_keys=True), data_dir, "val")[0]
+    """Chance (%) of the run's own validation slice (analysis.stats.chance), its regime read from its results file."""
+    from analysis.stats import chance
+
+    return chance(json.loads(Path(row["path"]).read_text())["config"]["regime"], data_dir, split="val")[0]
 
 
 def pick(df: pd.DataFrame, filters: dict) -> pd.DataFrame:
-    """The rows matching every {column: value} (a list: any of its values)."""
-    for k, v in filters.items():
-        if k not in df.columns:
-            return df.iloc[0:0]
-        df = df[df[k].isin(v)] if isinstance(v, list) else df[df[k] == v]
-    return df
+    """The rows matching every {column: value} (a list: any of its values), as analysis.select.matching reads them."""
+    from analysis.select import matching
+
+    return df[matching(df, filters)] if len(df) else df
 
 
 def best_val(df: pd.DataFrame) -> pd.Series:
@@ -236,6 +220,34 @@ def update(rules_path: str | Path = RULES, root: str | Path | None = None, data_
     if write and chosen != old:
         atomic_json(sel_path, chosen, indent=1, sort_keys=True)
     return chosen, evidence
+
+
+KEYS = ("head", "task_a", "task_b", "smollm2_primary", "engaged_pre_scale", "primary_pre_scale", "lr_lora",
+        "lr_centred", "lr_engaged", "lr_primary")
+
+
+@target("selection2", "table", "REPRODUCTION.md round 2: the pre-registered choices", own_results=True)
+def selection2(df, ctx):
+    """REPRODUCTION.md's selection block: each rule's evidence (best validation scores, in points) and the values
+    the selection file holds; recomputed from the runs, written nowhere."""
+    from analysis.render import Table
+
+    rules = load_rules(ctx.options.get("rules", RULES))
+    chosen, evidence = update(ctx.options.get("rules", RULES), write=False)
+    body = []
+    for name, rows in evidence.items():
+        for row in rows:
+            first, *rest = row.items()
+            body.append([name, f"{first[0]} {first[1]}", "; ".join(f"{k} {v}" for k, v in rest)])
+        if not rows:
+            body.append([name, "—", "waiting for its runs"])
+    notes = ["Chosen (results/reproduction2/selection.json): "
+             + (", ".join(f"{k} = {chosen[k]}" for k in KEYS if k in chosen) or "nothing yet") + ".",
+             "Not chosen yet: " + (", ".join(k for k in KEYS if k not in chosen) or "none") + ".",
+             f"Rules: `select` of {Path(ctx.options.get('rules', RULES)).relative_to(ROOT)} (seeds "
+             f"{rules['select']['lr']['seeds']} for selection; validation scores only)."]
+    return Table("selection2", "Round 2: the pre-registered choices and their evidence", ["rule", "candidate",
+                 "evidence"], body, notes)
 
 
 def main(argv=None) -> int:

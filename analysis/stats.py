@@ -1,13 +1,19 @@
 """Significance as the paper reports it (Sec. 4.1, App. B.2): paired t-tests of a method against LoRA, paired
-by seed (one cell) or by task (an average over tasks), Holm–Bonferroni corrected across the family.
+by seed (one cell) or by task (an average over tasks), Holm–Bonferroni corrected across the family; and what the
+pre-registered decision rules (analysis/verdicts.py) add: the equivalence test (TOST) and a test slice's chance.
 
     t, p = paired_ttest(ours_by_seed, lora_by_seed)          # scipy.stats.ttest_rel
     reject, p_holm = holm([p_task1, p_task2, ...])           # statsmodels multipletests(method="holm")
+    p = tost(para_by_seed, lora_by_seed, margin=1.0)         # |mean difference| < 1 point, two one-sided t-tests
+    pct, n = chance(run_config["regime"], "data")            # accuracy of guessing on the run's own test slice
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
+from functools import cache
 
 import numpy as np
 
@@ -62,3 +68,40 @@ def paired_ci(a, b, level: float = 0.95) -> tuple[float | None, float | None, fl
         return float(d[0]), None, None, 1
     half = stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / math.sqrt(n)
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half), n
+
+
+def tost(a, b, margin: float) -> float | None:
+    """Two one-sided t-tests of the paired differences a − b against ±margin (equivalence: −margin < mean <
+    margin): the larger of the two one-sided p-values. None when fewer than two pairs, or when every difference
+    is equal (the t statistics are undefined)."""
+    from scipy import stats
+
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if len(d) < 2 or np.allclose(d, d[0]):
+        return None
+    above = stats.ttest_1samp(d, -margin, alternative="greater").pvalue
+    below = stats.ttest_1samp(d, margin, alternative="less").pvalue
+    return float(max(above, below))
+
+
+def chance(regime: dict, data_dir: str, split: str = "test") -> tuple[float, int]:
+    """Chance accuracy (%) on a run's own `split` slice, through the harness's loader and caps, and its number of
+    questions: option regimes (pairs tied by `group`) score the best option per question, so chance is the mean
+    of 1/k over the questions; other regimes, the share of the most frequent label. Cached per regime."""
+    return _chance(json.dumps(regime, sort_keys=True, default=str), str(data_dir), split)
+
+
+@cache
+def _chance(regime_json: str, data_dir: str, split: str) -> tuple[float, int]:
+    from omegaconf import OmegaConf
+
+    from experiments.data import load_splits
+
+    data = getattr(load_splits(OmegaConf.create(json.loads(regime_json)), data_dir), split)
+    if any("group" in ex for ex in data):
+        sizes = Counter(ex["group"] for ex in data)
+        return 100 * sum(1 / k for k in sizes.values()) / len(sizes), len(sizes)
+    if not data or any("label" not in ex for ex in data):
+        raise ValueError(f"chance is defined for labelled test sets; regime {json.loads(regime_json).get('name')!r} "
+                         f"has none")
+    return 100 * max(Counter(ex["label"] for ex in data).values()) / len(data), len(data)

@@ -25,6 +25,8 @@ class Target:
     fn: Callable
     needs_run: bool = False  # built over one run folder (--run), not over the results table
     reads_para: bool = False  # sees PARA's compressed copies of runs (every other target: the runs only)
+    own_results: bool = False  # reads the results folder its own options name (a rules file), never --results:
+                               # build passes it no DataFrame (analysis.verdicts)
 
 
 @dataclass
@@ -35,8 +37,9 @@ class Context:
     options: dict = field(default_factory=dict)
 
 
-def target(name: str, kind: str, paper: str, needs_run: bool = False, reads_para: bool = False):
+def target(name: str, kind: str, paper: str, needs_run: bool = False, reads_para: bool = False,
+           own_results: bool = False):
     def deco(fn):
-        TARGETS[name] = Target(name, kind, paper, fn, needs_run, reads_para)
+        TARGETS[name] = Target(name, kind, paper, fn, needs_run, reads_para, own_results)
         return fn
     return deco

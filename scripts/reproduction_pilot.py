@@ -7,32 +7,20 @@ the very test slice it was scored on, the run's cost, and whether the task is ke
 Kept: at least `margin` points above chance and `margin` points below 100 (LoRA clearly between chance and
 ceiling, so a difference between methods can show either way). Chance: pair regimes (one question, k options)
 score the best option per question, so chance is the mean of 1/k over the test questions; binary regimes,
-the share of the most frequent label in the test slice (the cap is stratified, so about 50%).
+the share of the most frequent label in the test slice (the cap is stratified, so about 50%):
+analysis.stats.chance, which analysis.verdicts uses too.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
+from analysis.stats import chance  # the chance level of a run's own test slice
 from lrlora import cli
 from lrlora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def chance(regime: dict, data_dir: str) -> tuple[float, int]:
-    """Chance accuracy (%) on the run's own test slice, through the harness's loader and caps; its questions."""
-    from omegaconf import OmegaConf
-
-    from experiments.data import load_splits
-
-    test = load_splits(OmegaConf.create(regime), data_dir).test
-    if regime.get("pairs"):
-        sizes = Counter(ex["group"] for ex in test)
-        return 100 * sum(1 / k for k in sizes.values()) / len(sizes), len(sizes)
-    return 100 * max(Counter(ex["label"] for ex in test).values()) / len(test), len(test)
 
 
 def main(argv=None) -> int:

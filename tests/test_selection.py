@@ -161,3 +161,15 @@ def test_the_round2_grid_waits_for_its_choices_then_fills_them():
     assert len(smollm2) == 2 * 5  # not primary: 5 seeds per arm
     assert len([c for step, c in reproduction_plan(grid="reproduction2", chosen={**chosen, "smollm2_primary": True})
                 if "backbone=smollm2_135m" in c.overrides]) == 2 * 10
+
+
+def test_the_selection_block_shows_the_evidence_and_the_file_s_values(monkeypatch):
+    from analysis.registry import build
+
+    evidence = {"head": [{"head": "cls", "collapsed": 1, "mean excess over chance": 4.2}],
+                "tasks": [], "engaged_pre_scale": [], "lr": []}
+    monkeypatch.setattr(selection, "update", lambda rules, write=True: ({"head": "cls"}, evidence))
+    table = build("selection2", df=pd.DataFrame(), write=False)
+    assert table.rows[0] == ["head", "head cls", "collapsed 1; mean excess over chance 4.2"]
+    assert table.rows[1] == ["tasks", "—", "waiting for its runs"]
+    assert "head = cls" in table.notes[0] and table.notes[1].startswith("Not chosen yet: task_a, task_b")

@@ -1,0 +1,372 @@
+"""analysis/verdicts.py: a pre-registered rules file applied to results files gives every verdict (holds, does not
+hold, inconclusive, waiting for seeds or for a selection), Holm across a family, TOST both ways, the interaction's
+sign, `trains` choosing its learning rate by validation, strict validation of the rules, and a report block
+rebuilt from the rules' own results folder. Expected numbers are computed here with numpy/scipy."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from analysis import report, verdicts
+from analysis.registry import build
+from analysis.stats import chance
+from analysis.verdicts import RulesError, combine, evaluate, read_rules
+from tests.test_claims import _result
+
+SEEDS = list(range(1, 11))
+BASE = 60.0 + np.array([0.4, -1.2, 2.2, 0.6, -0.8, 1.4, -2.4, 0.2, 1.6, -0.6])  # LoRA's score per seed
+HOLDS_D = np.array([3.0, 4.0, 5.0, 2.0, 6.0, 3.0, 4.0, 5.0, 4.0, 4.0])
+FAILS_D = np.array([0.5, -0.5, 0.2, -0.1, 0.0, 0.3, -0.3, 0.1, 0.2, -0.4])
+OPEN_D = np.array([5.0, -4.0, 6.0, -3.0, 4.0, -5.0, 7.0, -2.0, 3.0, -1.0])
+BORDER_D = np.array([1.5, 2.5, -1.5, 3.0, 0.5, 2.0, -0.5, 3.5, 1.0, 0.5])  # p ≈ 0.033: < 0.05 alone, not after Holm
+GAIN_R1 = np.array([6.0, 7.0, 5.0, 6.5, 5.5, 6.0, 7.5, 4.5, 6.0, 6.0])
+GAIN_R4 = np.array([2.0, 2.5, 1.5, 2.0, 3.0, 1.0, 2.0, 2.5, 1.5, 2.0])
+PARA75_D = np.array([0.2, -0.1, 0.3, -0.2, 0.1, 0.0, 0.2, -0.3, 0.1, 0.0])
+PARA90_D = np.array([-3.0, -2.5, -3.5, -2.8, -3.2, -3.0, -2.6, -3.4, -2.9, -3.1])
+SR = 4 + np.array([1.2, 0.8, 1.5, 1.1, 0.9, 1.3, 1.0, 1.4, 0.7, 1.1])  # stable rank of ΔW, r = 4
+
+
+def run(folder, adapter, seed, score, regime, r=4, lr=1e-3, val=0.6, sr=None, regime_cfg=None, **adapter_cfg):
+    """One results file (tests/test_claims.py's writer), with a learning rate, a best validation score and
+    optionally a stable rank and a loadable regime config."""
+    scratch = folder.parent / "scratch"
+    _result(scratch, adapter, seed, score / 100, r=r, regime=regime, **adapter_cfg)
+    (path,) = scratch.glob("*.json")
+    d = json.loads(path.read_text())
+    path.unlink()
+    d["run_name"] += f"__lr{lr:g}"
+    d["metrics"]["train"]["best_val"] = val
+    d["config"]["regime"] = {**(regime_cfg or d["config"]["regime"]), "train": {"lr": lr}}
+    if sr is not None:
+        d["stable_ranks"] = {"all": {"mean": sr}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{d['run_name']}.json").write_text(json.dumps(d))
+    return d
+
+
+def para_copy(folder, src: dict, reduction: float, score: float) -> None:
+    """PARA's copy of a run (docs/RESULTS.md, "PARA runs"): the source's identity, its own score."""
+    d = copy.deepcopy(src)
+    d["run_name"] = f"{src['run_name']}__para-red{reduction:.2f}"
+    d["tags"] = ["para"]
+    d["config"]["para"] = {"keep_energy": None, "reduction": reduction, "source_run": src["run_name"]}
+    d["metrics"] = {"glue": {**src["metrics"]["glue"], "accuracy": score / 100}}
+    (folder / f"{d['run_name']}.json").write_text(json.dumps(d))
+
+
+OURS = {"center": True, "pre_scale": 10.0}
+
+
+def pair(folder, regime, d, seeds=SEEDS, r=4, **kw):
+    for s, base, diff in zip(seeds, BASE, d):
+        run(folder, "lora", s, base, regime, r=r, **kw)
+        run(folder, "lrlora", s, base + diff, regime, r=r, **OURS, **kw)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("round")
+    res = root / "results"
+    for regime, d in (("bb_h", HOLDS_D), ("bb_f", FAILS_D), ("bb_i", OPEN_D), ("bb_b", BORDER_D)):
+        pair(res, regime, d)
+    pair(res, "bb_w", HOLDS_D[:4], seeds=SEEDS[:4])                     # four seeds: waits
+    run(res, "lora", 99, 10.0, "bb_h")                                  # not a test seed: never counted
+    run(res, "lrlora", 99, 90.0, "bb_h", **OURS)
+    pair(res, "bb_g", GAIN_R1, r=1)
+    pair(res, "bb_g", GAIN_R4, r=4)
+    for s, base, sr in zip(SEEDS, BASE, SR):
+        run(res, "lrlora", s, base, "bb_s", sr=sr, **OURS)
+    for s, base, d75, d90 in zip(SEEDS, BASE, PARA75_D, PARA90_D):
+        src = run(res, "lora", s, base, "bb_e")
+        para_copy(res, src, 0.75, base + d75)
+        para_copy(res, src, 0.90, base + d90)
+    # trains: a binary test set of 3 + 1 labels (chance 75%); at lr 1e-3 the best validation, at 1e-2 the best test
+    data = root / "data"
+    (data / "toy").mkdir(parents=True)
+    for split, labels in (("train", [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]), ("test", [0, 0, 0, 1])):
+        (data / "toy" / f"{split}.json").write_text(json.dumps([{"question": f"q{i}", "label": y}
+                                                               for i, y in enumerate(labels)]))
+    for regime, at_1e3, at_1e2 in (("bb_t_chosen_by_val", 76.0, 88.0), ("bb_t_holds", 85.0, 70.0),
+                                   ("bb_t_fails", 76.0, 77.0)):
+        cfg = {"name": regime, "task": "classification", "loader": "bb_task", "bb_task": "toy", "pairs": False,
+               "eval_dir": str(data), "split_seed": 0, "val_fraction": 0.2}
+        for s in SEEDS[:3]:
+            run(res, "lrlora", s, at_1e3 + s / 10, regime, lr=1e-3, val=0.70, regime_cfg=cfg, center=False)
+            run(res, "lrlora", s, at_1e2 + s / 10, regime, lr=1e-2, val=0.65, regime_cfg=cfg, center=False)
+    run(res, "lrlora", 1, 90.0, "bb_t_few", lr=1e-3, val=0.7, regime_cfg={**cfg, "name": "bb_t_few"}, center=False)
+    (root / "selection.json").write_text(json.dumps({"s": 10.0, "gone": None}))
+    return root
+
+
+def paired(label, regime, family=None, **kw):
+    t = {"label": label, "kind": "paired", "metric": "score", "treatment": "ours", "control": "lora",
+         "where": {"regime": regime, "r": 4}, "min_n": 10, "margin": 2.0, **kw}
+    return {**t, "family": family} if family else t
+
+
+def rules_dict(root) -> dict:
+    return {
+        "results": str(root / "results"), "selection": str(root / "selection.json"), "alpha": 0.05, "seeds": SEEDS,
+        "arms": {"lora": {"adapter": "lora"}, "ours": {"adapter": "lrlora", "config.adapter.center": True,
+                                                       "config.adapter.pre_scale": "@s"},
+                 "later": {"adapter": "lrlora", "config.adapter.pre_scale": "@not_yet"},
+                 "none": {"adapter": "lrlora", "config.adapter.pre_scale": "@gone"},
+                 "paper": {"adapter": "lrlora", "config.adapter.center": False}},
+        "claims": [
+            {"claim": "holds", "statement": "s", "combine": "all", "tests": [paired("h", "bb_h")]},
+            {"claim": "fails", "statement": "s", "combine": "all", "tests": [paired("f", "bb_f")]},
+            {"claim": "open", "statement": "s", "combine": "all", "tests": [paired("i", "bb_i")]},
+            {"claim": "by", "statement": "s", "combine": "all", "tests": [
+                paired("each", ["bb_h", "bb_f", "bb_i"], by="regime")]},
+            {"claim": "alone", "statement": "s", "combine": "all", "tests": [paired("b", "bb_b")]},
+            {"claim": "holm", "statement": "s", "combine": "all", "tests": [
+                paired("b1", "bb_b", family="fam"), paired("b2", "bb_b", family="fam"),
+                paired("w", "bb_w", family="fam")]},
+            {"claim": "unselected", "statement": "s", "combine": "all", "tests": [
+                {**paired("u", "bb_h"), "treatment": "later"}]},
+            {"claim": "nulled", "statement": "s", "combine": "all", "tests": [
+                {**paired("n", "bb_h"), "treatment": "none"}]},
+            {"claim": "interaction", "statement": "s", "combine": "all", "tests": [
+                {"label": "gain r1 − gain r4", "kind": "interaction", "metric": "score", "treatment": "ours",
+                 "control": "lora", "at": {"r": 1}, "versus": {"r": 4}, "where": {"regime": "bb_g"},
+                 "min_n": 10, "margin": 2.0},
+                {"label": "gain r4 − gain r1", "kind": "interaction", "metric": "score", "treatment": "ours",
+                 "control": "lora", "at": {"r": 4}, "versus": {"r": 1}, "where": {"regime": "bb_g"},
+                 "min_n": 10, "margin": 2.0}]},
+            {"claim": "within", "statement": "s", "combine": "all", "tests": [
+                {"label": "sr − r", "kind": "within", "metric": "stable_ranks.all.mean", "versus": "r", "arm": "ours",
+                 "where": {"regime": "bb_s"}, "min_n": 10, "margin": 0.0},
+                {"label": "sr − 6", "kind": "within", "metric": "stable_ranks.all.mean", "versus": 6, "arm": "ours",
+                 "where": {"regime": "bb_s"}, "min_n": 10, "margin": 0.0}]},
+            {"claim": "7", "statement": "s", "combine": "all", "tests": [
+                {"label": "PARA 75%", "kind": "equivalence", "metric": "score",
+                 "treatment": {"arm": "lora", "para": "red0.75"}, "control": "lora", "where": {"regime": "bb_e"},
+                 "min_n": 10, "margin": 1.0}]},
+            {"claim": "7 (90%)", "statement": "s", "combine": "all", "tests": [
+                {"label": "PARA 90%", "kind": "equivalence", "metric": "score",
+                 "treatment": {"arm": "lora", "para": "red0.9"}, "control": "lora", "where": {"regime": "bb_e"},
+                 "min_n": 10, "margin": 1.0}]},
+            {"claim": "8", "statement": "s", "combine": "all", "tests": [
+                {"label": "trains", "kind": "trains", "metric": "score", "arm": "paper",
+                 "over": "config.regime.train.lr", "select_on": "metrics.train.best_val", "by": "regime",
+                 "min_n": 3, "holds_above": 7.0, "fails_below": 3.0}]},
+        ]}
+
+
+@pytest.fixture(scope="module")
+def outcomes(grid):
+    path = grid / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules_dict(grid), allow_unicode=True, sort_keys=False))
+    rules = read_rules(path)
+    return rules, {(o.claim, o.label, o.group): o for o in evaluate(rules)}
+
+
+def t_summary(d):
+    """mean, sd, 95% t-interval and two-sided p of a one-sample t-test against 0, by hand."""
+    n, mean, sd = len(d), float(np.mean(d)), float(np.std(d, ddof=1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    t = mean / (sd / math.sqrt(n))
+    return mean, sd, mean - half, mean + half, 2 * stats.t.sf(abs(t), n - 1)
+
+
+def test_paired_holds_does_not_hold_and_inconclusive(outcomes):
+    rules, out = outcomes
+    h = out["holds", "h", "all"]
+    mean, sd, lo, hi, p = t_summary(HOLDS_D)
+    assert (h.n, h.verdict) == (10, "holds")  # seed 99 (90 vs 10) is not a test seed
+    assert (h.mean, h.sd, h.lo, h.hi, h.p) == pytest.approx((mean, sd, lo, hi, p))
+    assert h.rule == f"p {p:.2g} < 0.05, mean +4.0 > 0"
+    assert h.evidence() == f"h: +4.0 [{lo:+.1f}, {hi:+.1f}], n=10, p {p:.2g}"
+    # 80% power at n = 10, alpha 0.05, two-sided: an effect of 0.996 sd (the standard noncentral-t figure)
+    assert float(verdicts._detectable(h, 0.05)) == pytest.approx(0.996 * sd, abs=0.06)
+    f = out["fails", "f", "all"]
+    _, _, _, hi, _ = t_summary(FAILS_D)
+    assert f.verdict == "does not hold" and f.rule == f"CI upper {hi:+.1f} < margin 2"
+    i = out["open", "i", "all"]
+    _, _, _, hi, p = t_summary(OPEN_D)
+    assert i.verdict == "inconclusive" and i.rule == f"p {p:.2g} ≥ 0.05; CI upper {hi:+.1f} ≥ margin 2"
+    by = {g: out["by", "each", g].verdict for g in ("bb_f", "bb_h", "bb_i")}
+    assert by == {"bb_h": "holds", "bb_f": "does not hold", "bb_i": "inconclusive"}
+    verdict = {c: combine([o for o in out.values() if o.claim == c]) for c in ("holds", "fails", "open", "by")}
+    assert verdict == {"holds": "holds", "fails": "does not hold", "open": "inconclusive", "by": "inconclusive"}
+    # a claim of parts that must each hold (`each`): one part failing decides it
+    parts = [o for o in out.values() if o.claim == "by"]
+    assert combine(parts, "each") == "does not hold"
+    assert combine([o for o in parts if o.verdict != "does not hold"], "each") == "inconclusive"
+    assert combine([o for o in parts if o.verdict == "holds"], "each") == "holds"
+
+
+def test_holm_turns_a_borderline_test_inconclusive_and_leaves_out_the_waiting(outcomes):
+    _, out = outcomes
+    mean, sd, lo, hi, p = t_summary(BORDER_D)
+    assert 0.025 < p < 0.05
+    assert out["alone", "b", "all"].verdict == "holds"                    # alone: p < 0.05
+    b1, b2, w = out["holm", "b1", "all"], out["holm", "b2", "all"], out["holm", "w", "all"]
+    # Holm over the two tests that have their seeds (the waiting one is left out): both 2p
+    assert b1.p_holm == pytest.approx(2 * p) and b2.p_holm == pytest.approx(2 * p)
+    assert b1.verdict == "inconclusive" and b1.rule == f"p_holm {2 * p:.2g} ≥ 0.05; CI upper {hi:+.1f} ≥ margin 2"
+    assert (w.n, w.verdict, w.p_holm) == (4, "waiting (4 of 10 seeds)", None)
+    assert w.rule == "n 4 < min_n 10: left out of Holm family fam"
+    assert combine([b1, b2, w]) == "waiting"
+
+
+def test_an_arm_waits_for_its_selection_and_a_null_selection_is_not_testable(outcomes, grid):
+    rules, out = outcomes
+    assert out["unselected", "u", "all"].verdict == "waiting: not_yet not selected"
+    assert out["nulled", "n", "all"].verdict == "not testable: gone selected as none"
+    assert combine([out["unselected", "u", "all"]]) == "waiting"
+    # no selection file at all: every arm reading one waits; the others are decided as before
+    nofile = {**rules, "selection": str(grid / "nowhere.json")}
+    again = {(o.claim, o.label): o for o in evaluate(nofile)}
+    assert again["holds", "h"].verdict == "waiting: s not selected"
+    assert again["fails", "f"].verdict == "waiting: s not selected"
+    assert again["7", "PARA 75%"].verdict == "holds"
+
+
+def test_interaction_is_at_minus_versus(outcomes):
+    _, out = outcomes
+    d = GAIN_R1 - GAIN_R4
+    mean, sd, lo, hi, p = t_summary(d)
+    up = out["interaction", "gain r1 − gain r4", "all"]
+    down = out["interaction", "gain r4 − gain r1", "all"]
+    assert up.mean == pytest.approx(mean) and mean > 0 and up.verdict == "holds"
+    assert (up.lo, up.hi, up.p) == pytest.approx((lo, hi, p))
+    assert down.mean == pytest.approx(-mean) and down.verdict == "does not hold"
+
+
+def test_within_against_a_column_and_a_number(outcomes):
+    _, out = outcomes
+    mean, sd, lo, hi, p = t_summary(SR - 4)
+    o = out["within", "sr − r", "all"]
+    assert (o.n, o.mean, o.sd, o.p, o.verdict) == (10, pytest.approx(mean), pytest.approx(sd), pytest.approx(p),
+                                                   "holds")
+    assert o.evidence() == f"sr − r: {mean:+.2f} [{lo:+.2f}, {hi:+.2f}], n=10, p {p:.2g}"  # two decimals: not points
+    _, _, _, hi6, _ = t_summary(SR - 6)
+    assert out["within", "sr − 6", "all"].verdict == "does not hold" and hi6 < 0
+
+
+def test_equivalence_both_ways_reads_only_the_named_para_copies(outcomes):
+    _, out = outcomes
+    eq, far = out["7", "PARA 75%", "all"], out["7 (90%)", "PARA 90%", "all"]
+    n = 10
+    for o, d in ((eq, PARA75_D), (far, PARA90_D)):
+        assert o.n == n and o.mean == pytest.approx(d.mean())  # one PARA copy per seed: plain LoRA has none
+    sd = PARA75_D.std(ddof=1)
+    half90 = stats.t.ppf(0.95, n - 1) * sd / math.sqrt(n)
+    lo, hi = PARA75_D.mean() - half90, PARA75_D.mean() + half90
+    assert eq.verdict == "holds" and eq.rule == f"90% CI [{lo:+.1f}, {hi:+.1f}] inside ±1"
+    tost = max(stats.t.sf((PARA75_D.mean() + 1) / (sd / math.sqrt(n)), n - 1),
+               stats.t.cdf((PARA75_D.mean() - 1) / (sd / math.sqrt(n)), n - 1))
+    assert eq.p == pytest.approx(tost)
+    _, _, lo95, hi95, _ = t_summary(PARA90_D)
+    assert far.verdict == "does not hold" and far.rule == f"95% CI [{lo95:+.1f}, {hi95:+.1f}] below -1"
+
+
+def test_trains_chooses_the_learning_rate_by_validation(outcomes, grid):
+    _, out = outcomes
+    assert chance({"name": "x", "task": "classification", "loader": "bb_task", "bb_task": "toy", "pairs": False,
+                   "eval_dir": str(grid / "data"), "split_seed": 0, "val_fraction": 0.2}, "data") == (75.0, 4)
+    by_val = out["8", "trains", "bb_t_chosen_by_val"]
+    excess = 76.0 + np.array([0.1, 0.2, 0.3]) - 75.0  # lr 1e-3 has the better validation (its test is worse)
+    assert by_val.at == "lr = 0.001" and by_val.n == 3 and by_val.mean == pytest.approx(excess.mean())
+    assert by_val.verdict == "inconclusive"  # 1.2 < 7, and 13.2 at lr 1e-2 is not below 3
+    assert by_val.rule.startswith("lr = 0.001 chosen by validation (0.001: val 0.7, 0.01: val 0.65)")
+    holds = out["8", "trains", "bb_t_holds"]
+    assert holds.verdict == "holds" and holds.mean == pytest.approx(85.2 - 75.0)
+    assert out["8", "trains", "bb_t_fails"].verdict == "does not hold"
+    assert out["8", "trains", "bb_t_few"].verdict == "waiting (1 of 3 seeds)"
+
+
+def test_chance_of_an_option_task_is_the_mean_of_one_over_k(tmp_path):
+    (tmp_path / "mc").mkdir()
+    rows = [{"question": "a", "label": 0, "choices": ["x", "y"]}, {"question": "b", "label": 1,
+                                                                    "choices": ["x", "y", "z", "w"]}]
+    for split in ("train", "test"):
+        (tmp_path / "mc" / f"{split}.json").write_text(json.dumps(rows))
+    regime = {"name": "mc", "task": "classification", "loader": "bb_task", "bb_task": "mc", "pairs": True,
+              "eval_dir": str(tmp_path), "split_seed": 0, "val_fraction": 0.0}
+    assert chance(regime, "data") == (pytest.approx(100 * (1 / 2 + 1 / 4) / 2), 2)
+    from scripts.reproduction_pilot import chance as pilot_chance
+
+    assert pilot_chance is chance  # one place
+
+
+def _write(tmp_path, rules) -> str:
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules, allow_unicode=True, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda r: r["claims"][0]["tests"][0].update(kind="pared"), "claim 'holds', test 'h': kind 'pared' is not one"),
+    (lambda r: r["claims"][0]["tests"][0].update(control="lorra"), "claim 'holds', test 'h': control: unknown arm "
+                                                                   "'lorra'"),
+    (lambda r: r["claims"][0]["tests"][0].pop("margin"), "claim 'holds', test 'h': missing key 'margin'"),
+    (lambda r: r["claims"][0]["tests"][0].update(famly="x"), "claim 'holds', test 'h': unknown key 'famly'"),
+    (lambda r: r["claims"][1].pop("combine"), "claim 'fails': missing key 'combine'"),
+    (lambda r: r["claims"][1].update(combine="any"), "claim 'fails': combine 'any' is not one of all"),
+    (lambda r: r.pop("alpha"), "missing key 'alpha'"),
+    (lambda r: r["claims"][11]["tests"][0]["treatment"].update(para="half"), "claim '7 (90%)', test 'PARA 90%': "
+                                                                             "treatment: para 'half'"),
+    (lambda r: r["claims"][12]["tests"][0].pop("select_on"), "claim '8', test 'trains': missing key 'select_on'"),
+    (lambda r: r["claims"][11]["tests"][0].update(family="x"), "unknown key 'family' for kind equivalence"),
+])
+def test_rules_are_validated_strictly(grid, tmp_path, change, needle):
+    rules = rules_dict(grid)
+    change(rules)
+    with pytest.raises(RulesError) as e:
+        read_rules(_write(tmp_path, rules))
+    assert needle in str(e.value) and str(e.value).startswith(str(tmp_path / "rules.yaml"))
+
+
+def test_no_results_folder_means_every_test_waits(grid, tmp_path):
+    rules = {**rules_dict(grid), "results": str(tmp_path / "not_yet")}
+    path = _write(tmp_path, rules)
+    table = build("verdicts2", out=tmp_path, write=False, rules=path)
+    assert {row[0]: row[-1] for row in table.rows}["holds"] == "waiting"
+    assert {row[-1] for row in table.rows} == {"waiting", "not testable"}
+    assert any("no results files in" in n for n in table.notes)
+
+
+def test_report_rebuilds_the_verdict_block_from_the_rules_folder(grid, tmp_path, monkeypatch):
+    monkeypatch.setattr(verdicts, "RULES", _write(tmp_path, rules_dict(grid)))
+    doc = tmp_path / "REPRODUCTION2.md"
+    prose = "# Round 2\n\nWords.\n\n"
+    doc.write_text(prose + "<!-- analysis: verdicts2 -->\nstale\n<!-- /analysis -->\n"
+                   "<!-- analysis: verdict_tests2 -->\n<!-- /analysis -->\n")
+    nowhere = str(tmp_path / "no_such_results")  # --results is not what these blocks read
+    assert report.main([str(doc), "--results", nowhere, "--check"]) == 1
+    assert report.main([str(doc), "--results", nowhere]) == 0
+    text = doc.read_text()
+    assert text.startswith(prose) and "stale" not in text
+    mean, _, lo, hi, p = t_summary(HOLDS_D)
+    assert f"| holds | s | h: +4.0 [{lo:+.1f}, {hi:+.1f}], n=10, p {p:.2g} | holds |" in text
+    assert "| holm | s | b1: " in text and "| waiting |" in text
+    assert "| 7 | s | PARA 75%: " in text and "Holm family fam: 2 tests corrected together; left out (no p yet): w." in text
+    assert report.main([str(doc), "--results", nowhere, "--check"]) == 0
+
+
+def test_two_runs_of_one_seed_in_an_arm_are_an_error(grid, tmp_path):
+    rules = rules_dict(grid)
+    rules["claims"] = [{"claim": "x", "statement": "s", "combine": "all", "tests": [
+        {"label": "two lrs", "kind": "within", "metric": "score", "versus": 50, "arm": "paper",
+         "where": {"regime": "bb_t_holds"}, "min_n": 3, "margin": 0.0}]}]
+    with pytest.raises(RulesError, match="claim 'x', test 'two lrs', arm paper in all: two runs of seed 1"):
+        evaluate(read_rules(_write(tmp_path, rules)))
+
+
+def test_trains_waits_for_the_test_data_its_chance_needs(grid, tmp_path):
+    cfg = {"name": "bb_gone", "task": "classification", "loader": "bb_task", "bb_task": "toy", "pairs": False,
+           "eval_dir": str(tmp_path / "no_data"), "split_seed": 0, "val_fraction": 0.2}
+    for s in SEEDS[:3]:
+        run(tmp_path / "results", "lrlora", s, 80.0, "bb_gone", regime_cfg=cfg, center=False)
+    rules = {**rules_dict(grid), "results": str(tmp_path / "results")}
+    rules["claims"] = rules["claims"][-1:]
+    (o,) = evaluate(read_rules(_write(tmp_path, rules)))
+    assert (o.group, o.verdict) == ("bb_gone", "waiting: chance of bb_gone needs its test data")
+    assert str(tmp_path / "no_data") in o.rule
