@@ -176,7 +176,12 @@ def reproduction_plan(claims=None, grid: str = "reproduction", chosen: dict | No
                 extra = [*(step.get("overrides") or ()), *(f"{k}={v}" for k, v in zip(values, combo))]
                 for cell in plan(step["table"], step["scale"], step.get("seeds"), step.get("variants"), columns,
                                  extra):
-                    overrides = [fill(o, chosen) for o in cell.overrides]
+                    try:  # one cell's variant may wait while the step's others can run
+                        overrides = [fill(o, chosen) for o in cell.overrides]
+                    except Waiting as e:
+                        if waiting is not None:
+                            waiting.append(f"claim {step['claim']}: waits for {e.args[0]}")
+                        continue
                     if None not in overrides:
                         cell.overrides = overrides
                         out.append((step, cell))

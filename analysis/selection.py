@@ -10,7 +10,7 @@ written to the rules' `selection` file once every run it needs exists, and never
 later result cannot move a choice that later runs were made with. Until then the key is absent and the grid's
 steps that use it (`@key` in analysis/scales.yaml) wait. Keys: head, task_a, task_b, smollm2_primary,
 engaged_pre_scale (null: no setting engages and trains), primary_pre_scale (the engaged one, else 1.0),
-lr_lora, lr_centred, lr_engaged, lr_primary.
+lr_lora, lr_centred, lr_engaged, lr_primary; lr_smollm2_lora, lr_smollm2_primary (on validation loss).
 """
 
 from __future__ import annotations
@@ -160,6 +160,21 @@ ARM_FILTERS = {"lora": {"adapter": "lora"},
                "engaged": {"adapter": "lrlora", "config.adapter.center": True, "config.adapter.share": "none"}}
 
 
+def _best_rate(df, where, filters, spec, arm, rows, scale=100.0, higher=True):
+    """The grid's rate with the best mean best-validation score over the seeds (higher for accuracies, lower for
+    losses); within `tie`, the smaller rate. WAIT while a (rate, seed) run is missing."""
+    means = {}
+    for lr in spec["grid"]:
+        r = pick(df, {**where, **filters, "config.regime.train.lr": float(lr)})
+        if len(r) != len(spec["seeds"]):
+            return WAIT
+        means[float(lr)] = float(scale * r["metrics.train.best_val"].astype(float).mean())
+        rows.append({"arm": arm, "lr": lr, "best val, mean over seeds": round(means[float(lr)], 3 if scale == 1 else 2)})
+    sign = 1 if higher else -1
+    top = max(sign * m for m in means.values())
+    return min(lr for lr, m in means.items() if sign * m >= top - spec["tie"])
+
+
 @selector("lr")
 def _lr(spec, df, chosen, ctx):
     if "engaged_pre_scale" not in chosen:
@@ -174,16 +189,29 @@ def _lr(spec, df, chosen, ctx):
                 value["lr_engaged"] = None
                 continue
             filters["config.adapter.pre_scale"] = chosen["engaged_pre_scale"]
-        means = {}
-        for lr in spec["grid"]:
-            r = pick(df, {**where, **filters, "config.regime.train.lr": float(lr)})
-            if len(r) != len(spec["seeds"]):
-                return WAIT, []
-            means[float(lr)] = float(best_val(r).mean())
-            rows.append({"arm": arm, "lr": lr, "best val, mean over seeds": round(means[float(lr)], 2)})
-        top = max(means.values())
-        value[f"lr_{arm}"] = min(lr for lr, m in means.items() if m >= top - spec["tie"])
+        best = _best_rate(df, where, filters, spec, arm, rows)
+        if best is WAIT:
+            return WAIT, []
+        value[f"lr_{arm}"] = best
     value["lr_primary"] = value["lr_engaged"] if value.get("lr_engaged") is not None else value["lr_centred"]
+    return value, rows
+
+
+@selector("lr_loss")
+def _lr_loss(spec, df, chosen, ctx):
+    """Learning rates for a setting selected on validation loss (SmolLM2): LoRA and the primary LR-LoRA arm."""
+    if "primary_pre_scale" not in chosen:
+        return WAIT, []
+    where = {**spec["runs"], "seed": list(spec["seeds"])}
+    value, rows = {}, []
+    for arm in spec["arms"]:
+        filters = dict(ARM_FILTERS["engaged" if arm == "primary" else arm])
+        if arm == "primary":
+            filters["config.adapter.pre_scale"] = chosen["primary_pre_scale"]
+        best = _best_rate(df, where, filters, spec, arm, rows, scale=1.0, higher=False)
+        if best is WAIT:
+            return WAIT, []
+        value[f"{spec['prefix']}{arm}"] = best
     return value, rows
 
 
@@ -223,7 +251,7 @@ def update(rules_path: str | Path = RULES, root: str | Path | None = None, data_
 
 
 KEYS = ("head", "task_a", "task_b", "smollm2_primary", "engaged_pre_scale", "primary_pre_scale", "lr_lora",
-        "lr_centred", "lr_engaged", "lr_primary")
+        "lr_centred", "lr_engaged", "lr_primary", "lr_smollm2_lora", "lr_smollm2_primary")
 
 
 @target("selection2", "table", "REPRODUCTION.md round 2: the pre-registered choices", own_results=True)

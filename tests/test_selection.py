@@ -137,30 +137,36 @@ def test_fill_waits_drops_and_fills():
 def test_the_round2_grid_waits_for_its_choices_then_fills_them():
     waiting = []
     cells = reproduction_plan(grid="reproduction2", chosen={}, waiting=waiting)
-    # nothing chosen: the pilot (9 tasks x 2 heads) and SmolLM2's LoRA cells run; the rest wait
+    # nothing chosen: the pilot (9 tasks x 2 heads) and SmolLM2 LoRA's rate selection run; the rest wait
     assert sum(step["claim"] == "pilot" for step, _ in cells) == 18
-    assert {step["claim"] for step, _ in cells} == {"pilot", "1"}
-    assert all("smollm2_135m" in " ".join(c.overrides) for step, c in cells if step["claim"] == "1")
+    assert {step["claim"] for step, _ in cells} == {"pilot", "select"}
+    select = [c for step, c in cells if step["claim"] == "select"]
+    assert len(select) == 3 and all("backbone=smollm2_135m" in c.overrides and "adapter=lora" in c.overrides
+                                    and "regime.protocols=[]" in c.overrides for c in select)
     assert any("waits for task_a" in w for w in waiting) and any("waits for smollm2_primary" in w for w in waiting)
+    assert any("waits for primary_pre_scale" in w for w in waiting)
 
     chosen = {"head": "mean", "task_a": "cs_piqa", "task_b": "cs_social_i_qa", "smollm2_primary": False,
               "engaged_pre_scale": None, "primary_pre_scale": 1.0, "lr_lora": 0.001, "lr_centred": 0.0003,
-              "lr_engaged": None, "lr_primary": 0.0003}
+              "lr_engaged": None, "lr_primary": 0.0003, "lr_smollm2_lora": 0.001, "lr_smollm2_primary": 0.003}
     waiting = []
     cells = reproduction_plan(grid="reproduction2", chosen=chosen, waiting=waiting)
     assert waiting == []
     assert not any("@" in o for _, c in cells for o in c.overrides)
-    select = [c for step, c in cells if step["claim"] == "select"]
+    select = [c for step, c in cells if step["claim"] == "select" and "backbone=minilm_l6" in c.overrides]
     # no engaged arm: LoRA and centred, 3 rates, seeds 1 and 2 on task_a
     assert len(select) == 2 * 3 * 2 and all("regime=cs_piqa" in c.overrides for c in select)
     claim1 = [c for step, c in cells if step["claim"] == "1" and "backbone=minilm_l6" in c.overrides]
     assert all("backbone.pooling=mean" in c.overrides for c in claim1)
     lora_t1 = [c for c in claim1 if "adapter=lora" in c.overrides and "regime=cs_piqa" in c.overrides]
     assert len(lora_t1) == 10 and all("regime.train.lr=0.001" in c.overrides for c in lora_t1)
-    smollm2 = [c for step, c in cells if "backbone=smollm2_135m" in c.overrides]
-    assert len(smollm2) == 2 * 5  # not primary: 5 seeds per arm
-    assert len([c for step, c in reproduction_plan(grid="reproduction2", chosen={**chosen, "smollm2_primary": True})
-                if "backbone=smollm2_135m" in c.overrides]) == 2 * 10
+    smollm2 = [c for step, c in cells if "backbone=smollm2_135m" in c.overrides and step["claim"] == "1"]
+    assert len(smollm2) == 2 * 5  # not primary: 5 seeds per arm, each at its own selected rate
+    assert all("regime.train.lr=0.003" in c.overrides for c in smollm2 if "adapter=lrlora" in c.overrides)
+    primary = {" ".join(c.overrides) for step, c in reproduction_plan(grid="reproduction2",
+                                                                      chosen={**chosen, "smollm2_primary": True})
+               if "backbone=smollm2_135m" in c.overrides and step["claim"] == "1"}
+    assert len(primary) == 2 * 10
 
 
 def test_the_selection_block_shows_the_evidence_and_the_file_s_values(monkeypatch):
@@ -173,3 +179,17 @@ def test_the_selection_block_shows_the_evidence_and_the_file_s_values(monkeypatc
     assert table.rows[0] == ["head", "head cls", "collapsed 1; mean excess over chance 4.2"]
     assert table.rows[1] == ["tasks", "—", "waiting for its runs"]
     assert "head = cls" in table.notes[0] and table.notes[1].startswith("Not chosen yet: task_a, task_b")
+
+
+def test_smollm2_rates_are_chosen_on_validation_loss_lower_is_better():
+    rows = []
+    for arm, losses in (("lora", {3e-4: 1.30, 1e-3: 1.20, 3e-3: 1.25}), ("primary", {3e-4: 1.30, 1e-3: 1.205, 3e-3: 1.20})):
+        for lr, loss in losses.items():
+            row = run("commonsense_15k", 100 * loss, adapter="lora" if arm == "lora" else "lrlora", lr=lr,
+                      pre_scale=30.0, pooling=None)
+            rows.append({**row, "r": 8, "backbone": "smollm2_135m"})
+    spec = RULES["select"]["lr_smollm2"]
+    value, evidence = selection._lr_loss(spec, pd.DataFrame(rows), {"primary_pre_scale": 30.0}, {})
+    # LoRA: 1e-3 lowest; primary: 3e-3 lowest but 1e-3 within 0.01 nats, so the smaller
+    assert value == {"lr_smollm2_lora": 1e-3, "lr_smollm2_primary": 1e-3} and len(evidence) == 6
+    assert selection._lr_loss(spec, pd.DataFrame(rows[:-1]), {"primary_pre_scale": 30.0}, {})[0] is selection.WAIT
