@@ -126,8 +126,10 @@ def _tasks(spec, df, chosen, ctx):
 
 @selector("engaged")
 def _engaged(spec, df, chosen, ctx):
-    if "task_a" not in chosen or chosen["task_a"] is None:
+    if "task_a" not in chosen:
         return WAIT, []
+    if chosen["task_a"] is None:  # no task passed: nothing to calibrate an engaged σ on, the centred arm is primary
+        return {"engaged_pre_scale": None, "primary_pre_scale": 1.0}, [{"pre_scale": "—", "note": "no task_a"}]
     where = {"regime": chosen["task_a"], "config.backbone.pooling": chosen["head"], "config.regime.train.lr": 1e-3}
     lora = pick(df, {"adapter": "lora", "seed": 1, "r": 4, **where})
     runs = pick(df, {**spec["runs"], **where, "config.adapter.center": True})
@@ -179,6 +181,8 @@ def _best_rate(df, where, filters, spec, arm, rows, scale=100.0, higher=True):
 def _lr(spec, df, chosen, ctx):
     if "engaged_pre_scale" not in chosen:
         return WAIT, []
+    if chosen["task_a"] is None:  # no MiniLM task: no MiniLM rates to choose (its steps are dropped)
+        return {f"lr_{arm}": None for arm in [*spec["arms"], "primary"]}, []
     where = {**spec["runs"], "regime": chosen["task_a"], "config.backbone.pooling": chosen["head"],
              "seed": list(spec["seeds"])}
     value, rows = {}, []

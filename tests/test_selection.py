@@ -193,3 +193,10 @@ def test_smollm2_rates_are_chosen_on_validation_loss_lower_is_better():
     # LoRA: 1e-3 lowest; primary: 3e-3 lowest but 1e-3 within 0.01 nats, so the smaller
     assert value == {"lr_smollm2_lora": 1e-3, "lr_smollm2_primary": 1e-3} and len(evidence) == 6
     assert selection._lr_loss(spec, pd.DataFrame(rows[:-1]), {"primary_pre_scale": 30.0}, {})[0] is selection.WAIT
+
+
+def test_no_passing_task_drops_the_minilm_arms_and_leaves_the_centred_arm_primary():
+    chosen = choose(pilot({}, {}))  # every task at chance, the fill-in too
+    assert (chosen["task_a"], chosen["task_b"], chosen["smollm2_primary"]) == (None, None, True)
+    assert chosen["engaged_pre_scale"] is None and chosen["primary_pre_scale"] == 1.0
+    assert chosen["lr_lora"] is None and chosen["lr_primary"] is None
