@@ -318,6 +318,8 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
             skipped.add(cfg.run_name)
             continue
         waited = 0.0
+        skipped.add(cfg.run_name)  # ran here: never again in this process (a run that ends without its results
+        # file would otherwise come back as missing on every pass)
         print(f"[reproduction] {len(todo) - 1} to go: claim {step['claim']}: {cfg.run_name} "
               f"({time.perf_counter() - t:.1f} s)", flush=True)
     if failed:

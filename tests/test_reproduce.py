@@ -197,3 +197,64 @@ def test_reproduction_claims_filter(tmp_path, capsys):
     assert "PARA runs in the grid" in out
     assert cli.call(main, ["reproduction", "--root", str(tmp_path), "--claims", "9"]) == 2
     assert "error: no step of the grid is for claim(s) ['9']" in capsys.readouterr().err
+
+
+def test_the_grid_runner_runs_each_cell_once_skips_held_ones_and_unlocks_waiting_steps(tmp_path, monkeypatch, capsys):
+    """The runner (not dry): a cell another process holds (Busy) is skipped, a failing cell is reported and not
+    retried, every other cell runs once; in round 2 a step waiting on a selection runs as soon as the selection
+    file holds its value (here written by the fake run, standing in for the pilot's rule)."""
+    from omegaconf import OmegaConf
+
+    import experiments.train
+    from analysis import selection
+    from analysis.reproduce import run_reproduction
+    from lrlora._atomic import Busy
+    from lrlora.errors import ConfigError
+
+    calls = []
+
+    def fake_run(cfg):
+        calls.append(cfg.run_name)
+        if "s123" in cfg.run_name:
+            raise Busy("held by another process")
+        if "s456" in cfg.run_name:
+            raise ConfigError("a bad cell")
+        out = Path(cfg.paths.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{cfg.run_name}.json").write_text(json.dumps(
+            {"run_name": cfg.run_name, "seed": cfg.seed, "config": OmegaConf.to_container(cfg, resolve=True)}))
+
+    monkeypatch.setattr(experiments.train, "run", fake_run)
+    assert run_reproduction(str(tmp_path), dry_run=False, claims=["8"]) == 1  # the failing cell
+    assert len(calls) == len(set(calls)) and sum("s456" in c for c in calls) == 2  # both forms' seed 456, once
+    done = {p.stem for p in (tmp_path / "results").glob("*.json")}
+    assert done == {c for c in calls if "s42" in c} and done
+    assert "a bad cell" in capsys.readouterr().err
+
+    # round 2: SmolLM2 LoRA's rate selection runs at once; the pilot waits for nothing; a step on @task_a waits
+    # until the (fake) selection chooses it, then runs in the same call
+    calls.clear()
+    state = {"n": 0}
+
+    def fake_update(rules, root, write=True):
+        state["n"] += 1
+        return ({"head": "cls", "task_a": "cs_piqa"} if len(calls) >= 2 else {}), {}
+
+    monkeypatch.setattr(selection, "update", fake_update)
+    monkeypatch.setattr("analysis.reproduce.reproduction_plan", _first_cells_of(monkeypatch))
+    run_reproduction(str(tmp_path / "r2"), dry_run=False, grid="reproduction2")
+    assert state["n"] >= 3 and len(calls) == len(set(calls)) == 2 + 3  # two pilot cells, then the unlocked three
+    assert sum("cs_piqa" in c and "pre_scale" in c for c in calls) == 3
+
+
+def _first_cells_of(monkeypatch):
+    """reproduction_plan cut to two pilot cells and the engage pilot's, so the test trains (fakes) a handful."""
+    from analysis import reproduce
+
+    real = reproduce.reproduction_plan
+
+    def plan(claims=None, grid="reproduction", chosen=None, waiting=None):
+        cells = real(claims, grid, chosen, waiting)
+        pilot = [c for c in cells if c[0]["claim"] == "pilot" and "adapter=lora" in c[1].overrides][:2]
+        return pilot + [c for c in cells if c[0]["claim"] == "pilot" and "adapter=lrlora" in c[1].overrides]
+    return plan
