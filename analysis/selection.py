@@ -59,11 +59,19 @@ def resolve(path: str, base: Path = ROOT) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def chance_store(results_path: str | Path) -> Path:
+    """Where a round keeps its chance levels (analysis.stats.chance's `store`): beside its results folder."""
+    return Path(results_path).parent / "chance.json"
+
+
 def val_chance(row: pd.Series, data_dir: str) -> float:
-    """Chance (%) of the run's own validation slice (analysis.stats.chance), its regime read from its results file."""
+    """Chance (%) of the run's own validation slice (analysis.stats.chance, kept beside the round's results), its
+    regime read from its results file."""
     from analysis.stats import chance
 
-    return chance(json.loads(Path(row["path"]).read_text())["config"]["regime"], data_dir, split="val")[0]
+    path = Path(row["path"])
+    return chance(json.loads(path.read_text())["config"]["regime"], data_dir, split="val",
+                  store=chance_store(path.parent))[0]
 
 
 def pick(df: pd.DataFrame, filters: dict) -> pd.DataFrame:

@@ -400,10 +400,11 @@ class _Env:
 
     def chance(self, row) -> float:
         from analysis.load import read_results
+        from analysis.selection import chance_store
 
         config = read_results(Path(row["path"]))["config"]
         data_dir = self.data_dir or (config.get("paths") or {}).get("data_dir") or "data"
-        return chance(config["regime"], str(resolve(data_dir)))[0]
+        return chance(config["regime"], str(resolve(data_dir)), store=chance_store(Path(row["path"]).parent))[0]
 
 
 def _para_label(df: pd.DataFrame) -> pd.Series:

@@ -294,6 +294,13 @@ def test_chance_of_an_option_task_is_the_mean_of_one_over_k(tmp_path):
     from scripts.reproduction_pilot import chance as pilot_chance
 
     assert pilot_chance is chance  # one place
+    # kept beside a round's results: the same number later on a machine without the data
+    store = tmp_path / "round" / "chance.json"
+    store.parent.mkdir()
+    first = chance(regime, "data", store=store)
+    (tmp_path / "mc" / "test.json").unlink()
+    (tmp_path / "mc" / "train.json").unlink()
+    assert chance(regime, "nowhere", store=store) == first and len(json.loads(store.read_text())) == 1
 
 
 def _write(tmp_path, rules) -> str:
