@@ -97,7 +97,7 @@ def _head(spec, df, chosen, ctx):
         if set(mine["regime"]) != set(regimes):
             return WAIT, []
         excess = [float(b) - val_chance(r, ctx["data_dir"]) for (_, r), b in zip(mine.iterrows(), best_val(mine))]
-        collapsed = sum(e < spec["collapsed_within"] for e in excess)
+        collapsed = sum(e < spec["collapsed_within"] - 1e-9 for e in excess)
         stats[head] = (collapsed, float(np.mean(excess)))
         rows.append({"head": head, "collapsed": collapsed, "mean excess over chance": round(float(np.mean(excess)), 2)})
     a, b = spec["candidates"]
@@ -120,7 +120,8 @@ def _tasks(spec, df, chosen, ctx):
             return WAIT, []
         score = float(best_val(r).iloc[0])
         excess = score - val_chance(r.iloc[0], ctx["data_dir"])
-        ok = excess >= spec["above_chance"] and score <= spec["below"]
+        # a score is k/n questions: 100 * 0.57 is 56.99999999999999 in floating point, so compare within 1e-9
+        ok = excess >= spec["above_chance"] - 1e-9 and score <= spec["below"] + 1e-9
         (passing if regime in spec["suite"] else fill).append((excess, regime)) if ok else None
         rows.append({"task": regime, "best val": round(score, 1), "excess over chance": round(excess, 1),
                      "passes": ok})
@@ -155,7 +156,7 @@ def _engaged(spec, df, chosen, ctx):
         score = float(best_val(r).iloc[0])
         engages = energy is not None and resid is not None and energy >= spec["energy_beyond_r"] \
             and resid >= spec["linear_residual"]
-        trains = score >= floor
+        trains = score >= floor - 1e-9  # k/n scores: equal ones must compare equal
         rows.append({"pre_scale": s, "energy beyond r (median)": energy, "linear residual (median)": resid,
                      "best val": round(score, 1), "LoRA's − 3": round(floor, 1), "engages": engages,
                      "trains": trains})
@@ -182,7 +183,7 @@ def _best_rate(df, where, filters, spec, arm, rows, scale=100.0, higher=True):
         rows.append({"arm": arm, "lr": lr, "best val, mean over seeds": round(means[float(lr)], 3 if scale == 1 else 2)})
     sign = 1 if higher else -1
     top = max(sign * m for m in means.values())
-    return min(lr for lr, m in means.items() if sign * m >= top - spec["tie"])
+    return min(lr for lr, m in means.items() if sign * m >= top - spec["tie"] - 1e-9)
 
 
 @selector("lr")
