@@ -157,12 +157,17 @@ def _engaged(spec, df, chosen, ctx):
         engages = energy is not None and resid is not None and energy >= spec["energy_beyond_r"] \
             and resid >= spec["linear_residual"]
         trains = score >= floor - 1e-9  # k/n scores: equal ones must compare equal
-        rows.append({"pre_scale": s, "energy beyond r (median)": energy, "linear residual (median)": resid,
+        rows.append({"pre_scale": s, "energy beyond r (median)": _sig(energy), "linear residual (median)": _sig(resid),
                      "best val": round(score, 1), "LoRA's − 3": round(floor, 1), "engages": engages,
                      "trains": trains})
         if value is None and engages and trains:
             value = float(s)
     return {"engaged_pre_scale": value, "primary_pre_scale": value if value is not None else 1.0}, rows
+
+
+def _sig(x) -> str:
+    """Two significant digits (the mechanism's ratios span 1e-13 to 1), '—' when missing."""
+    return "—" if x is None or x != x else f"{x:.2g}"
 
 
 ARM_FILTERS = {"lora": {"adapter": "lora"},
