@@ -170,10 +170,10 @@ def _sig(x) -> str:
     return "—" if x is None or x != x else f"{x:.2g}"
 
 
-ARM_FILTERS = {"lora": {"adapter": "lora"},
-               "centred": {"adapter": "lrlora", "config.adapter.center": True, "config.adapter.pre_scale": 1.0,
-                           "config.adapter.share": "none"},
-               "engaged": {"adapter": "lrlora", "config.adapter.center": True, "config.adapter.share": "none"}}
+def arm_filters(ctx, name: str, chosen: dict) -> dict:
+    """An arm's filters as the rules file's `arms:` give them (the ones the verdicts use), "@key" read from `chosen`."""
+    return {k: (chosen[v[1:]] if isinstance(v, str) and v.startswith("@") else v)
+            for k, v in ctx["rules"]["arms"][name].items()}
 
 
 def _best_rate(df, where, filters, spec, arm, rows, scale=100.0, higher=True):
@@ -201,12 +201,10 @@ def _lr(spec, df, chosen, ctx):
              "seed": list(spec["seeds"])}
     value, rows = {}, []
     for arm in spec["arms"]:
-        filters = dict(ARM_FILTERS[arm])
-        if arm == "engaged":
-            if chosen["engaged_pre_scale"] is None:  # no engaged arm: nothing to choose
-                value["lr_engaged"] = None
-                continue
-            filters["config.adapter.pre_scale"] = chosen["engaged_pre_scale"]
+        if arm == "engaged" and chosen["engaged_pre_scale"] is None:  # no engaged arm: nothing to choose
+            value["lr_engaged"] = None
+            continue
+        filters = arm_filters(ctx, arm, chosen)
         best = _best_rate(df, where, filters, spec, arm, rows)
         if best is WAIT:
             return WAIT, []
@@ -223,9 +221,7 @@ def _lr_loss(spec, df, chosen, ctx):
     where = {**spec["runs"], "seed": list(spec["seeds"])}
     value, rows = {}, []
     for arm in spec["arms"]:
-        filters = dict(ARM_FILTERS["engaged" if arm == "primary" else arm])
-        if arm == "primary":
-            filters["config.adapter.pre_scale"] = chosen["primary_pre_scale"]
+        filters = arm_filters(ctx, arm, chosen)
         best = _best_rate(df, where, filters, spec, arm, rows, scale=1.0, higher=False)
         if best is WAIT:
             return WAIT, []

@@ -196,10 +196,10 @@ def test_smollm2_rates_are_chosen_on_validation_loss_lower_is_better():
                       pre_scale=30.0, pooling=None)
             rows.append({**row, "r": 8, "backbone": "smollm2_135m"})
     spec = RULES["select"]["lr_smollm2"]
-    value, evidence = selection._lr_loss(spec, pd.DataFrame(rows), {"primary_pre_scale": 30.0}, {})
+    value, evidence = selection._lr_loss(spec, pd.DataFrame(rows), {"primary_pre_scale": 30.0}, {"rules": RULES})
     # LoRA: 1e-3 lowest; primary: 3e-3 lowest but 1e-3 within 0.01 nats, so the smaller
     assert value == {"lr_smollm2_lora": 1e-3, "lr_smollm2_primary": 1e-3} and len(evidence) == 6
-    assert selection._lr_loss(spec, pd.DataFrame(rows[:-1]), {"primary_pre_scale": 30.0}, {})[0] is selection.WAIT
+    assert selection._lr_loss(spec, pd.DataFrame(rows[:-1]), {"primary_pre_scale": 30.0}, {"rules": RULES})[0] is selection.WAIT
 
 
 def test_no_passing_task_drops_the_minilm_arms_and_leaves_the_centred_arm_primary():
