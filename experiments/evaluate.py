@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import guard
+from experiments import guard, hydra_cli
 from experiments.backbones import build_backbone
 from experiments.data import load_splits, make_collate
 from experiments.protocols import EvalContext, check_fits, check_protocol_settings, run_protocol
 from experiments.results import git_info, path_under_root, write_results
-from lrlora import cli
 from lrlora._atomic import exclusive_lock
 from lrlora.errors import ConfigError, UserError
 
@@ -220,7 +219,7 @@ def evaluate_run(run: str, protocol_cfg, results_dir: str | Path = "outputs/resu
 
 
 def main(cfg: DictConfig) -> None:
-    """The Hydra task (lrlora.cli.run_hydra reports its errors: one `error:` line and exit 2 for the user's)."""
+    """The Hydra task (experiments.hydra_cli.run_hydra reports its errors: one `error:` line and exit 2 for the user's)."""
     check_run_arg(cfg)
     check_settings(cfg.batch_size, cfg.device, cfg.num_threads)
     guard.check_keys_of(cfg, CONF_DIR / "evaluate.yaml", skip=("protocol",))
@@ -230,4 +229,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_hydra(main, CONF_DIR, "evaluate")
+    hydra_cli.run_hydra(main, CONF_DIR, "evaluate")

@@ -42,6 +42,7 @@ from baselines.para import (
     format_ranks,
     load_base,
 )
+from experiments import hydra_cli
 from experiments.evaluate import (
     check_settings,
     checked_data,
@@ -63,7 +64,6 @@ from experiments.results import (
     recorded_path,
     write_results,
 )
-from lrlora import cli
 from lrlora._atomic import file_sha256
 from lrlora.errors import AdapterError, AdapterNotFound, ConfigError, UnsafeWrite
 
@@ -222,7 +222,7 @@ def para_folder(adapter: str | Path, out: str | Path, keep_energy: float | None 
 
 
 def main(cfg: DictConfig) -> None:
-    """The Hydra task (lrlora.cli.run_hydra reports its errors: one `error:` line and exit 2 for the user's)."""
+    """The Hydra task (experiments.hydra_cli.run_hydra reports its errors: one `error:` line and exit 2 for the user's)."""
     check_keys_of(cfg, CONF_DIR / "para.yaml")
     check_threshold(cfg.para.keep_energy, cfg.para.reduction, NAMES)
     check_settings(cfg.batch_size, cfg.device, cfg.num_threads)
@@ -250,4 +250,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_hydra(main, CONF_DIR, "para")
+    hydra_cli.run_hydra(main, CONF_DIR, "para")

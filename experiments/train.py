@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import guard
+from experiments import guard, hydra_cli
 from experiments.backbones import build_backbone
 from experiments.data import load_splits, make_collate
 from experiments.evaluate import provenance
@@ -45,7 +45,6 @@ from experiments.results import (
     write_results,
 )
 from experiments.tracking import SigmaSnapshots, Tracker, plot_transfer_functions
-from lrlora import cli
 from lrlora.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -301,9 +300,9 @@ def record(p: Prepared, loop: dict, scored: Scored, tracker: Tracker) -> RunResu
 
 
 def main(cfg: DictConfig) -> float | None:
-    """The Hydra task (lrlora.cli.run_hydra reports its errors: one `error:` line and exit 2 for the user's)."""
+    """The Hydra task (experiments.hydra_cli.run_hydra reports its errors: one `error:` line and exit 2 for the user's)."""
     return run(cfg)["metrics"]["train"]["best_val"]  # for Hydra sweepers
 
 
 if __name__ == "__main__":
-    cli.run_hydra(main, CONF_DIR, "train")
+    hydra_cli.run_hydra(main, CONF_DIR, "train")

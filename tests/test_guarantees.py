@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from baselines import apply_adapter, load_adapted
+from experiments import hydra_cli
 from experiments.backbones import build_backbone
 from experiments.results import write_results
 from experiments.train import adapter_kwargs, run
@@ -380,7 +381,7 @@ def test_the_tables_have_their_cases():
 
 
 # --- every entry point's command line: exit status 2 and one `error:` line; nothing on disk changes -----------
-# entry point -> (its module, its Hydra config or None for argparse); called in this process through lrlora.cli
+# entry point -> (its module, its Hydra config or None for argparse); called in this process through lrlora.cli (experiments.hydra_cli for Hydra)
 # exactly as `python -m <entry point>` calls it (the slow test below runs them as processes).
 ENTRIES = {
     "experiments.train": ("experiments.train", "train"),
@@ -408,11 +409,25 @@ ENTRIES = {
 CONF = REPO / "conf"
 
 
+def test_the_method_library_never_imports_the_harness_or_its_frameworks():
+    """lrlora/ is usable with torch alone: the Hydra side of the error convention is experiments/hydra_cli.py."""
+    import ast
+
+    banned = {"hydra", "omegaconf", "experiments", "analysis", "baselines"}
+    found = []
+    for path in sorted((REPO / "lrlora").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in banned]
+    assert not found, found
+
+
 def call_entry(entry: str, argv: list[str]) -> int:
     module, config = ENTRIES[entry]
     mod = importlib.import_module(module)
     if config:
-        return cli.call_hydra(mod.main, CONF, config, argv)
+        return hydra_cli.call_hydra(mod.main, CONF, config, argv)
     return cli.call(mod.main, argv)
 
 

@@ -11,9 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from experiments import hydra_cli
 from experiments.backbones import _mean_pool_hook, build_backbone, check_pooling, masked_mean, pool_mean
 from experiments.train import run
-from lrlora import cli
 from lrlora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ def test_a_pooling_that_cannot_be_is_one_error_line_and_writes_nothing(tmp_path,
 
     from experiments import train
 
-    code = cli.call_hydra(train.main, CONF, "train", [*argv, "logger=none", f"paths.root={tmp_path}"])
+    code = hydra_cli.call_hydra(train.main, CONF, "train", [*argv, "logger=none", f"paths.root={tmp_path}"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and re.search(message, lines[0]), lines
     assert not any(tmp_path.iterdir())
