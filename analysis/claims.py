@@ -1,9 +1,9 @@
-"""The tables of REPRODUCTION.md: one target per claim of the paper tested here, built from the
-reproduction grid's results files (results/reproduction/results, the steps under `reproduction:` in
+"""The tables of the first round's report (results/reproduction/REPORT.md): one target per claim of the paper
+tested there, built from the first reproduction grid's results files (results/reproduction/results, the steps under `reproduction:` in
 analysis/scales.yaml) and, for claim 6, from the step benchmark's file.
 
     python -m analysis claim1 --results results/reproduction/results --out results/reproduction/analysis
-    python -m analysis.report REPRODUCTION.md        # every claim table of the report, rebuilt in place
+    python -m analysis.report results/reproduction/REPORT.md   # every claim table of the report, rebuilt in place
 
 Runs are selected by their settings, never by name. LR-LoRA in claims 1-5 is the centred form (`center=true`,
 the grid's choice: analysis/scales.yaml says why); the paper's form (`center=false`) appears where a claim is
@@ -182,7 +182,7 @@ def _scale(d: pd.DataFrame) -> str:
 SMOL_METRICS = (("commonsense_gen", "metrics.commonsense_gen.accuracy"), ("lm_eval", "metrics.lm_eval.acc"))
 
 
-@target("claim1", "table", "REPRODUCTION.md claim 1 (Tables 1, 2)")
+@target("claim1", "table", "results/reproduction/REPORT.md claim 1 (Tables 1, 2)")
 def claim1(df: pd.DataFrame, ctx) -> Table:
     """LR-LoRA vs LoRA at the same rank: MiniLM-L6 on the chosen bb tasks (three seeds, paired by seed) and
     SmolLM2-135M on the commonsense slice (one seed, both protocols)."""
@@ -249,7 +249,7 @@ def claim1(df: pd.DataFrame, ctx) -> Table:
 
 
 # ---------------------------------------------------------------------------------------------------- claim 2
-@target("claim2", "table", "REPRODUCTION.md claim 2 (Table 12)")
+@target("claim2", "table", "results/reproduction/REPORT.md claim 2 (Table 12)")
 def claim2(df: pd.DataFrame, ctx) -> Table:
     """The gain of LR-LoRA over LoRA at each base rank r (one seed), beside the paper's Table 12."""
     from scipy import stats
@@ -294,7 +294,7 @@ def _claim3_rows(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
             ("LR-LoRA (paper form)", _lr(d, centred=False, backbone="minilm_l6", regime=MAIN_TASK, r=4, seed=SEED))]
 
 
-@target("claim3", "table", "REPRODUCTION.md claim 3 (Table 4, Figure 2)")
+@target("claim3", "table", "results/reproduction/REPORT.md claim 3 (Table 4, Figure 2)")
 def claim3(df: pd.DataFrame, ctx) -> Table:
     """Stable rank of each adapted ΔW per method (one seed, r = 4): across-layer mean, spread, range, and how
     many matrices exceed r."""
@@ -321,7 +321,7 @@ def claim3(df: pd.DataFrame, ctx) -> Table:
     return Table("claim3", "Claim 3: stable rank of ΔW across layers", header, body, notes)
 
 
-@target("fig_claim3", "figure", "REPRODUCTION.md claim 3 (Figure 2)")
+@target("fig_claim3", "figure", "results/reproduction/REPORT.md claim 3 (Figure 2)")
 def fig_claim3(df: pd.DataFrame, ctx) -> list[Path]:
     """Claim 3's runs per layer: stable rank of ΔW by depth, attention and MLP apart, one line per method."""
     import numpy as np
@@ -374,7 +374,7 @@ def _lora_row(d: pd.DataFrame, paper_table: str, paper_row: str | None) -> list[
             pv[0] if pv else "—", "—"]
 
 
-@target("claim4", "table", "REPRODUCTION.md claim 4 (Table 20)")
+@target("claim4", "table", "results/reproduction/REPORT.md claim 4 (Table 20)")
 def claim4(df: pd.DataFrame, ctx) -> Table:
     """Sharing σ's parameters across the model: none / bandwidth / amplitude / all, against LoRA."""
     d = _frame(df)
@@ -401,7 +401,7 @@ CLAIM5 = [  # (field, values, default, paper rows {value: row in the paper's csv
 ]
 
 
-@target("claim5", "table", "REPRODUCTION.md claim 5 (Tables 3, 13)")
+@target("claim5", "table", "results/reproduction/REPORT.md claim 5 (Tables 3, 13)")
 def claim5(df: pd.DataFrame, ctx) -> Table:
     """The design choices one at a time from the default: grid size K, learned bandwidth, amplitude init, basis."""
     d = _frame(df)
@@ -428,7 +428,7 @@ def _memory(ours: dict | None, lora: dict | None) -> str:
     return f"{diff:+.0f} MB; {whole:.2f}×"
 
 
-@target("claim6", "table", "REPRODUCTION.md claim 6 (Table 24)")
+@target("claim6", "table", "results/reproduction/REPORT.md claim 6 (Table 24)")
 def claim6(df: pd.DataFrame, ctx) -> Table:
     """Training cost from the step benchmark (benchmarks/results/train_step.json, `make bench`): LR-LoRA's step
     time and peak memory against PEFT LoRA's, measured side by side."""
@@ -494,7 +494,7 @@ def _workload_rows(path: Path, body: list) -> tuple[list, list]:
 
 
 # ---------------------------------------------------------------------------------------------------- claim 8
-@target("claim8", "table", "REPRODUCTION.md claim 8 (the initialisation)")
+@target("claim8", "table", "results/reproduction/REPORT.md claim 8 (the initialisation)")
 def claim8(df: pd.DataFrame, ctx) -> Table:
     """The paper's initialisation (center=false: ΔW = σ(BA), σ(0) ≠ 0 once σ moves) against the centred one
     (σ(BA) − σ(0)), same learning rate, on MiniLM (three seeds) and SmolLM2 (one)."""

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The guides whose relative links must resolve (README.md, CONTRIBUTING.md, REPRODUCTION.md, docs/*.md and the
 # two READMEs inside the tree).
-GUIDES = ["README.md", "CONTRIBUTING.md", "REPRODUCTION.md", "results/reproduction/README.md", "analysis/README.md"]
+GUIDES = ["README.md", "CONTRIBUTING.md", "REPRODUCTION.md", "results/reproduction/README.md",
+          "results/reproduction/REPORT.md", "analysis/README.md"]
 
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
