@@ -200,48 +200,7 @@ torch::Tensor fresh_like(const torch::Tensor& t) {
 
 }  // namespace
 
-torch::Tensor interp(torch::Tensor t, torch::Tensor tab, double lo, double inv) {
-  TORCH_CHECK(t.is_contiguous() && tab.is_contiguous() && tab.scalar_type() == torch::kFloat64);
-  auto out = fresh_like(t);
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "interp", [&] {
-    if (tab.numel() <= kFloatPositionsUpTo && t.scalar_type() == torch::kFloat32)
-      interp_impl<scalar_t, float>(t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), t.numel(),
-                                   tab.data_ptr<double>(), tab.numel(), lo, inv);
-    else
-      interp_impl<scalar_t, double>(t.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), t.numel(),
-                                    tab.data_ptr<double>(), tab.numel(), lo, inv);
-  });
-  return out;
-}
-
-// val_into_g: write σ(t) over g (the caller's own buffer) in the same pass, saving a matrix.
-std::vector<torch::Tensor> interp_backward(torch::Tensor t, torch::Tensor g, torch::Tensor tab,
-                                           torch::Tensor dtab, double lo, double inv, bool want_grad_t,
-                                           bool val_into_g, bool want_hist) {
-  TORCH_CHECK(t.is_contiguous() && g.is_contiguous() && g.scalar_type() == t.scalar_type());
-  TORCH_CHECK(tab.scalar_type() == torch::kFloat64 && dtab.scalar_type() == torch::kFloat64);
-  int64_t m = tab.numel();
-  auto grad_t = want_grad_t ? fresh_like(t) : torch::Tensor();
-  auto val = val_into_g ? g : torch::Tensor();
-  auto hist = want_hist ? torch::zeros({m}, tab.options()) : torch::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "interp_backward", [&] {
-    auto run = [&](auto p) {
-      using P = decltype(p);
-      backward_impl<scalar_t, P>(t.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), t.numel(),
-                                 tab.data_ptr<double>(), dtab.data_ptr<double>(), m, lo, inv,
-                                 want_grad_t ? grad_t.data_ptr<scalar_t>() : nullptr,
-                                 val_into_g ? g.data_ptr<scalar_t>() : nullptr,
-                                 want_hist ? hist.data_ptr<double>() : nullptr);
-    };
-    if (m <= kFloatPositionsUpTo && t.scalar_type() == torch::kFloat32)
-      run(float(0));
-    else
-      run(double(0));
-  });
-  return {grad_t, val, hist};
-}
-
-// --- The same passes writing into the caller's buffers (the fused layer's workspace: no fresh pages per call).
+// --- The passes, writing into the caller's buffers (the fused layer's workspace: no fresh pages per call).
 void interp_into(torch::Tensor t, torch::Tensor tab, double lo, double inv, torch::Tensor out) {
   TORCH_CHECK(t.is_contiguous() && out.is_contiguous() && out.scalar_type() == t.scalar_type() &&
               out.numel() == t.numel() && tab.scalar_type() == torch::kFloat64);
@@ -280,6 +239,22 @@ torch::Tensor interp_backward_into(torch::Tensor t, torch::Tensor g, torch::Tens
       run(double(0));
   });
   return hist;
+}
+
+// --- The same passes into fresh tensors (the σ op's own path, ops.py).
+torch::Tensor interp(torch::Tensor t, torch::Tensor tab, double lo, double inv) {
+  auto out = fresh_like(t);
+  interp_into(t, tab, lo, inv, out);
+  return out;
+}
+
+// val_into_g: write σ(t) over g (the caller's own buffer) in the same pass, saving a matrix.
+std::vector<torch::Tensor> interp_backward(torch::Tensor t, torch::Tensor g, torch::Tensor tab,
+                                           torch::Tensor dtab, double lo, double inv, bool want_grad_t,
+                                           bool val_into_g, bool want_hist) {
+  auto grad_t = want_grad_t ? fresh_like(t) : torch::Tensor();
+  auto hist = interp_backward_into(t, g, tab, dtab, lo, inv, grad_t, val_into_g, want_hist);
+  return {grad_t, val_into_g ? g : torch::Tensor(), hist};
 }
 
 namespace {
@@ -636,7 +611,7 @@ def get():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        name = f"lrlora_sigma_kernels_v17_{_cpu_tag()}"
+        name = f"lrlora_sigma_kernels_v18_{_cpu_tag()}"
         _say_if_compiling(name)
         _module = load_inline(
             name=name,
