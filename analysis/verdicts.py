@@ -27,7 +27,8 @@ What the rules mean:
   fall in; an arm matching two runs of one seed in a group is an error (narrow the arm).
 - `paired`: per group, d_s = treatment − control for every seed present in both; n such seeds; mean, sample sd,
   the 95% t-interval and the two-sided one-sample t-test of d against 0 (analysis.stats). Tests sharing a `family`
-  (across claims) are Holm-corrected together, each group a member. Tried in this order: holds if p (p_holm in a
+  (across claims) are Holm-corrected together, each group a member; two members with the same metric, kind, group
+  and runs (two arms that the selection made one) are one test, counted once, both rows showing its p_holm. Tried in this order: holds if p (p_holm in a
   family) < alpha and mean > 0; does not hold if the 95% interval's upper bound < margin; else inconclusive.
   Fewer than `min_n` seeds: `waiting (n of min_n seeds)`, no verdict, and out of its Holm family (the table says).
 - `interaction`: d_s = (treatment − control at `at`) − (treatment − control at `versus`), one seed throughout
@@ -272,6 +273,7 @@ class Outcome:
     verdict: str = ""
     rule: str = ""
     at: str = ""  # trains: the value of `over` chosen by validation
+    data: tuple = ()  # (metric, kind, group, run names): two outcomes alike here are one test (Holm counts it once)
 
     @property
     def state(self) -> str:
@@ -306,13 +308,19 @@ def evaluate(rules: dict, df: pd.DataFrame | None = None, selection: dict | None
         if o.family and o.verdict == "" and o.p is not None:
             families.setdefault(o.family, []).append(o)
     for members in families.values():
-        _, adjusted = holm([o.p for o in members], rules["alpha"])
-        for o, p in zip(members, adjusted):
-            o.p_holm = p
+        # Two members computed from the same runs and metric are one test stated twice (claim 1's primary arm is
+        # its centred arm when no engaged arm trains): the family counts it once, and both rows share its p_holm.
+        distinct = {o.data: o.p for o in members}
+        adjusted = dict(zip(distinct, holm(list(distinct.values()), rules["alpha"])[1]))
+        for o in members:
+            o.p_holm = adjusted[o.data]
     margins = {(str(c["claim"]), t["label"]): t.get("margin") for c in rules["claims"] for t in c["tests"]}
     for o in out:
         if o.verdict == "":
             _decide_difference(o, rules["alpha"], margins[(o.claim, o.label)])
+            same = [m for m in families.get(o.family, []) if m is not o and m.data == o.data]
+            if same:
+                o.rule += f"; the same runs as {', '.join(f'claim {m.claim}' for m in same)}: one test in the family"
     return out
 
 
@@ -489,9 +497,10 @@ def _stopped(claim: str, test: dict, state: str) -> list[Outcome]:
     return [_new(claim, test, "all", verdict=state, rule=state.split(": ", 1)[1])]
 
 
-def _pairs(env: _Env, claim: str, test: dict) -> list[tuple[str, list, list]]:
-    """(group, a, b) per group of a two-arm test: the treatment's and the control's values, seed by seed (an
-    interaction's: the differences at `at` and at `versus`); or the state that stops the test."""
+def _pairs(env: _Env, claim: str, test: dict) -> list[tuple[str, list, list, frozenset]]:
+    """(group, a, b, run names) per group of a two-arm test: the treatment's and the control's values, seed by seed
+    (an interaction's: the differences at `at` and at `versus`), and every run they come from; or the state that
+    stops the test."""
     cells = [("at", test["at"]), ("versus", test["versus"])] if test["kind"] == "interaction" else [("", {})]
     frames = {}
     for cell, at in cells:
@@ -502,9 +511,10 @@ def _pairs(env: _Env, claim: str, test: dict) -> list[tuple[str, list, list]]:
             frames[cell, role] = rows
     out = []
     for group in _groups(test.get("by"), *frames.values()):
-        seeds = {}
+        seeds, names = {}, set()
         for (cell, role), rows in frames.items():
             mine = _in(rows, test.get("by"), group)
+            names |= set(mine["run_name"])
             seeds[cell, role] = _per_seed(mine, _metric(mine, test["metric"]), f"claim {claim!r}, test "
                                           f"{test['label']!r}, {role}{' at ' + cell if cell else ''} in {group}")
         common = sorted(set.intersection(*(set(s) for s in seeds.values())))
@@ -513,7 +523,7 @@ def _pairs(env: _Env, claim: str, test: dict) -> list[tuple[str, list, list]]:
             b = [seeds["versus", "treatment"][s] - seeds["versus", "control"][s] for s in common]
         else:
             a, b = [seeds["", "treatment"][s] for s in common], [seeds["", "control"][s] for s in common]
-        out.append((group, a, b))
+        out.append((group, a, b, frozenset(names)))
     return out
 
 
@@ -543,14 +553,15 @@ def _difference(env: _Env, claim: str, test: dict) -> list[Outcome]:
             base = _metric(mine, versus) if isinstance(versus, str) else pd.Series(float(versus), index=mine.index)
             d = _per_seed(mine, _metric(mine, test["metric"]) - base, f"claim {claim!r}, test {test['label']!r}, "
                                                                        f"arm {test['arm']} in {group}")
-            groups.append((group, list(d.values()), [0.0] * len(d)))
+            groups.append((group, list(d.values()), [0.0] * len(d), frozenset(mine["run_name"])))
     else:
         groups = _pairs(env, claim, test)
         if isinstance(groups, str):
             return _stopped(claim, test, groups)
     out = []
-    for group, a, b in groups:
+    for group, a, b, names in groups:
         o = _summary(claim, test, group, a, b)
+        o.data = (test["metric"], test["kind"], group, names)
         o.p = paired_ttest(a, b)[1] if len(a) >= 2 else None
         if o.n < o.min_n:
             o.verdict = f"waiting ({o.n} of {o.min_n} seeds)"
@@ -578,7 +589,7 @@ def _equivalence(env: _Env, claim: str, test: dict) -> list[Outcome]:
         return _stopped(claim, test, groups)
     alpha, m = env.rules["alpha"], float(test["margin"])
     out = []
-    for group, a, b in groups:
+    for group, a, b, _ in groups:
         o = _summary(claim, test, group, a, b)
         o.p = tost(a, b, m)
         _, lo, hi, _ = paired_ci(a, b, level=1 - 2 * alpha)
@@ -712,10 +723,12 @@ def _notes(rules: dict, df: pd.DataFrame, outcomes: list[Outcome]) -> list[str]:
         if o.family:
             families.setdefault(o.family, []).append(o)
     for name, members in families.items():
-        inside = sum(o.p_holm is not None for o in members)
+        inside = len({o.data for o in members if o.p_holm is not None})
+        stated = sum(o.p_holm is not None for o in members)
+        twice = f" (stated {stated} times: some tests are the same runs)" if stated > inside else ""
         left = "; ".join(o.label + (f" ({o.group})" if o.group != "all" else "") for o in members
                          if o.p_holm is None)
-        notes.append(f"Holm family {name}: " + (f"{inside} test{'s' if inside != 1 else ''} corrected together"
+        notes.append(f"Holm family {name}: " + (f"{inside} test{'s' if inside != 1 else ''} corrected together{twice}"
                                                 if inside else "no test corrected yet")
                      + (f"; left out (no p yet): {left}" if left else "") + ".")
     return notes

@@ -72,7 +72,7 @@ def pair(folder, regime, d, seeds=SEEDS, r=4, **kw):
 def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("round")
     res = root / "results"
-    for regime, d in (("bb_h", HOLDS_D), ("bb_f", FAILS_D), ("bb_i", OPEN_D), ("bb_b", BORDER_D)):
+    for regime, d in (("bb_h", HOLDS_D), ("bb_f", FAILS_D), ("bb_i", OPEN_D), ("bb_b", BORDER_D), ("bb_b2", BORDER_D)):
         pair(res, regime, d)
     pair(res, "bb_w", HOLDS_D[:4], seeds=SEEDS[:4])                     # four seeds: waits
     run(res, "lora", 99, 10.0, "bb_h")                                  # not a test seed: never counted
@@ -114,6 +114,7 @@ def rules_dict(root) -> dict:
         "results": str(root / "results"), "selection": str(root / "selection.json"), "alpha": 0.05, "seeds": SEEDS,
         "arms": {"lora": {"adapter": "lora"}, "ours": {"adapter": "lrlora", "config.adapter.center": True,
                                                        "config.adapter.pre_scale": "@s"},
+                 "ours_too": {"adapter": "lrlora", "config.adapter.pre_scale": "@s"},  # the same runs as ours
                  "later": {"adapter": "lrlora", "config.adapter.pre_scale": "@not_yet"},
                  "none": {"adapter": "lrlora", "config.adapter.pre_scale": "@gone"},
                  "paper": {"adapter": "lrlora", "config.adapter.center": False}},
@@ -125,8 +126,11 @@ def rules_dict(root) -> dict:
                 paired("each", ["bb_h", "bb_f", "bb_i"], by="regime")]},
             {"claim": "alone", "statement": "s", "combine": "all", "tests": [paired("b", "bb_b")]},
             {"claim": "holm", "statement": "s", "combine": "all", "tests": [
-                paired("b1", "bb_b", family="fam"), paired("b2", "bb_b", family="fam"),
+                paired("b1", "bb_b", family="fam"), paired("b2", "bb_b2", family="fam"),
                 paired("w", "bb_w", family="fam")]},
+            {"claim": "twin", "statement": "s", "combine": "all", "tests": [  # t1 and t2: the same runs, one test
+                paired("t1", "bb_b", family="twins"), {**paired("t2", "bb_b", family="twins"), "treatment": "ours_too"},
+                paired("t3", "bb_b2", family="twins")]},
             {"claim": "unselected", "statement": "s", "combine": "all", "tests": [
                 {**paired("u", "bb_h"), "treatment": "later"}]},
             {"claim": "nulled", "statement": "s", "combine": "all", "tests": [
@@ -213,6 +217,21 @@ def test_holm_turns_a_borderline_test_inconclusive_and_leaves_out_the_waiting(ou
     assert (w.n, w.verdict, w.p_holm) == (4, "waiting (4 of 10 seeds)", None)
     assert w.rule == "n 4 < min_n 10: left out of Holm family fam"
     assert combine([b1, b2, w]) == "waiting"
+
+
+def test_two_tests_on_the_same_runs_are_one_member_of_their_holm_family(outcomes, grid, tmp_path):
+    """Claim 1's primary arm is its centred arm when no engaged arm trains: the same comparison stated twice must
+    not double the correction. t1 and t2 resolve to the same runs (t3 is another task's): Holm over two, not three."""
+    rules, out = outcomes
+    _, _, _, hi, p = t_summary(BORDER_D)
+    t1, t2, t3 = (out["twin", t, "all"] for t in ("t1", "t2", "t3"))
+    assert t1.p == t2.p == pytest.approx(p) and t1.data == t2.data != t3.data
+    assert t1.p_holm == t2.p_holm == t3.p_holm == pytest.approx(2 * p)   # three members stated, two tests
+    assert t1.rule == f"p_holm {2 * p:.2g} ≥ 0.05; CI upper {hi:+.1f} ≥ margin 2; the same runs as claim twin: one " \
+                      f"test in the family"
+    assert "same runs" not in t3.rule
+    notes = build("verdicts2", out=tmp_path, write=False, rules=_write(tmp_path, rules_dict(grid))).notes
+    assert "Holm family twins: 2 tests corrected together (stated 3 times: some tests are the same runs)." in notes
 
 
 def test_an_arm_waits_for_its_selection_and_a_null_selection_is_not_testable(outcomes, grid):
@@ -318,10 +337,10 @@ def _write(tmp_path, rules) -> str:
     (lambda r: r["claims"][1].pop("combine"), "claim 'fails': missing key 'combine'"),
     (lambda r: r["claims"][1].update(combine="any"), "claim 'fails': combine 'any' is not one of all"),
     (lambda r: r.pop("alpha"), "missing key 'alpha'"),
-    (lambda r: r["claims"][11]["tests"][0]["treatment"].update(para="half"), "claim '7 (90%)', test 'PARA 90%': "
+    (lambda r: r["claims"][12]["tests"][0]["treatment"].update(para="half"), "claim '7 (90%)', test 'PARA 90%': "
                                                                              "treatment: para 'half'"),
-    (lambda r: r["claims"][12]["tests"][0].pop("select_on"), "claim '8', test 'trains': missing key 'select_on'"),
-    (lambda r: r["claims"][11]["tests"][0].update(family="x"), "unknown key 'family' for kind equivalence"),
+    (lambda r: r["claims"][13]["tests"][0].pop("select_on"), "claim '8', test 'trains': missing key 'select_on'"),
+    (lambda r: r["claims"][12]["tests"][0].update(family="x"), "unknown key 'family' for kind equivalence"),
 ])
 def test_rules_are_validated_strictly(grid, tmp_path, change, needle):
     rules = rules_dict(grid)
