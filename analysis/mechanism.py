@@ -262,3 +262,62 @@ def mechanism2(df, ctx) -> Table:
     table = mechanism_table(runs, ctx)
     table.name, table.title = "mechanism2", "Round 2 mechanism: how much of ΔW lies beyond the nominal rank r"
     return table
+
+
+# Validation only: these are pilot and selection runs (seeds 1, 2), whose test scores the round does not read.
+ENGAGED_COLUMNS = {"best val": "metrics.train.best_val",
+                   "energy beyond r (median)": "mechanism.summary.energy_beyond_r.median",
+                   "linear residual (median)": "mechanism.summary.linear_residual.median",
+                   "t_absmax (median)": "mechanism.summary.t_absmax.median"}
+
+
+@target("engaged2", "table", "REPRODUCTION.md round 2: LR-LoRA against σ's scale s and the learning rate",
+        own_results=True)
+def engaged2(df, ctx) -> Table:
+    """Every centred LR-LoRA run of round 2's pilot, selection and exploratory folders (`exploratory/` beside the
+    rules' results folder) on task_a, seeds 1 and 2, by σ's scale s and the learning rate: its best validation
+    score and what σ did (no test score: the round reads none before its test grid). Exploratory rows decide
+    nothing; the table is where they are read."""
+    from analysis.load import load_results
+    from analysis.select import matching
+    from analysis.verdicts import RULES, read_rules, resolve, results_of, selection_of
+
+    rules = read_rules(resolve(ctx.options.get("rules", RULES)))
+    chosen = selection_of(rules)
+    exploratory = resolve(rules["results"]).parent / "exploratory" / "results"
+    frames = [(results_of(rules), "pre-registered")]
+    if exploratory.is_dir() and any(exploratory.glob("*.json")):
+        frames.append((load_results([exploratory]), "exploratory"))
+    header = ["s", "lr", "seed", *ENGAGED_COLUMNS, "runs from"]
+    rows = []
+    for runs, origin in frames:
+        if not len(runs):
+            continue
+        keep = matching(runs, {"adapter": "lrlora", "r": 4, "config.adapter.center": True,
+                               "config.adapter.share": "none", "seed": [1, 2],
+                               "regime": chosen.get("task_a", "cs_hellaswag")})
+        for _, run in runs[keep].iterrows():
+            values = []
+            for name, column in ENGAGED_COLUMNS.items():
+                v = run.get(column)
+                v = None if _missing(v) else float(v) * (100 if name == "best val" else 1)
+                values.append(v)
+            rows.append((float(run["config.adapter.pre_scale"]), float(run["config.regime.train.lr"]),
+                         int(run["seed"]), values, origin))
+    body = [[f"{s:g}", f"{lr:g}", str(seed), *(_cell(name, v) for name, v in zip(ENGAGED_COLUMNS, values)), origin]
+            for s, lr, seed, values, origin in sorted(rows, key=lambda x: (x[0], x[1], x[2]))]
+    notes = [f"LR-LoRA centred (σ(s·BA) − σ(0)), r = 4, on {chosen.get('task_a', 'task_a')}: the pilot's engaged runs "
+             "(s = 10, 30, 100 at lr 1e-3) and the learning-rate selection's centred runs (s = 1) are pre-registered; "
+             "exploratory rows (results/reproduction2/exploratory, `explore2:` in analysis/scales.yaml) decide "
+             "nothing. Best validation in points: the best of six evaluations on 300 questions held out from the "
+             "training split (no test score is read for these seeds); mechanism columns: medians "
+             "over the 36 adapted matrices at the end of training (the `mechanism` table defines them)."]
+    if not body:
+        notes.insert(0, "No centred LR-LoRA run on task_a yet: nothing to show.")
+    return Table("engaged2", "Round 2: LR-LoRA by σ's scale s and learning rate", header, body, notes)
+
+
+def _cell(name: str, v: float | None) -> str:
+    if v is None:
+        return NONE
+    return f"{v:.1f}" if name == "best val" else _sci(v)

@@ -125,7 +125,8 @@ def plan(table: str, scale: str, seeds=None, variants=None, columns=None, extra=
     return cells
 
 
-GRIDS = {"reproduction": None, "reproduction2": "analysis/rules/round2.yaml"}  # grid -> its selection rules
+GRIDS = {"reproduction": None, "reproduction2": "analysis/rules/round2.yaml",  # grid -> its selection rules
+         "explore2": None}  # exploratory runs beside round 2 (analysis/scales.yaml says why); they decide nothing
 PLACEHOLDER = re.compile(r"@(\w+)")
 
 

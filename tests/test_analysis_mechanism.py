@@ -135,3 +135,35 @@ def test_the_first_round_results_read():
     lora = [r for r in table.rows if r[col["method"]] == "LoRA"]
     assert lora and all(r[col["matrices ≥ 0.01"]].startswith("0/") for r in lora)
     assert [r[col["matrices ≥ 0.01"]] for r in table.rows if r[col["method"]] == "RandLoRA"] == ["36/36"]
+
+
+def test_engaged2_reads_the_round_and_its_exploratory_folder_and_shows_validation_only(tmp_path):
+    """REPRODUCTION.md's engaged2 block: centred LR-LoRA on task_a by s and lr, pre-registered pilot and selection
+    runs (seeds 1, 2) beside the exploratory folder's; no test-seed run, no other method, no test score."""
+    from tests.test_verdicts import _write, run
+
+    root = tmp_path / "round"
+    res, exp = root / "results", root / "exploratory" / "results"
+    ours = {"center": True, "pre_scale": 10.0, "share": "none"}
+
+    def with_mechanism(folder, d, energy, residual, t):
+        d["mechanism"] = {"summary": {"energy_beyond_r": {"median": energy}, "linear_residual": {"median": residual},
+                                      "t_absmax": {"median": t}}}
+        (folder / f"{d['run_name']}.json").write_text(json.dumps(d))
+
+    with_mechanism(res, run(res, "lrlora", 1, 28.0, "cs_hellaswag", lr=1e-3, val=0.27, **ours), 0.034, 0.16, 0.78)
+    with_mechanism(exp, run(exp, "lrlora", 1, 44.0, "cs_hellaswag", lr=1e-4, val=0.451, **ours), 0.02, 0.1, 0.5)
+    run(res, "lrlora", 101, 60.0, "cs_hellaswag", lr=1e-3, val=0.5, **ours)            # a test seed: not here
+    run(res, "lora", 1, 48.0, "cs_hellaswag", lr=1e-3, val=0.477)                      # not LR-LoRA: not here
+    run(res, "lrlora", 1, 40.0, "cs_openbookqa", lr=1e-3, val=0.4, **ours)             # not task_a: not here
+    (root / "selection.json").write_text(json.dumps({"task_a": "cs_hellaswag"}))
+    rules = {"results": str(res), "selection": str(root / "selection.json"), "alpha": 0.05, "seeds": [101],
+             "arms": {"lora": {"adapter": "lora"}},
+             "claims": [{"claim": "1", "statement": "s", "combine": "all", "tests": [
+                 {"label": "x", "kind": "within", "metric": "score", "arm": "lora", "versus": 0, "min_n": 1,
+                  "margin": 0.0}]}]}
+    table = build("engaged2", out=tmp_path, write=False, rules=_write(tmp_path, rules))
+    assert "test" not in table.columns
+    assert [row[:4] + row[-1:] for row in table.rows] == [["10", "0.0001", "1", "45.1", "exploratory"],
+                                                          ["10", "0.001", "1", "27.0", "pre-registered"]]
+    assert table.rows[1][4:7] == ["0.034", "0.16", "0.78"]
