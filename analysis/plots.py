@@ -36,7 +36,8 @@ def save(fig, out: Path, name: str) -> list[Path]:
     fig.tight_layout()
     for p in paths:
         buf = io.BytesIO()
-        fig.savefig(buf, format=p.suffix[1:], dpi=130)
+        # no creation date in a PDF: the same figure gives the same bytes, so `make report` leaves git clean
+        fig.savefig(buf, format=p.suffix[1:], dpi=130, metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
         write_owned(p, buf.getvalue())
     pyplot().close(fig)
     return paths

@@ -5,6 +5,7 @@ figure written."""
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,18 @@ def test_engaged2_reads_the_round_and_its_exploratory_folder_and_shows_validatio
     assert [row[:4] + row[-1:] for row in table.rows] == [["10", "0.0001", "1", "45.1", "exploratory"],
                                                           ["10", "0.001", "1", "27.0", "pre-registered"]]
     assert table.rows[1][4:7] == ["0.034", "0.16", "0.78"]
+
+
+def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
+    """`make report` rewrites the committed figures: the same figure must give the same files (no creation date in
+    the PDF), or every rebuild would leave git dirty."""
+    from analysis.plots import pyplot, save
+
+    def draw(out):
+        fig, ax = pyplot().subplots()
+        ax.plot([0, 1, 2], [1, 0, 2])
+        return save(fig, out, "f")
+
+    first = [p.read_bytes() for p in draw(tmp_path / "a")]
+    time.sleep(1.1)  # a creation date has one-second resolution
+    assert [p.read_bytes() for p in draw(tmp_path / "b")] == first
