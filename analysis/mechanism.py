@@ -275,7 +275,8 @@ ENGAGED_COLUMNS = {"best val": "metrics.train.best_val",
         own_results=True)
 def engaged2(df, ctx) -> Table:
     """Every centred LR-LoRA run of round 2's pilot, selection and exploratory folders (`exploratory/` beside the
-    rules' results folder) on task_a, seeds 1 and 2, by σ's scale s and the learning rate: its best validation
+    rules' results folder) on task_a, seeds 1 and 2, by σ's scale s (and ΔW's, post_scale) and the learning rate:
+    its best validation
     score and what σ did (no test score: the round reads none before its test grid). Exploratory rows decide
     nothing; the table is where they are read."""
     from analysis.load import load_results
@@ -288,7 +289,7 @@ def engaged2(df, ctx) -> Table:
     frames = [(results_of(rules), "pre-registered")]
     if exploratory.is_dir() and any(exploratory.glob("*.json")):
         frames.append((load_results([exploratory]), "exploratory"))
-    header = ["s", "lr", "seed", *ENGAGED_COLUMNS, "runs from"]
+    header = ["s", "post_scale", "lr", "seed", *ENGAGED_COLUMNS, "runs from"]
     rows = []
     for runs, origin in frames:
         if not len(runs):
@@ -302,10 +303,11 @@ def engaged2(df, ctx) -> Table:
                 v = run.get(column)
                 v = None if _missing(v) else float(v) * (100 if name == "best val" else 1)
                 values.append(v)
-            rows.append((float(run["config.adapter.pre_scale"]), float(run["config.regime.train.lr"]),
-                         int(run["seed"]), values, origin))
-    body = [[f"{s:g}", f"{lr:g}", str(seed), *(_cell(name, v) for name, v in zip(ENGAGED_COLUMNS, values)), origin]
-            for s, lr, seed, values, origin in sorted(rows, key=lambda x: (x[0], x[1], x[2]))]
+            post = run.get("config.adapter.post_scale")
+            rows.append((float(run["config.adapter.pre_scale"]), 1.0 if _missing(post) else float(post),
+                         float(run["config.regime.train.lr"]), int(run["seed"]), values, origin))
+    body = [[f"{s:g}", f"{post:.3g}", f"{lr:g}", str(seed), *(_cell(name, v) for name, v in zip(ENGAGED_COLUMNS, values)),
+             origin] for s, post, lr, seed, values, origin in sorted(rows, key=lambda x: x[:4])]
     notes = [f"LR-LoRA centred (σ(s·BA) − σ(0)), r = 4, on {chosen.get('task_a', 'task_a')}: the pilot's engaged runs "
              "(s = 10, 30, 100 at lr 1e-3) and the learning-rate selection's centred runs (s = 1) are pre-registered; "
              "exploratory rows (results/reproduction2/exploratory, `explore2:` in analysis/scales.yaml) decide "

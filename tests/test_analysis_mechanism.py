@@ -165,9 +165,9 @@ def test_engaged2_reads_the_round_and_its_exploratory_folder_and_shows_validatio
                   "margin": 0.0}]}]}
     table = build("engaged2", out=tmp_path, write=False, rules=_write(tmp_path, rules))
     assert "test" not in table.columns
-    assert [row[:4] + row[-1:] for row in table.rows] == [["10", "0.0001", "1", "45.1", "exploratory"],
-                                                          ["10", "0.001", "1", "27.0", "pre-registered"]]
-    assert table.rows[1][4:7] == ["0.034", "0.16", "0.78"]
+    assert [row[:5] + row[-1:] for row in table.rows] == [["10", "1", "0.0001", "1", "45.1", "exploratory"],
+                                                          ["10", "1", "0.001", "1", "27.0", "pre-registered"]]
+    assert table.rows[1][5:8] == ["0.034", "0.16", "0.78"]
 
 
 def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
