@@ -285,6 +285,7 @@ def engaged2(df, ctx) -> Table:
 
     rules = read_rules(resolve(ctx.options.get("rules", RULES)))
     chosen = selection_of(rules)
+    task = chosen.get("task_a")  # None until the pilot chose it: no rows
     exploratory = resolve(rules["results"]).parent / "exploratory" / "results"
     frames = [(results_of(rules), "pre-registered")]
     if exploratory.is_dir() and any(exploratory.glob("*.json")):
@@ -296,7 +297,7 @@ def engaged2(df, ctx) -> Table:
             continue
         keep = matching(runs, {"adapter": "lrlora", "r": 4, "config.adapter.center": True,
                                "config.adapter.share": "none", "seed": [1, 2],
-                               "regime": chosen.get("task_a", "cs_hellaswag")})
+                               "regime": task})
         for _, run in runs[keep].iterrows():
             values = []
             for name, column in ENGAGED_COLUMNS.items():
@@ -308,7 +309,7 @@ def engaged2(df, ctx) -> Table:
                          float(run["config.regime.train.lr"]), int(run["seed"]), values, origin))
     body = [[f"{s:g}", f"{post:.3g}", f"{lr:g}", str(seed), *(_cell(name, v) for name, v in zip(ENGAGED_COLUMNS, values)),
              origin] for s, post, lr, seed, values, origin in sorted(rows, key=lambda x: x[:4])]
-    notes = [f"LR-LoRA centred (σ(s·BA) − σ(0)), r = 4, on {chosen.get('task_a', 'task_a')}: the pilot's engaged runs "
+    notes = [f"LR-LoRA centred (σ(s·BA) − σ(0)), r = 4, on {task or 'task_a (not chosen yet)'}: the pilot's engaged runs "
              "(s = 10, 30, 100 at lr 1e-3) and the learning-rate selection's centred runs (s = 1) are pre-registered; "
              "exploratory rows (results/reproduction2/exploratory, `explore2:` in analysis/scales.yaml) decide "
              "nothing. Best validation in points: the best of six evaluations on 300 questions held out from the "
