@@ -1,6 +1,6 @@
 """The tables of the first round's report (results/reproduction/REPORT.md): one target per claim of the paper
-tested there, built from the first reproduction grid's results files (results/reproduction/results, the steps under `reproduction:` in
-analysis/scales.yaml) and, for claim 6, from the step benchmark's file.
+tested there, built from the first reproduction grid's results files (results/reproduction/results, the steps
+under `reproduction:` in analysis/scales.yaml) and, for claim 6, from the step benchmark's file.
 
     python -m analysis claim1 --results results/reproduction/results --out results/reproduction/analysis
     python -m analysis.report results/reproduction/REPORT.md   # every claim table of the report, rebuilt in place

@@ -28,8 +28,9 @@ What the rules mean:
 - `paired`: per group, d_s = treatment − control for every seed present in both; n such seeds; mean, sample sd,
   the 95% t-interval and the two-sided one-sample t-test of d against 0 (analysis.stats). Tests sharing a `family`
   (across claims) are Holm-corrected together, each group a member; two members with the same metric, kind, group
-  and runs (two arms that the selection made one) are one test, counted once, both rows showing its p_holm. Tried in this order: holds if p (p_holm in a
-  family) < alpha and mean > 0; does not hold if the 95% interval's upper bound < margin; else inconclusive.
+  and runs (two arms that the selection made one) are one test, counted once, both rows showing its p_holm. Tried
+  in this order: holds if p (p_holm in a family) < alpha and mean > 0; does not hold if the 95% interval's upper
+  bound < margin; else inconclusive.
   Fewer than `min_n` seeds: `waiting (n of min_n seeds)`, no verdict, and out of its Holm family (the table says).
 - `interaction`: d_s = (treatment − control at `at`) − (treatment − control at `versus`), one seed throughout
   (`at`, `versus`: filters); then as paired.
