@@ -185,7 +185,8 @@ def _best_rate(df, where, filters, spec, arm, rows, scale=100.0, higher=True):
         if len(r) != len(spec["seeds"]):
             return WAIT
         means[float(lr)] = float(scale * r["metrics.train.best_val"].astype(float).mean())
-        rows.append({"arm": arm, "lr": lr, "best val, mean over seeds": round(means[float(lr)], 3 if scale == 1 else 2)})
+        what = "best val, mean over seeds" if higher else "best val loss, mean over seeds"
+        rows.append({"arm": arm, "lr": lr, what: round(means[float(lr)], 3 if scale == 1 else 2)})
     sign = 1 if higher else -1
     top = max(sign * m for m in means.values())
     return min(lr for lr, m in means.items() if sign * m >= top - spec["tie"] - 1e-9)

@@ -199,6 +199,7 @@ def test_smollm2_rates_are_chosen_on_validation_loss_lower_is_better():
     value, evidence = selection._lr_loss(spec, pd.DataFrame(rows), {"primary_pre_scale": 30.0}, {"rules": RULES})
     # LoRA: 1e-3 lowest; primary: 3e-3 lowest but 1e-3 within 0.01 nats, so the smaller
     assert value == {"lr_smollm2_lora": 1e-3, "lr_smollm2_primary": 1e-3} and len(evidence) == 6
+    assert evidence[1] == {"arm": "lora", "lr": 1e-3, "best val loss, mean over seeds": 1.2}  # a loss, said so
     assert selection._lr_loss(spec, pd.DataFrame(rows[:-1]), {"primary_pre_scale": 30.0}, {"rules": RULES})[0] is selection.WAIT
 
 
