@@ -221,14 +221,17 @@ HARNESS_KEYS = ("name", "lr")  # read by experiments/train.py, not passed to app
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_has_a_yaml_that_builds(method):
-    _yaml_builds(CONF, method)
+    cfg, loss, trainable = _build_from_yaml(CONF, method)
+    assert cfg["name"] == method and "r" in cfg  # run_name uses adapter.r
+    assert torch.isfinite(loss) and trainable > 0
 
 
-def _yaml_builds(conf, method):
+def _build_from_yaml(conf, method):
+    """The method's YAML as the harness reads it, applied to a tiny encoder, one training step taken: (the YAML,
+    the step's loss, the trainable parameter count)."""
     import yaml
 
     cfg = yaml.safe_load((conf / f"{method}.yaml").read_text())
-    assert cfg["name"] == method and "r" in cfg  # run_name uses adapter.r
     kw = {k: v for k, v in cfg.items() if k not in HARNESS_KEYS}
     kw.update(target_modules=ENCODER_TARGETS, dropout=0.1, modules_to_save=["classifier"])  # what the harness fills
     handle = apply_adapter(tiny_encoder(), name=method, **kw)
@@ -236,7 +239,7 @@ def _yaml_builds(conf, method):
     out = handle.model(input_ids=torch.randint(0, 128, (2, 8)), labels=torch.tensor([0, 1]))
     out.loss.backward()
     handle.on_step(1, 100)
-    assert torch.isfinite(out.loss) and handle.trainable_parameters() > 0
+    return cfg, out.loss.detach(), handle.trainable_parameters()
 
 
 # --- adding a method: its code, its YAML, its row; nothing else ----------------------------------------------
@@ -305,7 +308,8 @@ def test_a_method_added_in_three_places_passes_the_generic_table(toy, tmp_path):
             extra = {"tmp_path": tmp_path / f"{f.__name__}-{kind}"} if "tmp_path" in inspect.signature(f).parameters else {}
             f(case, **extra)
     test_match_budget_hits_the_closest_achievable_percent("toy")
-    _yaml_builds(toy / "adapter", "toy")
+    cfg, loss, trainable = _build_from_yaml(toy / "adapter", "toy")
+    assert cfg["name"] == "toy" and "r" in cfg and torch.isfinite(loss) and trainable > 0
 
 
 def test_the_harness_and_analysis_take_an_added_method_unchanged(toy, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""The fixtures of the guarantee tests. `template` is the world every fault is put into: built once a session,
-since no test writes into it (they read it, or copy it); `world` is a fresh copy of it for each test, so that no
+"""The fixtures of the guarantee tests. `template` is the world every fault is put into: built once per pytest
+run, since no test writes into it (they read it, or copy it); `world` is a fresh copy of it for each test, so that no
 test's fault reaches the next."""
 
 from __future__ import annotations
