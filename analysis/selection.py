@@ -10,7 +10,8 @@ written to the rules' `selection` file once every run it needs exists, and never
 later result cannot move a choice that later runs were made with. Until then the key is absent and the grid's
 steps that use it (`@key` in analysis/scales.yaml) wait. Keys: head, task_a, task_b, smollm2_primary,
 engaged_pre_scale (null: no setting engages and trains), primary_pre_scale (the engaged one, else 1.0),
-lr_lora, lr_centred, lr_engaged, lr_primary; lr_smollm2_lora, lr_smollm2_primary (on validation loss).
+lr_lora, lr_centred, lr_engaged, lr_primary; lr_smollm2_lora, lr_smollm2_primary (on validation loss);
+lr_engaged_post (Addendum A's arm, by the same `lr` rule).
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def _lr(spec, df, chosen, ctx):
         if best is WAIT:
             return WAIT, []
         value[f"lr_{arm}"] = best
-    value["lr_primary"] = value["lr_engaged"] if value.get("lr_engaged") is not None else value["lr_centred"]
+    if "lr_centred" in value:  # the primary arm's rate: the engaged arm's if one trains, else the centred one's
+        value["lr_primary"] = value["lr_engaged"] if value.get("lr_engaged") is not None else value["lr_centred"]
     return value, rows
 
 
@@ -266,7 +268,7 @@ def update(rules_path: str | Path = RULES, root: str | Path | None = None, data_
 
 
 KEYS = ("head", "task_a", "task_b", "smollm2_primary", "engaged_pre_scale", "primary_pre_scale", "lr_lora",
-        "lr_centred", "lr_engaged", "lr_primary", "lr_smollm2_lora", "lr_smollm2_primary")
+        "lr_centred", "lr_engaged", "lr_primary", "lr_smollm2_lora", "lr_smollm2_primary", "lr_engaged_post")
 
 
 @target("selection2", "table", "REPRODUCTION.md round 2: the pre-registered choices", own_results=True)

@@ -22,11 +22,12 @@ def known_chance(monkeypatch):
 
 
 def run(regime, best_val, adapter="lora", seed=1, lr=1e-3, pooling="cls", pre_scale=1.0, share="none",
-        energy=None, resid=None, center=True):
+        energy=None, resid=None, center=True, post_scale=1.0):
     return {"adapter": adapter, "seed": seed, "r": 4, "regime": regime, "config.regime.train.lr": lr,
             "config.backbone.pooling": pooling, "metrics.train.best_val": best_val / 100,
             "config.adapter.center": center if adapter == "lrlora" else None,
             "config.adapter.pre_scale": pre_scale if adapter == "lrlora" else None,
+            "config.adapter.post_scale": post_scale if adapter == "lrlora" else None,
             "config.adapter.share": share if adapter == "lrlora" else None,
             "mechanism.summary.energy_beyond_r.median": energy, "mechanism.summary.linear_residual.median": resid,
             "path": None}
@@ -126,6 +127,26 @@ def test_each_arm_takes_its_best_rate_and_the_smaller_within_half_a_point():
     assert chosen["lr_primary"] == 3e-3
 
 
+def test_the_post_scaled_arm_takes_its_own_rate_and_moves_no_earlier_choice():
+    # Addendum A: its selection runs (s = 10, post_scale 0.1) beside a finished selection; its seed-1 run at
+    # lr 1e-3 has the engage pilot's s = 10 and rate but is not one of that rule's runs
+    means = {"lora": {3e-4: 60.0, 1e-3: 70.0, 3e-3: 65.0}, "centred": {3e-4: 71.0, 1e-3: 71.4, 3e-3: 50.0},
+             "engaged": {3e-4: 60.0, 1e-3: 70.0, 3e-3: 72.0}}
+    rows = lr_rows(means)
+    before = choose(rows)
+    post = {3e-4: 55.0, 1e-3: 69.0, 3e-3: 69.4}  # 3e-3 best, 1e-3 within 0.5: the smaller
+    for lr, mean in post.items():
+        for seed, d in ((1, -1.0), (2, 1.0)):
+            rows.append(run("cs_piqa", mean + d, adapter="lrlora", seed=seed, lr=lr, pre_scale=10.0, post_scale=0.1,
+                            energy=0.12, resid=0.29))
+    after = choose(rows)
+    assert after == {**before, "lr_engaged_post": 1e-3}
+    # a fresh selection decides the same for every earlier key: the engaged rule reads post_scale 1 runs only
+    assert choose(rows, {}) == after
+    # one (rate, seed) run missing: the rate waits, nothing else does
+    assert choose(rows[:-1]) == before
+
+
 def test_a_chosen_value_never_moves():
     everything = {r: 5.0 for r in [*SUITE, "bbc_news"]}
     chosen = evaluate(RULES, pd.DataFrame(pilot(everything, {**everything, "cs_boolq": 14.0})), {"head": "cls"},
@@ -158,7 +179,16 @@ def test_the_round2_grid_waits_for_its_choices_then_fills_them():
               "lr_engaged": None, "lr_primary": 0.0003, "lr_smollm2_lora": 0.001, "lr_smollm2_primary": 0.003}
     waiting = []
     cells = reproduction_plan(grid="reproduction2", chosen=chosen, waiting=waiting)
+    assert set(waiting) == {"claim A: waits for lr_engaged_post"}  # its ten test cells
+    post = [c for step, c in cells if step["claim"] == "A"]  # Addendum A's selection: 3 rates x seeds 1, 2 on task_a
+    assert len(post) == 6 and all({"adapter.pre_scale=10.0", "adapter.post_scale=0.1", "regime=cs_piqa",
+                                   "backbone.pooling=mean"} <= set(c.overrides) for c in post)
+    chosen["lr_engaged_post"] = 0.003
+    waiting = []
+    cells = reproduction_plan(grid="reproduction2", chosen=chosen, waiting=waiting)
     assert waiting == []
+    post = [c for step, c in cells if step["claim"] == "A" and "regime.train.lr=0.003" in c.overrides]
+    assert sorted(c.seed for c in post) == [1, 2, *range(101, 111)]  # its rate's selection cells, then the test seeds
     assert not any("@" in o for _, c in cells for o in c.overrides)
     select = [c for step, c in cells if step["claim"] == "select" and "backbone=minilm_l6" in c.overrides]
     # no engaged arm: LoRA and centred, 3 rates, seeds 1 and 2 on task_a
