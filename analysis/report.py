@@ -10,6 +10,12 @@ blocks are written; the prose around them is the author's and is never touched. 
 block is rebuilt only when its opening and closing lines are both found, in that order, with no marker between;
 a line that looks like a damaged marker (`<!-- /analysis ->`, `<!-- analysis:claim1-->`, ...) or markers out of
 order are an error naming the line, and nothing is written.
+
+Prose that quotes a block's numbers says so: a line `<!-- cites: <target> [<target> ...] -->` (invisible once
+rendered) before a paragraph makes every decimal number in that paragraph (44.7, 0.12, 47.8%) a quotation of those
+blocks, and the rebuild and `--check` both fail, naming the line and the number, when none of the blocks holds it
+(as printed, or rounded to the prose's digits). A difference or ratio is not a quotation: say it in words, or
+give it a column. Integers and numbers like 1e-3 (rates, seeds, settings) are not checked.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from lrlora.errors import UserError
 
 OPEN = re.compile(r"<!-- analysis: (?P<name>[\w-]+) -->")
 CLOSE = "<!-- /analysis -->"
+CITES = re.compile(r"<!-- cites: (?P<names>[\w-]+(?: [\w-]+)*) -->")
+QUOTED = re.compile(r"(?<![\w.])\d+\.\d+(?!\d|\.\d|e[-+]?\d|[A-Za-z_])")  # a decimal in prose: not 1.5e-3, not 1.2.3
+HELD = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")           # a number printed in a block
 LOOKS_LIKE = re.compile(r"^<!?-*\s*/?\s*analysis\b|analysis\s*:?\s*[\w-]*\s*-*>\s*$", re.I)  # a marker, damaged
 RESULTS = "results/reproduction/results"
 
@@ -99,6 +108,33 @@ def _outside(text: str, found: list[Block]) -> list[str]:
     return [text[edges[i]:edges[i + 1]] for i in range(0, len(edges), 2)]
 
 
+def misquoted(text: str, path: str = "the report") -> list[str]:
+    """The numbers that paragraphs marked `<!-- cites: ... -->` quote and none of the named blocks holds (module
+    docstring), each as 'path:line: ...'; ReportError for a citation of a block the report does not have."""
+    found = {b.name: text[b.start:b.end] for b in parse(text, path)}
+    lines = text.splitlines()
+    problems = []
+    for i, line in enumerate(lines):
+        m = CITES.fullmatch(line.strip())
+        if not m:
+            continue
+        names = m.group("names").split()
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise ReportError(f"{path}:{i + 1}: cites {', '.join(missing)}, which this report has no block of; "
+                              f"its blocks: {', '.join(found) or 'none'}")
+        held = [float(x) for n in names for x in HELD.findall(found[n])]
+        j = i + 1
+        while j < len(lines) and lines[j].strip():  # the paragraph: up to the next blank line
+            for q in QUOTED.findall(lines[j]):
+                digits = len(q.split(".")[1])
+                if not any(f"{x:.{digits}f}" == q for x in held):
+                    problems.append(f"{path}:{j + 1}: {q} is quoted from {', '.join(names)} but none of them "
+                                    f"holds it (a number there, rounded to {digits} decimal{'s' if digits > 1 else ''})")
+            j += 1
+    return problems
+
+
 def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="python -m analysis.report", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,16 +152,22 @@ def main(argv=None) -> int:
     new = regenerate(text, args.results, str(path))
     fresh = parse(new, str(path))
     stale = [a.name for a, b in zip(old, fresh) if text[a.start:a.end] != new[b.start:b.end]]
+    problems = misquoted(new, str(path))  # the prose against the blocks as rebuilt
     if args.check:
         if stale:
             print(f"{path}: out of date: {', '.join(stale)} (run python -m analysis.report {path})")
+        for p in problems:
+            print(p)
+        if stale or problems:
             return 1
-        print(f"{path}: {len(old)} generated blocks, all current")
+        print(f"{path}: {len(old)} generated blocks, all current; the prose quotes them as they are")
         return 0
     if stale:
         atomic_write(path, new)
     print(f"{path}: {len(stale)} of {len(old)} blocks rebuilt" + (f" ({', '.join(stale)})" if stale else ""))
-    return 0
+    for p in problems:  # the blocks are written either way: they are the data; the prose is the author's to fix
+        print(p)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -114,3 +114,30 @@ def test_the_second_rounds_report_equals_what_analysis_rebuilds():
     doc = ROOT / "REPRODUCTION.md"
     assert {"selection2", "engaged2", "verdicts2", "verdict_tests2", "mechanism2"} <= set(report.blocks(doc.read_text()))
     assert report.main([str(doc), "--check"]) == 0
+
+
+def test_prose_that_cites_a_block_quotes_only_numbers_the_block_prints():
+    block = "<!-- analysis: engaged2 -->\n| s | best val | energy |\n|---|---|---|\n| 10 | 44.33 | 0.026 |\n" \
+            "| 30 | 42.3 | 3.1e-05 |\n<!-- /analysis -->\n"
+    cited = ("<!-- cites: engaged2 -->\nAt s = 10 it reaches 44.3% (rounded), energy 0.03 and 0.026, lr 1e-3,\n"
+             "and 42.30 at s = 30 (trailing zero), 3.1e-05 left alone.\n\n")
+    assert report.misquoted(cited + block) == []
+    wrong = cited.replace("42.30", "42.8") + "Unmarked prose: 99.9 is not checked.\n\n" + block
+    assert report.misquoted(wrong, "R.md") == [
+        "R.md:3: 42.8 is quoted from engaged2 but none of them holds it (a number there, rounded to 1 decimal)"]
+    # a difference is not a quotation (44.33 − 42.3); the paragraph ends at its blank line
+    diff = "<!-- cites: engaged2 -->\nIt trails by 2.0 points.\n\nNot cited: 7.7.\n\n" + block
+    assert [p.split(": ", 1)[1][:3] for p in report.misquoted(diff)] == ["2.0"]
+    with pytest.raises(report.ReportError, match="cites claim9, which this report has no block of; its blocks: engaged2"):
+        report.misquoted("<!-- cites: claim9 -->\n1.5\n\n" + block)
+
+
+def test_check_fails_on_a_misquoted_number_and_names_it(grid, tmp_path, capsys):
+    doc = tmp_path / "REPORT.md"
+    doc.write_text("# Report\n\n<!-- analysis: claim8 -->\n<!-- /analysis -->\n")
+    assert report.main([str(doc), "--results", str(grid)]) == 0          # the block as analysis builds it
+    built = doc.read_text()
+    doc.write_text(built.replace("# Report\n\n", "# Report\n\n<!-- cites: claim8 -->\nIt reached 12.345.\n\n"))
+    capsys.readouterr()
+    assert report.main([str(doc), "--results", str(grid), "--check"]) == 1
+    assert "REPORT.md:4: 12.345 is quoted from claim8 but none of them holds it" in capsys.readouterr().out
