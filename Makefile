@@ -81,8 +81,9 @@ reproduction2: $(STAMP)  ## the second, pre-registered round (REPRODUCTION.md): 
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m analysis.reproduce reproduction2 --shard 1/2 --wait 30 $(ARGS) & \
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m analysis.reproduce reproduction2 --shard 2/2 --wait 30 $(ARGS); wait
 
-report: $(STAMP)  ## rebuild REPRODUCTION.md's and the first round's (results/reproduction/REPORT.md) tables and figures
+report: $(STAMP)  ## rebuild REPRODUCTION.md's, the README's verdicts and the first round's (results/reproduction/REPORT.md) tables and figures
 	$(PY) -m analysis.report REPRODUCTION.md
+	$(PY) -m analysis.report README.md
 	$(PY) -m analysis.report results/reproduction/REPORT.md
 	$(PY) -m analysis fig_claim3 --results results/reproduction/results --out results/reproduction/analysis
 	$(PY) -m analysis fig_mechanism --results results/reproduction/results --out results/reproduction/analysis

@@ -12,7 +12,7 @@ a line that looks like a damaged marker (`<!-- /analysis ->`, `<!-- analysis:cla
 order are an error naming the line, and nothing is written.
 
 Prose that quotes a block's numbers says so: a line `<!-- cites: <target> [<target> ...] -->` (invisible once
-rendered) before a paragraph makes every decimal number in that paragraph (44.7, 0.12, 47.8%) a quotation of those
+rendered; `FILE#<target>` for another report's block, FILE relative to this one) before a paragraph makes every decimal number in that paragraph (44.7, 0.12, 47.8%) a quotation of those
 blocks, and the rebuild and `--check` both fail, naming the line and the number, when none of the blocks holds it
 (as printed, or rounded to the prose's digits). A difference or ratio is not a quotation: say it in words, or
 give it a column. Integers and numbers like 1e-3 (rates, seeds, settings) are not checked.
@@ -31,7 +31,7 @@ from lrlora.errors import UserError
 
 OPEN = re.compile(r"<!-- analysis: (?P<name>[\w-]+) -->")
 CLOSE = "<!-- /analysis -->"
-CITES = re.compile(r"<!-- cites: (?P<names>[\w-]+(?: [\w-]+)*) -->")
+CITES = re.compile(r"<!-- cites: (?P<names>\S+(?: \S+)*) -->")  # a block of this file, or FILE#block of another
 QUOTED = re.compile(r"(?<![\w.])\d+\.\d+(?!\d|\.\d|e[-+]?\d|[A-Za-z_])")  # a decimal in prose: not 1.5e-3, not 1.2.3
 HELD = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")           # a number printed in a block
 LOOKS_LIKE = re.compile(r"^<!?-*\s*/?\s*analysis\b|analysis\s*:?\s*[\w-]*\s*-*>\s*$", re.I)  # a marker, damaged
@@ -119,11 +119,7 @@ def misquoted(text: str, path: str = "the report") -> list[str]:
         if not m:
             continue
         names = m.group("names").split()
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise ReportError(f"{path}:{i + 1}: cites {', '.join(missing)}, which this report has no block of; "
-                              f"its blocks: {', '.join(found) or 'none'}")
-        held = [float(x) for n in names for x in HELD.findall(found[n])]
+        held = [float(x) for n in names for x in HELD.findall(_cited(n, found, path, i + 1))]
         j = i + 1
         while j < len(lines) and lines[j].strip():  # the paragraph: up to the next blank line
             for q in QUOTED.findall(lines[j]):
@@ -133,6 +129,21 @@ def misquoted(text: str, path: str = "the report") -> list[str]:
                                     f"holds it (a number there, rounded to {digits} decimal{'s' if digits > 1 else ''})")
             j += 1
     return problems
+
+
+def _cited(name: str, found: dict, path: str, line: int) -> str:
+    """The text of a cited block: NAME in this report, or FILE#NAME in another (FILE relative to this report)."""
+    where, _, block = name.rpartition("#")
+    if where:
+        other = Path(path).parent / where
+        if not other.is_file():
+            raise ReportError(f"{path}:{line}: cites {name}, but there is no file {other}")
+        text = other.read_text()
+        found = {b.name: text[b.start:b.end] for b in parse(text, str(other))}
+    if block not in found:
+        raise ReportError(f"{path}:{line}: cites {name}, which {where or 'this report'} has no block of; its "
+                          f"blocks: {', '.join(found) or 'none'}")
+    return found[block]
 
 
 def main(argv=None) -> int:

@@ -759,6 +759,28 @@ def verdicts2(df, ctx) -> Table:
                  notes + [RULE_NOTE + " Per test and group: verdict_tests2."])
 
 
+@target("headline2", "table", "README.md: the second round's verdict per claim, in short",
+        reads_para=True, own_results=True)
+def headline2(df, ctx) -> Table:
+    """verdicts2 without its evidence: the claim, what it says and its verdict, with how many test seeds are in
+    while it waits. The README shows it; the evidence stays in REPRODUCTION.md."""
+    header = ["claim", "statement", "verdict"]
+    rules, outcomes, notes = _rules_and_outcomes(ctx)
+    if rules is None:
+        return Table("headline2", "Round 2 verdicts", header, [], notes)
+    body = []
+    for claim in rules["claims"]:
+        mine = [o for o in outcomes if o.claim == str(claim["claim"])]
+        verdict = combine(mine, claim["combine"])
+        if verdict == WAITING:  # how far the slowest of its tests is
+            n, need = min(((o.n, o.min_n) for o in mine if o.state == WAITING), key=lambda t: t[0] / t[1])
+            verdict = f"waiting ({n} of {need} seeds)"
+        body.append([str(claim["claim"]), claim["statement"], verdict])
+    return Table("headline2", "Round 2 verdicts", header, body,
+                 [f"Applied by analysis/verdicts.py to results/reproduction2/ with the rules committed before its "
+                  f"runs ({_rel(rules['path'])}); each verdict's evidence and rule: REPRODUCTION.md."])
+
+
 def _detectable(o: Outcome, alpha: float) -> str:
     """The difference this test could detect with 80% power (statsmodels), from its n and observed sd."""
     if o.kind not in DIFFERENCE or o.sd is None or o.n < 2 or not o.sd > 0:

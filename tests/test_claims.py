@@ -114,6 +114,10 @@ def test_the_second_rounds_report_equals_what_analysis_rebuilds():
     doc = ROOT / "REPRODUCTION.md"
     assert {"selection2", "engaged2", "verdicts2", "verdict_tests2", "mechanism2"} <= set(report.blocks(doc.read_text()))
     assert report.main([str(doc), "--check"]) == 0
+    # the README's headline verdicts are the same rules applied to the same runs, and its prose quotes REPRODUCTION.md
+    readme = ROOT / "README.md"
+    assert report.blocks(readme.read_text()) == ["headline2"]
+    assert report.main([str(readme), "--check"]) == 0
 
 
 def test_prose_that_cites_a_block_quotes_only_numbers_the_block_prints():
@@ -130,6 +134,17 @@ def test_prose_that_cites_a_block_quotes_only_numbers_the_block_prints():
     assert [p.split(": ", 1)[1][:3] for p in report.misquoted(diff)] == ["2.0"]
     with pytest.raises(report.ReportError, match="cites claim9, which this report has no block of; its blocks: engaged2"):
         report.misquoted("<!-- cites: claim9 -->\n1.5\n\n" + block)
+
+
+def test_prose_may_cite_another_reports_block(tmp_path):
+    (tmp_path / "REPRODUCTION.md").write_text("Words.\n<!-- analysis: engaged2 -->\n| 44.33 |\n<!-- /analysis -->\n")
+    readme = tmp_path / "README.md"
+    assert report.misquoted("<!-- cites: REPRODUCTION.md#engaged2 -->\nIt reaches 44.3%.\n", str(readme)) == []
+    assert len(report.misquoted("<!-- cites: REPRODUCTION.md#engaged2 -->\nIt reaches 45.3%.\n", str(readme))) == 1
+    with pytest.raises(report.ReportError, match="cites NOTES.md#engaged2, but there is no file"):
+        report.misquoted("<!-- cites: NOTES.md#engaged2 -->\n1.5\n", str(readme))
+    with pytest.raises(report.ReportError, match="which REPRODUCTION.md has no block of; its blocks: engaged2"):
+        report.misquoted("<!-- cites: REPRODUCTION.md#claim1 -->\n1.5\n", str(readme))
 
 
 def test_check_fails_on_a_misquoted_number_and_names_it(grid, tmp_path, capsys):

@@ -359,6 +359,19 @@ def test_no_results_folder_means_every_test_waits(grid, tmp_path):
     assert any("no results files in" in n for n in table.notes)
 
 
+def test_the_headline_is_each_claims_verdict_with_how_far_a_waiting_one_is(grid, tmp_path):
+    path = _write(tmp_path, rules_dict(grid))
+    full = {row[0]: row[-1] for row in build("verdicts2", out=tmp_path, write=False, rules=path).rows}
+    short = build("headline2", out=tmp_path, write=False, rules=path)
+    assert short.columns == ["claim", "statement", "verdict"]
+    got = {row[0]: row[-1] for row in short.rows}
+    assert got.keys() == full.keys()
+    for claim, verdict in full.items():  # the same verdict; a waiting one says its slowest test's seeds
+        assert got[claim] == verdict if verdict != "waiting" else got[claim].startswith("waiting (")
+    assert got["holds"] == "holds" and got["fails"] == "does not hold" and got["nulled"] == "not testable"
+    assert got["holm"] == "waiting (4 of 10 seeds)"  # b1 and b2 have their 10; w has 4
+
+
 def test_report_rebuilds_the_verdict_block_from_the_rules_folder(grid, tmp_path, monkeypatch):
     monkeypatch.setattr(verdicts, "RULES", _write(tmp_path, rules_dict(grid)))
     doc = tmp_path / "REPRODUCTION2.md"
