@@ -311,7 +311,8 @@ def engaged2(df, ctx) -> Table:
              *(_cell(name, v) for name, v in zip(ENGAGED_COLUMNS, values)), origin]
             for s, post, lr, seed, values, origin in sorted(rows, key=lambda x: x[:4])]
     notes = [f"LR-LoRA centred (σ(s·BA) − σ(0)), r = 4, on {task or 'task_a (not chosen yet)'}: the pilot's engaged "
-             "runs (s = 10, 30, 100 at lr 1e-3) and the learning-rate selection's centred runs (s = 1) are pre-registered; "
+             "runs (s = 10, 30, 100 at lr 1e-3), the learning-rate selection's centred runs (s = 1) and Addendum A's "
+             "post-scaled ones (s = 10, post_scale 0.1) are pre-registered; "
              "exploratory rows (results/reproduction2/exploratory, `explore2:` in analysis/scales.yaml) decide "
              "nothing. Best validation in points: the best of six evaluations on 300 questions held out from the "
              "training split (no test score is read for these seeds); mechanism columns: medians "

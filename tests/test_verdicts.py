@@ -372,6 +372,27 @@ def test_the_headline_is_each_claims_verdict_with_how_far_a_waiting_one_is(grid,
     assert got["holm"] == "waiting (4 of 10 seeds)"  # b1 and b2 have their 10; w has 4
 
 
+def test_the_cost_table_sums_wall_time_times_threads_by_folder_backbone_and_kind(tmp_path):
+    res, explore = tmp_path / "round" / "results", tmp_path / "round" / "exploratory" / "results"
+    timed = []
+    for folder, seed, wall, threads in ((res, 1, 3600.0, 1), (res, 2, 1800.0, 2), (explore, 1, 900.0, None)):
+        d = run(folder, "lora", seed, 60.0, "bb_h")
+        d["timing"] = {"wall_s": wall}
+        if threads:
+            d["config"]["trainer"] = {"num_threads": threads}
+        (folder / f"{d['run_name']}.json").write_text(json.dumps(d))
+        timed.append(d)
+    para_copy(res, timed[0], 0.75, 59.0)  # a PARA run: its own timing
+    d = json.loads((res / f"{timed[0]['run_name']}__para-red0.75.json").read_text())
+    (res / f"{d['run_name']}.json").write_text(json.dumps({**d, "timing": {"wall_s": 36.0}}))
+    rules = {**rules_dict(tmp_path / "round"), "results": str(res)}
+    table = build("cost2", out=tmp_path, write=False, rules=_write(tmp_path, rules))
+    assert table.rows == [["pre-registered", "minilm_l6", "training", "2", "2.0"],   # 1 h + 0.5 h x 2 threads
+                          ["pre-registered", "minilm_l6", "PARA", "1", "0.0"],
+                          ["exploratory", "minilm_l6", "training", "1", "0.2"],      # no thread count: one
+                          ["all", "", "", "4", "2.3"]]
+
+
 def test_report_rebuilds_the_verdict_block_from_the_rules_folder(grid, tmp_path, monkeypatch):
     monkeypatch.setattr(verdicts, "RULES", _write(tmp_path, rules_dict(grid)))
     doc = tmp_path / "REPRODUCTION2.md"
