@@ -750,11 +750,8 @@ def verdicts2(df, ctx) -> Table:
     rules, outcomes, notes = _rules_and_outcomes(ctx)
     if rules is None:
         return Table("verdicts2", "Verdicts (pre-registered rules)", header, [], notes)
-    body = []
-    for claim in rules["claims"]:
-        mine = [o for o in outcomes if o.claim == str(claim["claim"])]
-        body.append([str(claim["claim"]), claim["statement"], "; ".join(o.evidence() for o in mine),
-                     combine(mine, claim["combine"])])
+    body = [[str(claim["claim"]), claim["statement"], "; ".join(o.evidence() for o in mine), verdict]
+            for claim, mine, verdict in _by_claim(rules, outcomes)]
     return Table("verdicts2", "Verdicts (pre-registered rules)", header, body,
                  notes + [RULE_NOTE + " Per test and group: verdict_tests2."])
 
@@ -769,16 +766,21 @@ def headline2(df, ctx) -> Table:
     if rules is None:
         return Table("headline2", "Round 2 verdicts", header, [], notes)
     body = []
-    for claim in rules["claims"]:
-        mine = [o for o in outcomes if o.claim == str(claim["claim"])]
-        verdict = combine(mine, claim["combine"])
+    for claim, mine, verdict in _by_claim(rules, outcomes):
         if verdict == WAITING:  # how far the slowest of its tests is
             n, need = min(((o.n, o.min_n) for o in mine if o.state == WAITING), key=lambda t: t[0] / t[1])
             verdict = f"waiting ({n} of {need} seeds)"
         body.append([str(claim["claim"]), claim["statement"], verdict])
     return Table("headline2", "Round 2 verdicts", header, body,
-                 [f"Applied by analysis/verdicts.py to results/reproduction2/ with the rules committed before its "
-                  f"runs ({_rel(rules['path'])}); each verdict's evidence and rule: REPRODUCTION.md."])
+                 [f"Applied by analysis/verdicts.py to {_rel(resolve(rules['results']))} with the rules committed "
+                  f"before its runs ({_rel(rules['path'])}); each verdict's evidence and rule: REPRODUCTION.md."])
+
+
+def _by_claim(rules: dict, outcomes: list[Outcome]):
+    """(claim, its outcomes, its verdict) for each claim of the rules, in their order."""
+    for claim in rules["claims"]:
+        mine = [o for o in outcomes if o.claim == str(claim["claim"])]
+        yield claim, mine, combine(mine, claim["combine"])
 
 
 def _detectable(o: Outcome, alpha: float) -> str:
