@@ -13,9 +13,9 @@ from analysis.targets import TARGETS, Context
 
 def load_all() -> None:
     import analysis.claims  # noqa: F401
+    import analysis.cost  # noqa: F401
     import analysis.figures  # noqa: F401
     import analysis.mechanism  # noqa: F401
-    import analysis.reproduce  # noqa: F401
     import analysis.selection  # noqa: F401
     import analysis.tables  # noqa: F401
     import analysis.verdicts  # noqa: F401

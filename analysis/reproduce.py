@@ -42,7 +42,6 @@ from pathlib import Path
 import yaml
 
 from analysis import paper
-from analysis.targets import target
 from lrlora import cli
 from lrlora.errors import UserError
 
@@ -328,49 +327,6 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
         print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
-
-
-def cpu_hours(runs) -> float:
-    """What runs cost: each results file's wall time (timing.wall_s, a resumed run's earlier time included) times
-    its torch threads (config.trainer.num_threads, 1 when absent), in hours."""
-    from analysis.select import get_column
-
-    if not len(runs):
-        return 0.0
-    wall = get_column(runs, "timing.wall_s").astype(float).fillna(0.0)
-    threads = get_column(runs, "config.trainer.num_threads").astype(float).fillna(1.0)
-    return float((wall * threads).sum() / 3600)
-
-
-@target("cost2", "table", "REPRODUCTION.md round 2: the CPU-hours its runs took", own_results=True, reads_para=True)
-def cost2(df, ctx):
-    """The second round's cost, from its results files: runs and CPU-hours by folder (pre-registered, exploratory),
-    backbone and kind (training runs, PARA runs)."""
-    from analysis.load import load_results, para_derived
-    from analysis.render import Table
-    from analysis.verdicts import RULES, read_rules, resolve
-
-    rules = read_rules(resolve(ctx.options.get("rules", RULES)))
-    folder = resolve(rules["results"])
-    body, total, n = [], 0.0, 0
-    for origin, path in (("pre-registered", folder), ("exploratory", folder.parent / "exploratory" / "results")):
-        runs = load_results([path]) if path.is_dir() and any(path.glob("*.json")) else None
-        if runs is None:
-            continue
-        para = para_derived(runs)
-        for backbone in sorted(runs["backbone"].unique()):
-            for kind, mask in (("training", ~para), ("PARA", para)):
-                mine = runs[mask & (runs["backbone"] == backbone)]
-                if len(mine):
-                    hours = cpu_hours(mine)
-                    body.append([origin, backbone, kind, str(len(mine)), f"{hours:.1f}"])
-                    total, n = total + hours, n + len(mine)
-    body.append(["all", "", "", str(n), f"{total:.1f}"])
-    return Table("cost2", "Round 2: what its runs cost so far", ["runs from", "backbone", "kind", "runs",
-                                                                   "CPU-hours"], body,
-                 ["CPU-hours: each results file's wall time (`timing.wall_s`, which a resumed run carries over) times "
-                  "its torch threads (one in this round), summed; a run's evaluations are included. Not counted: "
-                  "runs that failed or were stopped before writing a results file."])
 
 
 def grid_todo(grid, claims, root, chosen, waiting):
