@@ -12,10 +12,11 @@ a line that looks like a damaged marker (`<!-- /analysis ->`, `<!-- analysis:cla
 order are an error naming the line, and nothing is written.
 
 Prose that quotes a block's numbers says so: a line `<!-- cites: <target> [<target> ...] -->` (invisible once
-rendered; `FILE#<target>` for another report's block, FILE relative to this one) before a paragraph makes every decimal number in that paragraph (44.7, 0.12, 47.8%) a quotation of those
-blocks, and the rebuild and `--check` both fail, naming the line and the number, when none of the blocks holds it
-(as printed, or rounded to the prose's digits). A difference or ratio is not a quotation: say it in words, or
-give it a column. Integers and numbers like 1e-3 (rates, seeds, settings) are not checked.
+rendered; `FILE#<target>` for another report's block, FILE relative to this one) before a paragraph makes every
+decimal number in that paragraph (44.7, 0.12, 47.8%) a quotation of those blocks, and the rebuild and `--check`
+both fail, naming the line and the number, when none of the blocks holds it (as printed, or rounded to the
+prose's digits). A difference or ratio is not a quotation: say it in words, or give it a column. Integers and
+numbers like 1e-3 (rates, seeds, settings) are not checked.
 """
 
 from __future__ import annotations

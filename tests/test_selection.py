@@ -139,10 +139,9 @@ def test_the_post_scaled_arm_takes_its_own_rate_and_moves_no_earlier_choice():
         for seed, d in ((1, -1.0), (2, 1.0)):
             rows.append(run("cs_piqa", mean + d, adapter="lrlora", seed=seed, lr=lr, pre_scale=10.0, post_scale=0.1,
                             energy=0.12, resid=0.29))
-    after = choose(rows)
-    assert after == {**before, "lr_engaged_post": 1e-3}
-    # a fresh selection decides the same for every earlier key: the engaged rule reads post_scale 1 runs only
-    assert choose(rows, {}) == after
+    # chosen afresh, every earlier key is as before (the engaged rule reads post_scale 1 runs only: with the new
+    # arm's run among its s = 10 runs it would wait, and every rate after it)
+    assert choose(rows) == {**before, "lr_engaged_post": 1e-3}
     # one (rate, seed) run missing: the rate waits, nothing else does
     assert choose(rows[:-1]) == before
 
