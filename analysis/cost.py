@@ -28,16 +28,14 @@ def cpu_hours(runs) -> float:
 def cost2(df, ctx):
     """The second round's cost, from its results files: runs and CPU-hours by folder (pre-registered, exploratory),
     backbone and kind (training runs, PARA runs)."""
-    from analysis.load import load_results, para_derived
+    from analysis.load import para_derived
     from analysis.render import Table
-    from analysis.verdicts import RULES, read_rules, resolve
+    from analysis.verdicts import RULES, exploratory_of, read_rules, resolve, results_of
 
     rules = read_rules(resolve(ctx.options.get("rules", RULES)))
-    folder = resolve(rules["results"])
     body, total, n = [], 0.0, 0
-    for origin, path in (("pre-registered", folder), ("exploratory", folder.parent / "exploratory" / "results")):
-        runs = load_results([path]) if path.is_dir() and any(path.glob("*.json")) else None
-        if runs is None:
+    for origin, runs in (("pre-registered", results_of(rules)), ("exploratory", exploratory_of(rules))):
+        if not len(runs):
             continue
         para = para_derived(runs)
         for backbone in sorted(runs["backbone"].unique()):

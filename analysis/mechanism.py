@@ -276,20 +276,15 @@ ENGAGED_COLUMNS = {"best val": "metrics.train.best_val",
 def engaged2(df, ctx) -> Table:
     """Every centred LR-LoRA run of round 2's pilot, selection and exploratory folders (`exploratory/` beside the
     rules' results folder) on task_a, seeds 1 and 2, by σ's scale s (and ΔW's, post_scale) and the learning rate:
-    its best validation
-    score and what σ did (no test score: the round reads none before its test grid). Exploratory rows decide
-    nothing; the table is where they are read."""
-    from analysis.load import load_results
+    its best validation score and what σ did (no test score: the round reads none before its test grid).
+    Exploratory rows decide nothing; the table is where they are read."""
     from analysis.select import matching
-    from analysis.verdicts import RULES, read_rules, resolve, results_of, selection_of
+    from analysis.verdicts import RULES, exploratory_of, read_rules, resolve, results_of, selection_of
 
     rules = read_rules(resolve(ctx.options.get("rules", RULES)))
     chosen = selection_of(rules)
     task = chosen.get("task_a")  # None until the pilot chose it: no rows
-    exploratory = resolve(rules["results"]).parent / "exploratory" / "results"
-    frames = [(results_of(rules), "pre-registered")]
-    if exploratory.is_dir() and any(exploratory.glob("*.json")):
-        frames.append((load_results([exploratory]), "exploratory"))
+    frames = [(results_of(rules), "pre-registered"), (exploratory_of(rules), "exploratory")]
     header = ["s", "post_scale", "lr", "seed", *ENGAGED_COLUMNS, "runs from"]
     rows = []
     for runs, origin in frames:

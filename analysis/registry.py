@@ -18,6 +18,7 @@ def load_all() -> None:
     import analysis.mechanism  # noqa: F401
     import analysis.selection  # noqa: F401
     import analysis.tables  # noqa: F401
+    import analysis.verdict_tables  # noqa: F401
     import analysis.verdicts  # noqa: F401
 
 

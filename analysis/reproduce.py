@@ -15,7 +15,7 @@ on a cluster, launch the printed commands with `hydra/launcher=slurm` instead an
 
 `reproduction` is not a table but the ordered list of (table, scale, columns, seeds) steps under `reproduction:`
 in analysis/scales.yaml: the grid that tests the paper's claims (results/reproduction/README.md). Its cells run
-in that order, a cell shared by two steps once; results from any commit count as done (the grid spans sessions
+in that order, a cell shared by two steps once; results from any commit count as done (a grid runs over many launches
 and the results files are committed as they land), a failing cell is reported and the next one runs, and a cell
 killed midway resumes from its checkpoint on the next call. No table is built: `python -m analysis <table>
 --results <root>/results` builds each from the files.

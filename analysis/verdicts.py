@@ -9,8 +9,9 @@ is typed by hand.
     from analysis.verdicts import read_rules, evaluate
     outcomes = evaluate(read_rules("analysis/rules/round2.yaml"))
 
-Both targets read the results folder their rules file names (`results:`), whatever `--results` says
-(`own_results` in analysis.targets); the rules file is the target option `rules` (default RULES), the data folder
+Its table targets (verdicts2, verdict_tests2, headline2) are in analysis/verdict_tables.py. They read the results
+folder their rules file names (`results:`), whatever `--results` says (`own_results` in analysis.targets); the
+rules file is the target option `rules` (default RULES), the data folder
 for chance levels the option `data_dir` (default: each run's own `paths.data_dir`). A rules file holds `results`,
 `selection`, `alpha`, `seeds`, `arms` and `claims` (`select` is analysis.selection's); it is validated strictly:
 an unknown kind, arm or key, or a missing one, is one RulesError naming the claim, the test and the key.
@@ -66,10 +67,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis.render import Table
 from analysis.select import get_column, matching
 from analysis.stats import chance, holm, mean_std, paired_ci, paired_ttest, tost
-from analysis.targets import target
 from lrlora.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,6 +346,15 @@ def results_of(rules: dict) -> pd.DataFrame:
 
     folder = resolve(rules["results"])
     return load_results([folder]) if folder.is_dir() else load_results([])
+
+
+def exploratory_of(rules: dict) -> pd.DataFrame:
+    """The round's exploratory runs, which no rule reads (`exploratory/results/` beside its results folder); an
+    empty frame when there are none."""
+    from analysis.load import load_results
+
+    folder = resolve(rules["results"]).parent / "exploratory" / "results"
+    return load_results([folder]) if folder.is_dir() and any(folder.glob("*.json")) else load_results([])
 
 
 def selection_of(rules: dict) -> dict:
@@ -681,134 +689,3 @@ def _ci(lo, hi, digits: int = 1) -> str:
 
 def _p(p) -> str:
     return "—" if p is None else f"{p:.2g}"
-
-
-def _rules_and_outcomes(ctx):
-    """(rules, outcomes, notes) for the target's options; (None, [], the note saying why) with no rules file."""
-    path = resolve(ctx.options.get("rules", RULES))
-    if not path.is_file():
-        return None, [], [f"No rules file at {_rel(path)}: the verdicts are applied once it is committed."]
-    rules = read_rules(path)
-    df = results_of(rules)
-    outcomes = evaluate(rules, df, data_dir=ctx.options.get("data_dir"))
-    return rules, outcomes, _notes(rules, df, outcomes)
-
-
-def _rel(path: Path) -> str:
-    path = resolve(path)
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def _notes(rules: dict, df: pd.DataFrame, outcomes: list[Outcome]) -> list[str]:
-    folder = resolve(rules["results"])
-    test = df[df["seed"].isin(rules["seeds"])] if len(df) else df
-    if not folder.is_dir() or not len(df):
-        runs = f"no results files in {_rel(folder)} yet: every test waits"
-    else:
-        from analysis.load import para_derived
-
-        para = int(para_derived(test).sum()) if len(test) else 0
-        runs = (f"{len(test)} results files with a test seed in {_rel(folder)}"
-                + (f" ({para} of them PARA copies)" if para else "") + f", of {len(df)} there")
-    seeds = rules["seeds"]
-    notes = [f"Applied by analysis/verdicts.py, rules {_rel(rules['path'])}: {runs}; "
-             f"test seeds {', '.join(map(str, seeds))}; alpha {rules['alpha']:g}."]
-    keys = sorted({v[1:] for arm in rules["arms"].values() for v in arm.values()
-                   if isinstance(v, str) and v.startswith("@")})
-    if keys:
-        chosen = selection_of(rules)
-        notes.append(f"Selected ({_rel(rules['selection'])}): " + ", ".join(
-            f"{k} = {json.dumps(chosen[k])}" if k in chosen else f"{k} not yet" for k in keys) + ".")
-    families: dict[str, list[Outcome]] = {}
-    for o in outcomes:
-        if o.family:
-            families.setdefault(o.family, []).append(o)
-    for name, members in families.items():
-        inside = len({o.data for o in members if o.p_holm is not None})
-        stated = sum(o.p_holm is not None for o in members)
-        twice = f" (stated {stated} times: some tests are the same runs)" if stated > inside else ""
-        left = "; ".join(o.label + (f" ({o.group})" if o.group != "all" else "") for o in members
-                         if o.p_holm is None)
-        notes.append(f"Holm family {name}: " + (f"{inside} test{'s' if inside != 1 else ''} corrected together{twice}"
-                                                if inside else "no test corrected yet")
-                     + (f"; left out (no p yet): {left}" if left else "") + ".")
-    return notes
-
-
-RULE_NOTE = ("Rules: paired, interaction, within: holds if p (Holm within its family) < alpha and the mean > 0, "
-             "does not hold if the 95% CI's upper bound < margin, else inconclusive; equivalence (TOST): holds if "
-             "the (1 − 2·alpha) CI lies inside ±margin, does not hold if the 95% CI lies beyond it; trains: the "
-             "value of `over` with the best validation, its mean excess over chance against holds_above and "
-             "fails_below; fewer seeds than min_n: waiting. A claim holds if every test in every group holds.")
-
-
-@target("verdicts2", "table", "REPRODUCTION.md round 2: the verdicts, from its pre-registered rules",
-        reads_para=True, own_results=True)
-def verdicts2(df, ctx) -> Table:
-    """One row per claim: its tests' evidence and the verdict the rules file gives."""
-    header = ["claim", "statement", "evidence (mean [95% CI], n, p)", "verdict"]
-    rules, outcomes, notes = _rules_and_outcomes(ctx)
-    if rules is None:
-        return Table("verdicts2", "Verdicts (pre-registered rules)", header, [], notes)
-    body = [[str(claim["claim"]), claim["statement"], "; ".join(o.evidence() for o in mine), verdict]
-            for claim, mine, verdict in _by_claim(rules, outcomes)]
-    return Table("verdicts2", "Verdicts (pre-registered rules)", header, body,
-                 notes + [RULE_NOTE + " Per test and group: verdict_tests2."])
-
-
-@target("headline2", "table", "README.md: the second round's verdict per claim, in short",
-        reads_para=True, own_results=True)
-def headline2(df, ctx) -> Table:
-    """verdicts2 without its evidence: the claim, what it says and its verdict, with how many test seeds are in
-    while it waits. The README shows it; the evidence stays in REPRODUCTION.md."""
-    header = ["claim", "statement", "verdict"]
-    rules, outcomes, notes = _rules_and_outcomes(ctx)
-    if rules is None:
-        return Table("headline2", "Round 2 verdicts", header, [], notes)
-    body = []
-    for claim, mine, verdict in _by_claim(rules, outcomes):
-        if verdict == WAITING:  # how far the slowest of its tests is
-            n, need = min(((o.n, o.min_n) for o in mine if o.state == WAITING), key=lambda t: t[0] / t[1])
-            verdict = f"waiting ({n} of {need} seeds)"
-        body.append([str(claim["claim"]), claim["statement"], verdict])
-    return Table("headline2", "Round 2 verdicts", header, body,
-                 [f"Applied by analysis/verdicts.py to {_rel(resolve(rules['results']))} with the rules committed "
-                  f"before its runs ({_rel(rules['path'])}); each verdict's evidence and rule: REPRODUCTION.md."])
-
-
-def _by_claim(rules: dict, outcomes: list[Outcome]):
-    """(claim, its outcomes, its verdict) for each claim of the rules, in their order."""
-    for claim in rules["claims"]:
-        mine = [o for o in outcomes if o.claim == str(claim["claim"])]
-        yield claim, mine, combine(mine, claim["combine"])
-
-
-def _detectable(o: Outcome, alpha: float) -> str:
-    """The difference this test could detect with 80% power (statsmodels), from its n and observed sd."""
-    if o.kind not in DIFFERENCE or o.sd is None or o.n < 2 or not o.sd > 0:
-        return "—"
-    from statsmodels.stats.power import TTestPower
-
-    d = TTestPower().solve_power(nobs=o.n, alpha=alpha, power=0.8, alternative="two-sided")
-    return f"{d * o.sd:.{o.digits}f}"
-
-
-@target("verdict_tests2", "table", "REPRODUCTION.md round 2: each test of its pre-registered rules",
-        reads_para=True, own_results=True)
-def verdict_tests2(df, ctx) -> Table:
-    """One row per test and group: n, mean, sd, 95% CI, p, p_holm, the rule that applied, the verdict."""
-    header = ["claim", "test", "group", "n", "mean", "sd", "95% CI", "p", "p_holm", "detectable (80% power)", "rule",
-              "verdict"]
-    rules, outcomes, notes = _rules_and_outcomes(ctx)
-    if rules is None:
-        return Table("verdict_tests2", "Verdicts: each test (pre-registered rules)", header, [], notes)
-    alpha = float(rules.get("alpha", 0.05))
-    body = [[o.claim, o.label, o.group, str(o.n), _pt(o.mean, o.digits),
-             "—" if o.sd is None else f"{o.sd:.{o.digits}f}", _ci(o.lo, o.hi, o.digits), _p(o.p),
-             _p(o.p_holm), _detectable(o, alpha), o.rule, o.verdict] for o in outcomes]
-    notes = notes + [RULE_NOTE, "Means are of the differences (trains: of the excess over "
-                                       "chance at the chosen value), in points for `score`; p of equivalence tests "
-                                       "is the TOST p. Detectable: the mean difference a two-sided one-sample t-test "
-                                       "at this n and the observed sd finds with 80% power at the rules' alpha (before "
-                                       "Holm): a null verdict is only as strong as this number is small."]
-    return Table("verdict_tests2", "Verdicts: each test (pre-registered rules)", header, body, notes)

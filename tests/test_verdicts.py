@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from analysis import report, verdicts
+from analysis import report, verdict_tables, verdicts
 from analysis.registry import build
 from analysis.stats import chance
 from analysis.verdicts import RulesError, combine, evaluate, read_rules
@@ -187,7 +187,7 @@ def test_paired_holds_does_not_hold_and_inconclusive(outcomes):
     assert h.rule == f"p {p:.2g} < 0.05, mean +4.0 > 0"
     assert h.evidence() == f"h: +4.0 [{lo:+.1f}, {hi:+.1f}], n=10, p {p:.2g}"
     # 80% power at n = 10, alpha 0.05, two-sided: an effect of 0.996 sd (the standard noncentral-t figure)
-    assert float(verdicts._detectable(h, 0.05)) == pytest.approx(0.996 * sd, abs=0.06)
+    assert float(verdict_tables._detectable(h, 0.05)) == pytest.approx(0.996 * sd, abs=0.06)
     f = out["fails", "f", "all"]
     _, _, _, hi, _ = t_summary(FAILS_D)
     assert f.verdict == "does not hold" and f.rule == f"CI upper {hi:+.1f} < margin 2"
