@@ -25,7 +25,8 @@ What the rules mean:
   (analysis.load.para_derived) belong to an arm only when a test names them, `{arm: lora, para: red0.75}` (the
   `para-red0.75` of their file names, experiments.para.setting_label); a plain arm never includes them. `where`
   filters further; `by` (a column, or a list) splits a test into groups, the union of the groups its arms' runs
-  fall in; an arm matching two runs of one seed in a group is an error (narrow the arm).
+  fall in and the ones `groups` names (a registered group with no runs yet waits, so a claim is never decided on
+  the groups that happen to be in); an arm matching two runs of one seed in a group is an error (narrow the arm).
 - `paired`: per group, d_s = treatment − control for every seed present in both; n such seeds; mean, sample sd,
   the 95% t-interval and the two-sided one-sample t-test of d against 0 (analysis.stats). Tests sharing a `family`
   (across claims) are Holm-corrected together, each group a member; two members with the same metric, kind, group
@@ -80,11 +81,13 @@ CLAIM_KEYS = ("claim", "statement", "combine", "tests")
 COMBINE = ("all", "each")
 DIFFERENCE = ("paired", "interaction", "within")  # one-sample t-test of a difference, Holm within a family
 KEYS = {  # kind: (required keys, optional keys), besides label and kind
-    "paired": (("metric", "treatment", "control", "min_n", "margin"), ("where", "by", "family")),
-    "interaction": (("metric", "treatment", "control", "at", "versus", "min_n", "margin"), ("where", "by", "family")),
-    "within": (("metric", "arm", "versus", "min_n", "margin"), ("where", "by", "family")),
-    "equivalence": (("metric", "treatment", "control", "min_n", "margin"), ("where", "by")),
-    "trains": (("metric", "arm", "over", "select_on", "min_n", "holds_above", "fails_below"), ("where", "by")),
+    "paired": (("metric", "treatment", "control", "min_n", "margin"), ("where", "by", "groups", "family")),
+    "interaction": (("metric", "treatment", "control", "at", "versus", "min_n", "margin"),
+                    ("where", "by", "groups", "family")),
+    "within": (("metric", "arm", "versus", "min_n", "margin"), ("where", "by", "groups", "family")),
+    "equivalence": (("metric", "treatment", "control", "min_n", "margin"), ("where", "by", "groups")),
+    "trains": (("metric", "arm", "over", "select_on", "min_n", "holds_above", "fails_below"),
+               ("where", "by", "groups")),
 }
 PARA = re.compile(r"(keep|red)(\d+(?:\.\d*)?|\.\d+)")
 HOLDS, FAILS, OPEN, WAITING, UNTESTABLE = "holds", "does not hold", "inconclusive", "waiting", "not testable"
@@ -217,6 +220,11 @@ def _test(test: dict, at: str, arms: dict, err) -> None:
     if by is not None and not (isinstance(by, str) or (isinstance(by, list) and by
                                                         and all(isinstance(b, str) for b in by))):
         err(f"{at}: by must be a column name or a list of them, not {by!r}")
+    groups = test.get("groups")
+    if groups is not None and not (by is not None and isinstance(groups, list) and groups
+                                   and all(isinstance(g, str) for g in groups)):
+        err(f"{at}: groups must be a non-empty list of `by` values (\"@key\" for a selected one), with `by`, "
+            f"not {groups!r}")
     if kind == "within" and not (isinstance(test["versus"], str) or _number(test["versus"])):
         err(f"{at}: versus must be a column name or a number, not {test['versus']!r}")
     if not isinstance(test["min_n"], int) or isinstance(test["min_n"], bool) or test["min_n"] < 1:
@@ -415,6 +423,18 @@ class _Env:
             keep = keep & (_para_label(df) == _para_label_of(para))
         return df[keep], None
 
+    def groups(self, test: dict) -> list[str]:
+        """The groups a test was written for (`groups:`, "@key" read from the selection; a key not selected, or
+        selected as none, names no group): each waits until its runs are in, even while it has none."""
+        out = []
+        for g in test.get("groups") or []:
+            if g.startswith("@"):
+                g = self.selection.get(g[1:])
+                if g is None:
+                    continue
+            out.append(_show(g))
+        return out
+
     def chance(self, row) -> float:
         from analysis.load import read_results
         from analysis.selection import chance_store
@@ -449,11 +469,12 @@ def _setting_label(keep, red) -> str:
     return setting_label(keep, red)
 
 
-def _groups(by, *frames: pd.DataFrame) -> list[str]:
-    """The groups the runs fall in (`by` values; the union over the frames); `all` without `by`."""
+def _groups(by, *frames: pd.DataFrame, expected=()) -> list[str]:
+    """The groups the runs fall in (`by` values; the union over the frames) and the `expected` ones, which wait
+    while they have no runs; `all` without `by`."""
     if by is None:
         return ["all"]
-    found = sorted({g for f in frames for g in _group_of(f, by)}, key=str)
+    found = sorted({g for f in frames for g in _group_of(f, by)} | set(expected), key=str)
     return found or ["no runs"]
 
 
@@ -519,7 +540,7 @@ def _pairs(env: _Env, claim: str, test: dict) -> list[tuple[str, list, list, fro
                 return state
             frames[cell, role] = rows
     out = []
-    for group in _groups(test.get("by"), *frames.values()):
+    for group in _groups(test.get("by"), *frames.values(), expected=env.groups(test)):
         seeds, names = {}, set()
         for (cell, role), rows in frames.items():
             mine = _in(rows, test.get("by"), group)
@@ -539,7 +560,8 @@ def _pairs(env: _Env, claim: str, test: dict) -> list[tuple[str, list, list, fro
 def _arm_groups(env: _Env, test: dict) -> list[tuple[str, pd.DataFrame]] | str:
     """(group, its runs) per group of a one-arm test (within, trains); or the state that stops the test."""
     runs, state = env.rows(test["arm"], test.get("where"))
-    return state or [(group, _in(runs, test.get("by"), group)) for group in _groups(test.get("by"), runs)]
+    return state or [(group, _in(runs, test.get("by"), group))
+                     for group in _groups(test.get("by"), runs, expected=env.groups(test))]
 
 
 def _summary(claim: str, test: dict, group: str, a, b) -> Outcome:

@@ -359,6 +359,22 @@ def test_no_results_folder_means_every_test_waits(grid, tmp_path):
     assert any("no results files in" in n for n in table.notes)
 
 
+def test_a_registered_group_without_runs_waits_and_keeps_its_claim_waiting(grid, tmp_path):
+    rules = rules_dict(grid)
+    rules["claims"] = [{"claim": "holds", "statement": "s", "combine": "all", "tests": [
+        paired("h", ["bb_h", "bb_later"], by="regime", groups=["bb_h", "@task_b"])]}]
+    path = _write(tmp_path, rules)
+    read = read_rules(path)
+    # @task_b not selected: only the groups with runs (bb_h holds)
+    assert combine(evaluate(read)) == "holds"
+    out = evaluate(read, selection={"s": 10.0, "task_b": "bb_later"})
+    assert [(o.group, o.state) for o in out] == [("bb_h", "holds"), ("bb_later", "waiting")]
+    assert combine(out) == "waiting"
+    rules["claims"][0]["tests"][0].pop("by")
+    with pytest.raises(RulesError, match="groups must be a non-empty list of `by` values"):
+        read_rules(_write(tmp_path, rules))
+
+
 def test_the_headline_is_each_claims_verdict_with_how_far_a_waiting_one_is(grid, tmp_path):
     path = _write(tmp_path, rules_dict(grid))
     full = {row[0]: row[-1] for row in build("verdicts2", out=tmp_path, write=False, rules=path).rows}
