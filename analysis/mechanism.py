@@ -200,6 +200,10 @@ def fig_mechanism(df: pd.DataFrame, ctx) -> list[Path]:
     """Per layer, attention and MLP apart: ΔW's energy beyond r (log axis, floor 1e-12) and, where runs have it,
     LR-LoRA's linear residual; one line per method, variant and r (median over the group's modules at that layer
     and over seeds); one row of panels per backbone and data."""
+    return _draw_mechanism(df, ctx.out, "fig_mechanism")
+
+
+def _draw_mechanism(df: pd.DataFrame, out: Path, name: str) -> list[Path]:
     d = _runs(df)
     if not len(d):
         return []
@@ -210,7 +214,7 @@ def fig_mechanism(df: pd.DataFrame, ctx) -> list[Path]:
     ncols = len(fields) * len(GROUPS)
     fig, axes = pyplot().subplots(len(columns), ncols, figsize=(4.2 * ncols + 2.5, 3.4 * len(columns)),
                                   squeeze=False)
-    drawn = False
+    drawn = []  # every line: (column, label, field, group, layers, values)
     for i, c in enumerate(columns):
         for n, ((_, m, v, r), runs) in enumerate(_groups(d[d["column"] == c])):
             # ten colours, then the next line style: a column can hold twenty method-variants
@@ -221,9 +225,9 @@ def fig_mechanism(df: pd.DataFrame, ctx) -> list[Path]:
                     per = by_layer(runs["_layers"], g, field)
                     if per:
                         xs = sorted(per)
-                        axes[i][k * len(GROUPS) + j].semilogy(xs, [max(float(np.median(per[x])), CLIP) for x in xs],
-                                                              **style)
-                        drawn = True
+                        ys = [max(float(np.median(per[x])), CLIP) for x in xs]
+                        axes[i][k * len(GROUPS) + j].semilogy(xs, ys, **style)
+                        drawn.append((c, style["label"], field, g, xs, ys))
         for k, (field, ylabel) in enumerate(fields):
             for j, g in enumerate(GROUPS):
                 ax = axes[i][k * len(GROUPS) + j]
@@ -246,22 +250,32 @@ def fig_mechanism(df: pd.DataFrame, ctx) -> list[Path]:
     if not drawn:
         pyplot().close(fig)
         return []
-    return save(fig, ctx.out, "fig_mechanism")
+    return save(fig, out, name, data=drawn)
+
+
+def _round2_test_runs(ctx) -> pd.DataFrame:
+    """The results in the rules file's folder with one of its test seeds."""
+    from analysis.verdicts import RULES, read_rules, resolve, results_of
+
+    rules = read_rules(resolve(ctx.options.get("rules", RULES)))
+    runs = results_of(rules)
+    return runs[runs["seed"].isin(rules["seeds"])] if len(runs) else runs
 
 
 @target("mechanism2", "table", "REPRODUCTION.md round 2: ΔW's energy beyond rank r in its runs", own_results=True)
 def mechanism2(df, ctx) -> Table:
     """The mechanism table over the second round's results folder (its rules file's `results`), its test seeds
     only: what σ did in the runs the verdicts come from."""
-    from analysis.verdicts import RULES, read_rules, resolve, results_of
-
-    rules = read_rules(resolve(ctx.options.get("rules", RULES)))
-    runs = results_of(rules)
-    if len(runs):
-        runs = runs[runs["seed"].isin(rules["seeds"])]
-    table = mechanism_table(runs, ctx)
+    table = mechanism_table(_round2_test_runs(ctx), ctx)
     table.name, table.title = "mechanism2", "Round 2 mechanism: how much of ΔW lies beyond the nominal rank r"
     return table
+
+
+@target("fig_mechanism2", "figure", "REPRODUCTION.md round 2: ΔW's energy beyond rank r per layer in its runs",
+        own_results=True)
+def fig_mechanism2(df, ctx) -> list[Path]:
+    """fig_mechanism over the runs mechanism2 reads (the second round's test seeds)."""
+    return _draw_mechanism(_round2_test_runs(ctx), ctx.out, "fig_mechanism2")
 
 
 # Validation only: these are pilot and selection runs (seeds 1, 2), whose test scores the round does not read.

@@ -1,9 +1,10 @@
 """The verdict tables of a pre-registered round (REPRODUCTION.md, the README): analysis/verdicts.py decides each
-claim from the rules file and the results; this module lays the outcomes out as table targets.
+claim from the rules file and the results; this module lays the outcomes out as table targets and one figure.
 
     python -m analysis verdicts2 --out outputs/analysis        # one row per claim, with its evidence
     python -m analysis verdict_tests2 --out outputs/analysis   # one row per test and group
     python -m analysis headline2 --out outputs/analysis        # the README's short form
+    python -m analysis fig_verdicts2 --out outputs/analysis    # each test's per-seed values, its mean and interval
 
 Options: `rules` (default analysis/rules/round2.yaml, read at call time so a test may point it elsewhere) and
 `data_dir` (for chance levels).
@@ -14,13 +15,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis import verdicts
+from analysis.plots import pyplot, save
 from analysis.render import Table
 from analysis.targets import target
 from analysis.verdicts import (
     DIFFERENCE,
+    FAILS,
+    HOLDS,
+    OPEN,
     ROOT,
     WAITING,
     Outcome,
@@ -165,3 +171,74 @@ def verdict_tests2(df, ctx) -> Table:
                                        "at this n and the observed sd finds with 80% power at the rules' alpha (before "
                                        "Holm): a null verdict is only as strong as this number is small."]
     return Table("verdict_tests2", "Verdicts: each test (pre-registered rules)", header, body, notes)
+
+
+def drawn(outcomes: list[Outcome]) -> list[tuple[Outcome, list[Outcome]]]:
+    """(outcome, the others stated on the same runs) for every test and group with values, once per test:
+    claim 1's primary and centred rows are one panel while the primary arm is the centred one (the same runs, metric
+    and values; two tests of one metric against different references differ in their values)."""
+    out, seen = [], {}
+    for o in outcomes:
+        if not o.values:
+            continue
+        key = (o.data, o.values) if o.data else None
+        if key in seen:
+            seen[key][1].append(o)
+            continue
+        out.append((o, []))
+        if key:
+            seen[key] = out[-1]
+    return out
+
+
+COLOURS = {HOLDS: "tab:green", FAILS: "tab:red", OPEN: "tab:orange"}
+UNITS = {"score": "points", "stable_ranks": "stable rank"}  # a metric's first name: what its axis is in
+
+
+@target("fig_verdicts2", "figure", "REPRODUCTION.md round 2: each test's per-seed values against its rule",
+        reads_para=True, own_results=True)
+def fig_verdicts2(df, ctx) -> list[Path]:
+    """One panel per test and group with values: every seed's difference (a dot), their mean with its 95% interval
+    (the bar, coloured by the verdict), 0, and the line the rule compares with (the margin; ±margin for
+    equivalence; the trains rule's two thresholds). The numbers are verdict_tests2's, from the same outcomes."""
+    rules, outcomes, _ = _rules_and_outcomes(ctx)
+    panels = drawn(outcomes)
+    if not panels:
+        return []
+    tests = {(str(c["claim"]), t["label"]): t for c in rules["claims"] for t in c["tests"]}
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = pyplot().subplots(nrows, ncols, figsize=(4.6 * ncols, 2.3 * nrows), squeeze=False)
+    for ax, (o, also) in zip(axes.flat, panels):
+        test = tests[(o.claim, o.label)]
+        jitter = np.linspace(-0.25, 0.25, len(o.values)) if len(o.values) > 1 else [0.0]
+        ax.scatter(o.values, np.add(1, jitter), s=14, color="grey", zorder=3)
+        colour = COLOURS.get(o.state, "black")
+        if o.lo is not None:
+            ax.errorbar([o.mean], [0], xerr=[[o.mean - o.lo], [o.hi - o.mean]], fmt="o", color=colour, capsize=4)
+        else:
+            ax.plot([o.mean], [0], "o", color=colour)
+        ax.axvline(0, color="black", lw=0.8)
+        if o.kind == "equivalence":
+            lines = [-test["margin"], test["margin"]]
+        elif o.kind == "trains":
+            lines = [test["fails_below"], test["holds_above"]]
+        else:
+            lines = [test["margin"]] if test.get("margin") else []
+        for x in lines:
+            ax.axvline(x, color="grey", lw=0.8, ls="--")
+        unit = UNITS.get(test["metric"].split(".", 1)[0], test["metric"])
+        what = {"trains": f"excess over chance at {o.at}", "within": "value − its reference"}.get(o.kind,
+                                                                                                 "difference")
+        ax.set(yticks=[0, 1], yticklabels=["mean, 95% CI", f"{o.n} seeds"], ylim=(-0.8, 1.6),
+               xlabel=f"{what} ({unit})")
+        claims = list(dict.fromkeys(x.claim for x in (o, *also)))
+        labels = " = ".join(dict.fromkeys(x.label for x in (o, *also)))
+        names = f"claims {', '.join(claims[:-1])} and {claims[-1]}" if len(claims) > 1 else f"claim {o.claim}"
+        group = "" if o.group == "all" else f" ({o.group})"
+        ax.set_title(f"{names}: {labels}{group}\n{o.verdict}", fontsize=8, color=colour)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    return save(fig, ctx.out, "fig_verdicts2", data=[(o.claim, o.label, o.group, o.values, o.lo, o.hi, o.verdict,
+                                                      [x.claim for x in also]) for o, also in panels])

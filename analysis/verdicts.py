@@ -282,6 +282,7 @@ class Outcome:
     rule: str = ""
     at: str = ""  # trains: the value of `over` chosen by validation
     data: tuple = ()  # (metric, kind, group, run names): two outcomes alike here are one test (Holm counts it once)
+    values: tuple = ()  # the per-seed differences the numbers summarise, in seed order (fig_verdicts2 draws them)
 
     @property
     def state(self) -> str:
@@ -566,7 +567,7 @@ def _arm_groups(env: _Env, test: dict) -> list[tuple[str, pd.DataFrame]] | str:
 
 def _summary(claim: str, test: dict, group: str, a, b) -> Outcome:
     """The outcome's numbers for the differences a − b: n, mean, sample sd, 95% t-interval."""
-    o = _new(claim, test, group, n=len(a))
+    o = _new(claim, test, group, n=len(a), values=tuple(float(x) for x in np.subtract(a, b)))
     o.mean, o.lo, o.hi, _ = paired_ci(a, b)
     o.sd = mean_std(np.subtract(a, b))[1] if len(a) else None
     return o
@@ -584,7 +585,7 @@ def _difference(env: _Env, claim: str, test: dict) -> list[Outcome]:
             base = _metric(mine, versus) if isinstance(versus, str) else pd.Series(float(versus), index=mine.index)
             d = _per_seed(mine, _metric(mine, test["metric"]) - base, f"claim {claim!r}, test {test['label']!r}, "
                                                                        f"arm {test['arm']} in {group}")
-            groups.append((group, list(d.values()), [0.0] * len(d), frozenset(mine["run_name"])))
+            groups.append((group, [d[s] for s in sorted(d)], [0.0] * len(d), frozenset(mine["run_name"])))
     else:
         groups = _pairs(env, claim, test)
         if isinstance(groups, str):
@@ -654,7 +655,7 @@ def _trains(env: _Env, claim: str, test: dict) -> list[Outcome]:
         per_value = []  # (value, mean select_on, excess by seed)
         try:
             for value in sorted({v for v in over if _show(v) != "—"}):
-                at = mine[over.map(lambda x, value=value: _show(x) == _show(value))]
+                at = mine[over.map(lambda x, value=value: _show(x) == _show(value))].sort_values("seed")
                 _per_seed(at, _metric(at, test["metric"]), f"claim {claim!r}, test {test['label']!r}, arm "
                                                            f"{test['arm']} in {group} at {_show(value)}")
                 excess = [s - env.chance(row) for (_, row), s in zip(at.iterrows(), _metric(at, test["metric"]))

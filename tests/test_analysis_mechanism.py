@@ -183,3 +183,33 @@ def test_a_figure_saved_twice_is_the_same_bytes(tmp_path):
     first = [p.read_bytes() for p in draw(tmp_path / "a")]
     time.sleep(1.1)  # a creation date has one-second resolution
     assert [p.read_bytes() for p in draw(tmp_path / "b")] == first
+
+
+def test_a_figure_carries_the_digest_of_the_values_it_draws(tmp_path):
+    from analysis.plots import digest, digest_of, pyplot, save
+
+    def draw(out, ys):
+        fig, ax = pyplot().subplots()
+        ax.plot([0, 1, 2], ys)
+        return save(fig, out, "f", data=ys)
+
+    png, pdf = draw(tmp_path / "a", [1, 0, 2])
+    assert digest_of(png) == digest([1, 0, 2]) and (b"lrlora-data:" + digest([1, 0, 2]).encode()) in pdf.read_bytes()
+    assert digest_of(draw(tmp_path / "b", [1, 0, 3])[0]) != digest_of(png)
+    fig, _ = pyplot().subplots()
+    assert digest_of(save(fig, tmp_path / "c", "f")[0]) is None  # no data given: no digest claimed
+
+
+def test_the_second_rounds_figure_reads_its_rules_folder_and_test_seeds(runs, tmp_path):
+    import yaml
+
+    from tests.test_verdicts import rules_dict
+
+    rules = {**rules_dict(tmp_path), "seeds": [123]}  # results: tmp_path/results, the `runs` fixture's folder
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules, allow_unicode=True, sort_keys=False))
+    paths = build("fig_mechanism2", out=tmp_path / "fig", rules=str(path))
+    assert [p.name for p in paths] == ["fig_mechanism2.png", "fig_mechanism2.pdf"]
+    # no run has one of the round's test seeds: nothing is drawn
+    path.write_text(yaml.safe_dump({**rules, "seeds": [7]}, allow_unicode=True, sort_keys=False))
+    assert build("fig_mechanism2", out=tmp_path / "none", rules=str(path)) == []

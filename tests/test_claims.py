@@ -121,6 +121,21 @@ def test_the_second_rounds_report_equals_what_analysis_rebuilds():
     assert report.main([str(readme), "--check"]) == 0
 
 
+@pytest.mark.parametrize("name", ["fig_verdicts2", "fig_mechanism2"])
+def test_the_second_rounds_figures_are_what_analysis_draws_now(name, tmp_path):
+    """REPRODUCTION.md's figures are rebuilt by `make report` from the committed results: the committed PNG
+    carries the digest of what the target draws now (a stale figure fails here as a stale table does above; the
+    digest is of the values, so another matplotlib's rendering does not matter)."""
+    from analysis.plots import digest_of
+    from analysis.registry import build
+
+    png = next(p for p in build(name, out=tmp_path) if p.suffix == ".png")
+    committed = ROOT / "results" / "reproduction2" / "analysis" / png.name
+    assert f"]({committed.relative_to(ROOT)})" in (ROOT / "REPRODUCTION.md").read_text()
+    assert digest_of(png) is not None
+    assert digest_of(committed) == digest_of(png), f"{committed.name} is stale: run `make report`"
+
+
 def test_prose_that_cites_a_block_quotes_only_numbers_the_block_prints():
     block = "<!-- analysis: engaged2 -->\n| s | best val | energy |\n|---|---|---|\n| 10 | 44.33 | 0.026 |\n" \
             "| 30 | 42.3 | 3.1e-05 |\n<!-- /analysis -->\n"

@@ -446,3 +446,24 @@ def test_trains_waits_for_the_test_data_its_chance_needs(grid, tmp_path):
     (o,) = evaluate(read_rules(_write(tmp_path, rules)))
     assert (o.group, o.verdict) == ("bb_gone", "waiting: chance of bb_gone needs its test data")
     assert str(tmp_path / "no_data") in o.rule
+
+
+def test_the_figure_draws_each_test_with_values_once_from_the_same_outcomes(outcomes, grid, tmp_path):
+    rules, by_key = outcomes
+    panels = verdict_tables.drawn(list(by_key.values()))
+    shown = {(o.claim, o.label, o.group): [(x.claim, x.label) for x in also] for o, also in panels}
+    # the same runs, metric and values are one panel, whichever claims state them
+    assert shown[("alone", "b", "all")] == [("holm", "b1"), ("twin", "t1"), ("twin", "t2")]
+    assert shown[("holm", "b2", "all")] == [("twin", "t3")]
+    assert not any(k[0] == "twin" for k in shown)
+    assert ("within", "sr − r", "all") in shown and ("within", "sr − 6", "all") in shown  # same runs, other values
+    assert not any(k[0] in ("unselected", "nulled") for k in shown)  # waiting for a selection: nothing to draw
+    assert ("holm", "w", "all") in shown and by_key[("holm", "w", "all")].n == 4  # waiting for seeds: its 4 drawn
+    # the dots are the test's own per-seed differences, in seed order
+    assert np.allclose(by_key[("holds", "h", "all")].values, HOLDS_D)
+    assert np.allclose(by_key[("within", "sr − r", "all")].values, SR - 4)
+    paths = build("fig_verdicts2", out=tmp_path, rules=_write(tmp_path, rules_dict(grid)))
+    assert [p.name for p in paths] == ["fig_verdicts2.png", "fig_verdicts2.pdf"]
+    assert all(p.read_bytes()[:4] in (b"\x89PNG", b"%PDF") for p in paths)
+    empty = {**rules_dict(grid), "results": str(tmp_path / "no_such_results")}
+    assert build("fig_verdicts2", out=tmp_path / "none", rules=_write(tmp_path, empty)) == []
