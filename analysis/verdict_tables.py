@@ -126,9 +126,10 @@ def headline2(df, ctx) -> Table:
         return Table("headline2", "Round 2 verdicts", header, [], notes)
     body = []
     for claim, mine, verdict in _by_claim(rules, outcomes):
-        if verdict == WAITING:  # how far the slowest of its tests is
-            n, need = min(((o.n, o.min_n) for o in mine if o.state == WAITING), key=lambda t: t[0] / t[1])
-            verdict = f"waiting ({n} of {need} seeds)"
+        if verdict == WAITING:  # how far the slowest of its tests is, and in which group (task) when it has one
+            slow = min((o for o in mine if o.state == WAITING), key=lambda o: o.n / o.min_n)
+            where = f"{slow.group}: " if slow.group not in ("all", "no runs") else ""
+            verdict = f"waiting ({where}{slow.n} of {slow.min_n} seeds)"
         body.append([str(claim["claim"]), claim["statement"], verdict])
     return Table("headline2", "Round 2 verdicts", header, body,
                  [f"Applied by analysis/verdicts.py to {_rel(rules['results'])} with the rules committed "

@@ -386,6 +386,11 @@ def test_the_headline_is_each_claims_verdict_with_how_far_a_waiting_one_is(grid,
         assert got[claim] == verdict if verdict != "waiting" else got[claim].startswith("waiting (")
     assert got["holds"] == "holds" and got["fails"] == "does not hold" and got["nulled"] == "not testable"
     assert got["holm"] == "waiting (4 of 10 seeds)"  # b1 and b2 have their 10; w has 4
+    rules = rules_dict(grid)  # a test by task: the headline names the task that waits
+    rules["claims"] = [{"claim": "tasks", "statement": "s", "combine": "all", "tests": [
+        paired("each", ["bb_h", "bb_w"], by="regime")]}]
+    assert build("headline2", out=tmp_path, write=False, rules=_write(tmp_path, rules)).rows == [
+        ["tasks", "s", "waiting (bb_w: 4 of 10 seeds)"]]
 
 
 def test_the_cost_table_sums_wall_time_times_threads_by_folder_backbone_and_kind(tmp_path):
