@@ -176,13 +176,14 @@ def verdict_tests2(df, ctx) -> Table:
 
 def drawn(outcomes: list[Outcome]) -> list[tuple[Outcome, list[Outcome]]]:
     """(outcome, the others stated on the same runs) for every test and group with values, once per test:
-    claim 1's primary and centred rows are one panel while the primary arm is the centred one (the same runs, metric
-    and values; two tests of one metric against different references differ in their values)."""
+    claim 1's primary and centred rows are one panel while the primary arm is the centred one (the same runs, metric,
+    values and verdict; two tests of one metric against different references differ in their values, and the same
+    runs tested alone and in a Holm family can differ in their verdicts)."""
     out, seen = [], {}
     for o in outcomes:
         if not o.values:
             continue
-        key = (o.data, o.values) if o.data else None
+        key = (o.data, o.values, o.verdict) if o.data else None
         if key in seen:
             seen[key][1].append(o)
             continue

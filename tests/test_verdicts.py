@@ -457,8 +457,10 @@ def test_the_figure_draws_each_test_with_values_once_from_the_same_outcomes(outc
     rules, by_key = outcomes
     panels = verdict_tables.drawn(list(by_key.values()))
     shown = {(o.claim, o.label, o.group): [(x.claim, x.label) for x in also] for o, also in panels}
-    # the same runs, metric and values are one panel, whichever claims state them
-    assert shown[("alone", "b", "all")] == [("holm", "b1"), ("twin", "t1"), ("twin", "t2")]
+    # the same runs, metric, values and verdict are one panel, whichever claims state them; b alone holds, and
+    # inside Holm family fam (b1) or twins (t1, t2: one member) it does not
+    assert by_key[("alone", "b", "all")].verdict != by_key[("holm", "b1", "all")].verdict
+    assert shown[("alone", "b", "all")] == [] and shown[("holm", "b1", "all")] == [("twin", "t1"), ("twin", "t2")]
     assert shown[("holm", "b2", "all")] == [("twin", "t3")]
     assert not any(k[0] == "twin" for k in shown)
     assert ("within", "sr − r", "all") in shown and ("within", "sr − 6", "all") in shown  # same runs, other values
