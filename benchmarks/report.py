@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from lrlora import cli
@@ -136,6 +137,11 @@ def _group(s: dict) -> str:
     return f"{s['model']} ×{s['layers']}, {s['tokens']:,} tok"
 
 
+def _spread(times: list) -> float | None:
+    """(max − min) / median of repeated timings of one thing: how far apart this run's noise puts them."""
+    return (max(times) - min(times)) / statistics.median(times) if len(times) >= 2 else None
+
+
 def target_table(train: dict | None, sigma: dict | None, workload: dict | None = None,
                  breakdown: dict | None = None) -> str:
     """The performance targets checked against the benchmark files: docs/performance.md's target table is this output."""
@@ -163,9 +169,16 @@ def target_table(train: dict | None, sigma: dict | None, workload: dict | None =
     inf = [c for c in (train or {}).get("inference", []) if "merged_over_base" in c]
     if inf:
         vals = ", ".join(f"{c['merged_over_base']:.3f} ({c['model']} ×{c['layers']}, {c['tokens']:,} tok)" for c in inf)
-        # A merged model is the base model's modules with other weights: any gap is timing noise (±3%).
-        ok = all(abs(c["merged_over_base"] - 1) <= 0.03 for c in inf)
-        rows.append(("merged model's forward / base model's = 1.00 (±0.03, timing noise)", vals, "yes" if ok else "no"))
+        # A merged model is the base model's modules with other weights: any gap is timing noise (±3%). Where a run's
+        # own noise is wider than that, the band cannot be told from it: the base model's forward, timed against
+        # itself, spreads by (max − min) / median, and a ratio inside that spread is "not resolved", not "no".
+        outside = [c for c in inf if abs(c["merged_over_base"] - 1) > 0.03]
+        spread = {id(c): _spread(c.get("times_s", {}).get("base", [])) for c in outside}
+        unresolved = all(c.get("merged_is_plain_model") and spread[id(c)] is not None
+                         and abs(c["merged_over_base"] - 1) <= spread[id(c)] for c in outside)
+        verdict = "yes" if not outside else ("not resolved: this run's base-to-base spread " + ", ".join(
+            f"±{spread[id(c)]:.2f}" for c in outside) + " is wider than the band" if unresolved else "no")
+        rows.append(("merged model's forward / base model's = 1.00 (±0.03, timing noise)", vals, verdict))
     sig = [c for c in (sigma or {}).get("cases", []) if c.get("path") == "fast" and c.get("shape") == [896, 4864]
            and "x_elementwise" in c]
     for c in sig:

@@ -29,6 +29,18 @@ def test_targets_read_from_the_files():
     assert next(v for k, v in rows.items() if k.startswith("merged model")) == "yes"
     assert next(v for k, v in rows.items() if k.startswith("σ op")) == "no"
 
+    # outside ±0.03: "not resolved" only where the base model's own timings spread wider and the merged model is
+    # the base's module types; otherwise "no"
+    noisy = {"model": "qwen2_0.5b", "layers": 2, "tokens": 8192, "merged_over_base": 0.93,
+             "times_s": {"base": [8.5, 8.9, 9.2]}, "merged_is_plain_model": True}  # spread 0.7 / 8.9 = 0.079
+    train["inference"].append(noisy)
+    merged = next(v for k, v in _rows(target_table(train, None)).items() if k.startswith("merged model"))
+    assert merged == "not resolved: this run's base-to-base spread ±0.08 is wider than the band"
+    for change in ({"times_s": {"base": [8.8, 8.9, 9.0]}}, {"merged_is_plain_model": False}, {"times_s": {}}):
+        train["inference"][-1] = {**noisy, **change}
+        assert next(v for k, v in _rows(target_table(train, None)).items() if k.startswith("merged model")) == "no"
+    train["inference"].pop()
+
     train["summary"].append(_summary("lrlora", 512, 1.5, 60, layers=4))  # 60 MB > 3 × 17.4 MB
     rows = _rows(target_table(train, None))
     assert next(v for k, v in rows.items() if k.startswith("peak memory")) == "no"
