@@ -33,6 +33,7 @@ import argparse
 import itertools
 import json
 import re
+import statistics
 import sys
 import time
 import traceback
@@ -271,7 +272,7 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
         from analysis.selection import load_rules, resolve
 
         root = str(resolve(load_rules(ROOT / GRIDS[grid])["results"]).parent)
-    failed, skipped, waited, first = [], set(), 0.0, True
+    failed, skipped, waited, first, took = [], set(), 0.0, True, []
     while True:
         chosen, waiting = None, []
         if GRIDS.get(grid):
@@ -321,8 +322,12 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
         waited = 0.0
         skipped.add(cfg.run_name)  # ran here: never again in this process (a run that ends without its results
         # file would otherwise come back as missing on every pass)
-        print(f"[reproduction] {len(todo) - 1} to go: claim {step['claim']}: {cfg.run_name} "
-              f"({time.perf_counter() - t:.1f} s)", flush=True)
+        took.append(time.perf_counter() - t)
+        # a rough end time: the cells left, shared by the shards, at this process's median cell so far (cells differ:
+        # a SmolLM2 cell costs about twice a MiniLM one, a PARA job a fraction)
+        left = statistics.median(took) * (len(todo) - 1) / n_shard / 3600
+        print(f"[reproduction] {len(todo) - 1} to go: claim {step['claim']}: {cfg.run_name} ({took[-1]:.1f} s; "
+              f"about {left:.1f} h left at this process's median cell over {n_shard} shard(s))", flush=True)
     if failed:
         print(f"error: {len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

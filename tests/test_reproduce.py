@@ -229,7 +229,11 @@ def test_the_grid_runner_runs_each_cell_once_skips_held_ones_and_unlocks_waiting
     assert len(calls) == len(set(calls)) and sum("s456" in c for c in calls) == 2  # both forms' seed 456, once
     done = {p.stem for p in (tmp_path / "results").glob("*.json")}
     assert done == {c for c in calls if "s42" in c} and done
-    assert "a bad cell" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "a bad cell" in captured.err
+    # each cell run says how many are left and a rough time for them (its median cell so far, over the shards)
+    assert re.search(r"\[reproduction\] \d+ to go: claim 8: \S+ \(\d+\.\d s; about \d+\.\d h left at this "
+                     r"process's median cell over 1 shard\(s\)\)", captured.out)
 
     # round 2: SmolLM2 LoRA's rate selection runs at once; the pilot waits for nothing; a step on @task_a waits
     # until the (fake) selection chooses it, then runs in the same call
