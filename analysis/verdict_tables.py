@@ -174,6 +174,45 @@ def verdict_tests2(df, ctx) -> Table:
     return Table("verdict_tests2", "Verdicts: each test (pre-registered rules)", header, body, notes)
 
 
+@target("scores2", "table", "REPRODUCTION.md round 2: the test grid's scores by arm", reads_para=True,
+        own_results=True)
+def scores2(df, ctx) -> Table:
+    """Per arm of the rules (arms that select the same runs, such as primary and centred while no engaged arm
+    trains, on one row), backbone and data, r and learning rate: the test seeds' runs, their mean test score and
+    spread and their mean best validation score: the levels the verdicts' differences are taken between."""
+    header = ["arm", "column", "r", "lr", "seeds", "test score (mean ± sd)", "min – max", "best val (mean)"]
+    path = resolve(ctx.options.get("rules", verdicts.RULES))
+    if not path.is_file():
+        return Table("scores2", "Round 2: test scores by arm", header, [], [f"No rules file at {_rel(path)}."])
+    rules = read_rules(path)
+    df = results_of(rules)
+    df = df[df["seed"].isin(rules["seeds"])] if len(df) else df
+    env = verdicts._Env(df, rules, selection_of(rules), ctx.options.get("data_dir"))
+    arms: dict[frozenset, list[str]] = {}
+    for name in rules["arms"]:
+        rows, state = env.rows(name)
+        if not state and len(rows):
+            arms.setdefault(frozenset(rows["run_name"]), []).append(name)
+    body = []
+    for names, labels in arms.items():
+        runs = df[df["run_name"].isin(names)]
+        lr = pd.to_numeric(runs["config.regime.train.lr"], errors="coerce")
+        for (column, r, rate), group in runs.groupby([runs["column"], runs["r"], lr], sort=True):
+            score = pd.to_numeric(group["score"], errors="coerce").dropna()
+            val = pd.to_numeric(group["metrics.train.best_val"], errors="coerce").dropna() * 100
+            sd = f" ± {score.std(ddof=1):.1f}" if len(score) > 1 else ""
+            body.append([" = ".join(labels), column, str(int(r)), f"{rate:g}", str(group["seed"].nunique()),
+                         f"{score.mean():.1f}{sd}" if len(score) else "—",
+                         f"{score.min():.1f} – {score.max():.1f}" if len(score) else "—",
+                         f"{val.mean():.1f}" if len(val) else "—"])
+    return Table("scores2", "Round 2: test scores by arm", header, body,
+                 [f"Test seeds ({', '.join(map(str, rules['seeds']))}) in {_rel(rules['results'])}; arms as "
+                  f"{_rel(rules['path'])} defines them, with the values selection.json has chosen; an arm whose value is "
+                  "not chosen yet, or with no runs, has no row. Test score: the run's headline metric on its test "
+                  "set, in points; best val: the best of its validation evaluations, in points (the checkpoint the "
+                  "test score comes from)."])
+
+
 def drawn(outcomes: list[Outcome]) -> list[tuple[Outcome, list[Outcome]]]:
     """(outcome, the others stated on the same runs) for every test and group with values, once per test:
     claim 1's primary and centred rows are one panel while the primary arm is the centred one (the same runs, metric,

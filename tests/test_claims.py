@@ -112,7 +112,7 @@ def test_the_second_rounds_report_equals_what_analysis_rebuilds():
     """REPRODUCTION.md's blocks (the second round's choices, verdicts and mechanism) are what analysis rebuilds from
     results/reproduction2/ (each target reads the folder its rules file names)."""
     doc = ROOT / "REPRODUCTION.md"
-    assert {"selection2", "engaged2", "verdicts2", "verdict_tests2", "mechanism2", "cost2"} <= set(
+    assert {"selection2", "engaged2", "scores2", "verdicts2", "verdict_tests2", "mechanism2", "cost2"} <= set(
         report.blocks(doc.read_text()))
     assert report.main([str(doc), "--check"]) == 0
     # the README's headline verdicts are the same rules applied to the same runs, and its prose quotes REPRODUCTION.md

@@ -474,3 +474,16 @@ def test_the_figure_draws_each_test_with_values_once_from_the_same_outcomes(outc
     assert all(p.read_bytes()[:4] in (b"\x89PNG", b"%PDF") for p in paths)
     empty = {**rules_dict(grid), "results": str(tmp_path / "no_such_results")}
     assert build("fig_verdicts2", out=tmp_path / "none", rules=_write(tmp_path, empty)) == []
+
+
+def test_the_scores_table_gives_each_arms_levels_with_arms_on_the_same_runs_on_one_row(grid, tmp_path):
+    table = build("scores2", out=tmp_path, write=False, rules=_write(tmp_path, rules_dict(grid)))
+    rows = {(row[0], row[1], row[2], row[3]): row[4:] for row in table.rows}
+    lora = next(v for k, v in rows.items() if k[0] == "lora" and "bb_h" in k[1] and k[2] == "4")
+    # the ten test seeds' scores (seed 99's 10.0 is not a test seed: left out); best val 0.6 in points
+    assert lora == ["10", f"{BASE.mean():.1f} ± {BASE.std(ddof=1):.1f}", f"{BASE.min():.1f} – {BASE.max():.1f}",
+                    "60.0"]
+    ours = next(v for k, v in rows.items() if k[0] == "ours = ours_too" and "bb_h" in k[1])
+    assert ours[1].startswith(f"{(BASE + HOLDS_D).mean():.1f} ± ")
+    assert not any(k[0] in ("later", "none") for k in rows)  # not selected, or selected as none: no row
+    assert any(k[0] == "paper" and k[3] == "0.01" for k in rows)  # one row per learning rate
