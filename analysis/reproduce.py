@@ -324,7 +324,7 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
         # file would otherwise come back as missing on every pass)
         took.append(time.perf_counter() - t)
         # a rough end time: the cells left, shared by the shards, at this process's median cell so far (cells differ:
-        # a SmolLM2 cell costs about twice a MiniLM one, a PARA job a fraction)
+        # a SmolLM2 cell has cost about 1.5 MiniLM ones so far, a PARA job a fraction)
         left = statistics.median(took) * (len(todo) - 1) / n_shard / 3600
         print(f"[reproduction] {len(todo) - 1} to go: claim {step['claim']}: {cfg.run_name} ({took[-1]:.1f} s; "
               f"about {left:.1f} h left at this process's median cell over {n_shard} shard(s))", flush=True)
