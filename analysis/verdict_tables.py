@@ -178,8 +178,9 @@ def verdict_tests2(df, ctx) -> Table:
         own_results=True)
 def scores2(df, ctx) -> Table:
     """Per arm of the rules (arms that select the same runs, such as primary and centred while no engaged arm
-    trains, on one row), backbone and data, r and learning rate: the test seeds' runs, their mean test score and
-    spread and their mean best validation score: the levels the verdicts' differences are taken between."""
+    trains, on one row) and per PARA setting a test names, backbone and data, r and learning rate: the test seeds'
+    runs, their mean test score and spread and their mean best validation score: the levels the verdicts'
+    differences are taken between."""
     header = ["arm", "column", "r", "lr", "seeds", "test score (mean ± sd)", "min – max", "best val (mean)"]
     path = resolve(ctx.options.get("rules", verdicts.RULES))
     if not path.is_file():
@@ -188,11 +189,16 @@ def scores2(df, ctx) -> Table:
     df = results_of(rules)
     df = df[df["seed"].isin(rules["seeds"])] if len(df) else df
     env = verdicts._Env(df, rules, selection_of(rules), ctx.options.get("data_dir"))
+    # the arms, then the PARA copies the tests name ({arm, para}: an arm's runs pruned at one setting)
+    refs = list(rules["arms"]) + list({json.dumps(t[k], sort_keys=True): t[k] for c in rules["claims"]
+                                       for t in c["tests"] for k in ("treatment", "control")
+                                       if isinstance(t.get(k), dict)}.values())
     arms: dict[frozenset, list[str]] = {}
-    for name in rules["arms"]:
-        rows, state = env.rows(name)
+    for ref in refs:
+        rows, state = env.rows(ref)
         if not state and len(rows):
-            arms.setdefault(frozenset(rows["run_name"]), []).append(name)
+            label = ref if isinstance(ref, str) else f"{ref['arm']}, PARA {ref['para']}"
+            arms.setdefault(frozenset(rows["run_name"]), []).append(label)
     body = []
     for names, labels in arms.items():
         runs = df[df["run_name"].isin(names)]
@@ -210,7 +216,7 @@ def scores2(df, ctx) -> Table:
                   f"{_rel(rules['path'])} defines them, with the values selection.json has chosen; an arm whose value is "
                   "not chosen yet, or with no runs, has no row. Test score: the run's headline metric on its test "
                   "set, in points; best val: the best of its validation evaluations, in points (the checkpoint the "
-                  "test score comes from)."])
+                  "test score comes from; a PARA copy, which trains nothing, has none)."])
 
 
 def drawn(outcomes: list[Outcome]) -> list[tuple[Outcome, list[Outcome]]]:

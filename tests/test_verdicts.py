@@ -487,3 +487,6 @@ def test_the_scores_table_gives_each_arms_levels_with_arms_on_the_same_runs_on_o
     assert ours[1].startswith(f"{(BASE + HOLDS_D).mean():.1f} ± ")
     assert not any(k[0] in ("later", "none") for k in rows)  # not selected, or selected as none: no row
     assert any(k[0] == "paper" and k[3] == "0.01" for k in rows)  # one row per learning rate
+    para = next(v for k, v in rows.items() if k[0] == "lora, PARA red0.75")  # the PARA copies a test names
+    assert para[:2] == ["10", f"{(BASE + PARA75_D).mean():.1f} ± {(BASE + PARA75_D).std(ddof=1):.1f}"]
+    assert para[-1] == "—"  # it trained nothing: no validation score
