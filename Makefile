@@ -89,6 +89,7 @@ report: $(STAMP)  ## rebuild REPRODUCTION.md's, the README's verdicts and the fi
 	$(PY) -m analysis fig_mechanism --results results/reproduction/results --out results/reproduction/analysis
 	$(PY) -m analysis fig_verdicts2 --out results/reproduction2/analysis
 	$(PY) -m analysis fig_mechanism2 --out results/reproduction2/analysis
+	$(PY) -m analysis fig_curves2 --out results/reproduction2/analysis
 
 tables: $(STAMP)  ## every table from the existing results -> $(OUTPUTS)/analysis/ (md, csv, tex)
 	$(PY) -m analysis tables --results $(OUTPUTS)/results --out $(OUTPUTS)/analysis

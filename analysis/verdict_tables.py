@@ -21,6 +21,7 @@ import pandas as pd
 from analysis import verdicts
 from analysis.plots import pyplot, save
 from analysis.render import Table
+from analysis.select import get_column
 from analysis.targets import target
 from analysis.verdicts import (
     DIFFERENCE,
@@ -174,6 +175,25 @@ def verdict_tests2(df, ctx) -> Table:
     return Table("verdict_tests2", "Verdicts: each test (pre-registered rules)", header, body, notes)
 
 
+def arm_runs(rules: dict, data_dir=None, para: bool = True) -> list[tuple[str, pd.DataFrame]]:
+    """(label, the test seeds' runs) per arm of the rules with runs, arms that select the same runs under one label
+    ("centred = primary"); with `para`, then each PARA setting a test names ({arm, para}: "lora, PARA red0.75")."""
+    df = results_of(rules)
+    df = df[df["seed"].isin(rules["seeds"])] if len(df) else df
+    env = verdicts._Env(df, rules, selection_of(rules), data_dir)
+    refs = list(rules["arms"])
+    if para:
+        refs += list({json.dumps(t[k], sort_keys=True): t[k] for c in rules["claims"] for t in c["tests"]
+                      for k in ("treatment", "control") if isinstance(t.get(k), dict)}.values())
+    arms: dict[frozenset, list[str]] = {}
+    for ref in refs:
+        rows, state = env.rows(ref)
+        if not state and len(rows):
+            label = ref if isinstance(ref, str) else f"{ref['arm']}, PARA {ref['para']}"
+            arms.setdefault(frozenset(rows["run_name"]), []).append(label)
+    return [(" = ".join(labels), df[df["run_name"].isin(names)]) for names, labels in arms.items()]
+
+
 @target("scores2", "table", "REPRODUCTION.md round 2: the test grid's scores by arm", reads_para=True,
         own_results=True)
 def scores2(df, ctx) -> Table:
@@ -186,28 +206,14 @@ def scores2(df, ctx) -> Table:
     if not path.is_file():
         return Table("scores2", "Round 2: test scores by arm", header, [], [f"No rules file at {_rel(path)}."])
     rules = read_rules(path)
-    df = results_of(rules)
-    df = df[df["seed"].isin(rules["seeds"])] if len(df) else df
-    env = verdicts._Env(df, rules, selection_of(rules), ctx.options.get("data_dir"))
-    # the arms, then the PARA copies the tests name ({arm, para}: an arm's runs pruned at one setting)
-    refs = list(rules["arms"]) + list({json.dumps(t[k], sort_keys=True): t[k] for c in rules["claims"]
-                                       for t in c["tests"] for k in ("treatment", "control")
-                                       if isinstance(t.get(k), dict)}.values())
-    arms: dict[frozenset, list[str]] = {}
-    for ref in refs:
-        rows, state = env.rows(ref)
-        if not state and len(rows):
-            label = ref if isinstance(ref, str) else f"{ref['arm']}, PARA {ref['para']}"
-            arms.setdefault(frozenset(rows["run_name"]), []).append(label)
     body = []
-    for names, labels in arms.items():
-        runs = df[df["run_name"].isin(names)]
+    for label, runs in arm_runs(rules, ctx.options.get("data_dir")):
         lr = pd.to_numeric(runs["config.regime.train.lr"], errors="coerce")
         for (column, r, rate), group in runs.groupby([runs["column"], runs["r"], lr], sort=True):
             score = pd.to_numeric(group["score"], errors="coerce").dropna()
             val = pd.to_numeric(group["metrics.train.best_val"], errors="coerce").dropna() * 100
             sd = f" ± {score.std(ddof=1):.1f}" if len(score) > 1 else ""
-            body.append([" = ".join(labels), column, str(int(r)), f"{rate:g}", str(group["seed"].nunique()),
+            body.append([label, column, str(int(r)), f"{rate:g}", str(group["seed"].nunique()),
                          f"{score.mean():.1f}{sd}" if len(score) else "—",
                          f"{score.min():.1f} – {score.max():.1f}" if len(score) else "—",
                          f"{val.mean():.1f}" if len(val) else "—"])
@@ -289,3 +295,69 @@ def fig_verdicts2(df, ctx) -> list[Path]:
         ax.set_visible(False)
     return save(fig, ctx.out, "fig_verdicts2", data=[(o.claim, o.label, o.group, o.values, o.lo, o.hi, o.verdict,
                                                       [x.claim for x in also]) for o, also in panels])
+
+
+CURVES = "curves"  # beside the rules' results folder: each run's metrics.jsonl, copied as the run lands
+
+
+def curve_lines(rules: dict, data_dir=None) -> list[tuple]:
+    """(column, r, "arm, lr", steps, mean, min, max, metric, seeds) per arm and (backbone and data, r, rate): the
+    validation score at each evaluation over the test seeds whose metrics log is in `curves/` (scores in points,
+    losses as they are); a group without a validation metric or without any log is left out."""
+    folder = resolve(rules["results"]).parent / CURVES
+    lines = []
+    for label, runs in arm_runs(rules, data_dir, para=False):
+        lr = pd.to_numeric(runs["config.regime.train.lr"], errors="coerce")
+        for (column, r, rate), group in runs.groupby([runs["column"], runs["r"], lr], sort=True):
+            metric = get_column(group, "metrics.train.best_val_metric").dropna()
+            if not len(metric):
+                continue
+            metric = str(metric.iloc[0])
+            per_step: dict[int, list[float]] = {}
+            for name in group["run_name"]:
+                log = folder / f"{name}.jsonl"
+                if not log.is_file():
+                    continue
+                for line in log.read_text().splitlines():
+                    row = json.loads(line)
+                    if f"val_{metric}" in row:
+                        per_step.setdefault(int(row["step"]), []).append(float(row[f"val_{metric}"]))
+            if per_step:
+                steps = sorted(per_step)
+                scale = 100.0 if "loss" not in metric else 1.0
+                lines.append((column, int(r), f"{label}, lr {rate:g}", steps,
+                              [scale * float(np.mean(per_step[s])) for s in steps],
+                              [scale * min(per_step[s]) for s in steps], [scale * max(per_step[s]) for s in steps],
+                              metric, max(len(v) for v in per_step.values())))
+    return lines
+
+
+@target("fig_curves2", "figure", "REPRODUCTION.md round 2: validation curves of the test grid by arm",
+        own_results=True)
+def fig_curves2(df, ctx) -> list[Path]:
+    """One panel per backbone and data and r: each arm's validation score at every evaluation (its run's
+    `metrics.train.best_val_metric`, from the run's metrics log copied to `curves/<run_name>.jsonl` beside the
+    results folder), the mean over the test seeds as a line and their range as a band: whether an arm had stopped
+    improving when its steps ran out, or never left chance."""
+    path = resolve(ctx.options.get("rules", verdicts.RULES))
+    lines = curve_lines(read_rules(path), ctx.options.get("data_dir")) if path.is_file() else []
+    if not lines:
+        return []
+    panels = sorted({(c, r) for c, r, *_ in lines})
+    ncols = min(3, len(panels))
+    fig, axes = pyplot().subplots(-(-len(panels) // ncols), ncols, figsize=(4.8 * ncols, 3.4 * -(-len(panels) // ncols)),
+                                  squeeze=False)
+    colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(x[2] for x in lines))}
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (column, r) in zip(axes.flat, panels):
+        for c, rr, label, steps, mean, lo, hi, metric, n in lines:
+            if (c, rr) != (column, r):
+                continue
+            ax.plot(steps, mean, marker="o", ms=3, color=colours[label], label=f"{label} ({n} seeds)")
+            ax.fill_between(steps, lo, hi, color=colours[label], alpha=0.15)
+            ax.set_ylabel(f"validation {metric}" + (" (points)" if "loss" not in metric else ""))
+        ax.set(title=f"{column}, r = {r}", xlabel="step")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+    return save(fig, ctx.out, "fig_curves2", data=lines)

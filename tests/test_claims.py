@@ -121,7 +121,7 @@ def test_the_second_rounds_report_equals_what_analysis_rebuilds():
     assert report.main([str(readme), "--check"]) == 0
 
 
-@pytest.mark.parametrize("name", ["fig_verdicts2", "fig_mechanism2"])
+@pytest.mark.parametrize("name", ["fig_verdicts2", "fig_mechanism2", "fig_curves2"])
 def test_the_second_rounds_figures_are_what_analysis_draws_now(name, tmp_path):
     """REPRODUCTION.md's figures are rebuilt by `make report` from the committed results: the committed PNG
     carries the digest of what the target draws now (a stale figure fails here as a stale table does above; the

@@ -490,3 +490,34 @@ def test_the_scores_table_gives_each_arms_levels_with_arms_on_the_same_runs_on_o
     para = next(v for k, v in rows.items() if k[0] == "lora, PARA red0.75")  # the PARA copies a test names
     assert para[:2] == ["10", f"{(BASE + PARA75_D).mean():.1f} ± {(BASE + PARA75_D).std(ddof=1):.1f}"]
     assert para[-1] == "—"  # it trained nothing: no validation score
+
+
+def test_the_curves_come_from_each_runs_log_beside_the_results_folder(tmp_path):
+    res = tmp_path / "results"
+    for s in SEEDS:
+        run(res, "lora", s, 60.0, "bb_c")
+        run(res, "lrlora", s, 55.0, "bb_c", **OURS)
+    (tmp_path / "selection.json").write_text(json.dumps({"s": 10.0}))
+    curves = tmp_path / verdict_tables.CURVES
+    curves.mkdir()
+    for path in sorted(res.glob("*.json")):
+        d = json.loads(path.read_text())
+        d["metrics"]["train"]["best_val_metric"] = "choice_accuracy"
+        path.write_text(json.dumps(d))
+        if d["adapter"] == "lrlora" and d["seed"] == 10:
+            continue  # a run whose log was not copied: left out of its mean, not an error
+        at = 0.3 if d["adapter"] == "lora" else 0.25
+        rows = [{"step": 10, "train_loss": 0.7}, {"step": 40, "val_choice_accuracy": at + d["seed"] / 100},
+                {"step": 80, "val_choice_accuracy": at + 0.1}]
+        (curves / f"{d['run_name']}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rules = read_rules(_write(tmp_path, rules_dict(tmp_path)))
+    lines = {x[2]: x for x in verdict_tables.curve_lines(rules)}
+    lora, ours = lines["lora, lr 0.001"], lines["ours = ours_too, lr 0.001"]
+    assert lora[1] == 4 and lora[3] == [40, 80] and lora[-1] == 10 and ours[-1] == 9
+    assert lora[4] == pytest.approx([30 + np.mean(SEEDS), 40.0]) and lora[5][0] == pytest.approx(31.0)
+    assert ours[4] == pytest.approx([25 + np.mean(SEEDS[:9]), 35.0]) and ours[6][0] == pytest.approx(34.0)
+    paths = build("fig_curves2", out=tmp_path / "fig", rules=str(rules["path"]))
+    assert [p.name for p in paths] == ["fig_curves2.png", "fig_curves2.pdf"]
+    for log in curves.glob("*.jsonl"):
+        log.unlink()
+    assert build("fig_curves2", out=tmp_path / "none", rules=str(rules["path"])) == []  # no logs: no figure
