@@ -521,3 +521,16 @@ def test_the_curves_come_from_each_runs_log_beside_the_results_folder(tmp_path):
     for log in curves.glob("*.jsonl"):
         log.unlink()
     assert build("fig_curves2", out=tmp_path / "none", rules=str(rules["path"])) == []  # no logs: no figure
+
+
+def test_a_test_on_the_selected_task_only_has_no_group_of_another_task(grid, tmp_path):
+    """`where: {regime: "@task_a"}`: runs of another task (claim 1's, say, where one arm of this test never runs)
+    make no group that would wait for ever; without it every task with runs is a group."""
+    (tmp_path / "selection.json").write_text(json.dumps({"s": 10.0, "task": "bb_h"}))
+    rules = {**rules_dict(grid), "selection": str(tmp_path / "selection.json")}
+    test = paired("one task", ["bb_h", "bb_w"], by="regime")
+    rules["claims"] = [{"claim": "x", "statement": "s", "combine": "all", "tests": [
+        {**test, "where": {"r": 4, "regime": "@task"}}]}]
+    assert [(o.group, o.verdict) for o in evaluate(read_rules(_write(tmp_path, rules)))] == [("bb_h", "holds")]
+    rules["claims"][0]["tests"] = [test]
+    assert {o.group for o in evaluate(read_rules(_write(tmp_path, rules)))} == {"bb_h", "bb_w"}
