@@ -255,11 +255,10 @@ def _draw_mechanism(df: pd.DataFrame, out: Path, name: str) -> list[Path]:
 
 def _round2_test_runs(ctx) -> pd.DataFrame:
     """The results in the rules file's folder with one of its test seeds."""
-    from analysis.verdicts import RULES, read_rules, resolve, results_of
+    from analysis.verdicts import RULES, read_rules, resolve, results_of, with_test_seeds
 
     rules = read_rules(resolve(ctx.options.get("rules", RULES)))
-    runs = results_of(rules)
-    return runs[runs["seed"].isin(rules["seeds"])] if len(runs) else runs
+    return with_test_seeds(rules, results_of(rules))
 
 
 @target("mechanism2", "table", "REPRODUCTION.md round 2: ΔW's energy beyond rank r in its runs", own_results=True)

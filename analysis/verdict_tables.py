@@ -40,6 +40,7 @@ from analysis.verdicts import (
     resolve,
     results_of,
     selection_of,
+    with_test_seeds,
 )
 
 
@@ -61,7 +62,7 @@ def _rel(path: Path) -> str:
 
 def _notes(rules: dict, df: pd.DataFrame, outcomes: list[Outcome]) -> list[str]:
     folder = resolve(rules["results"])
-    test = df[df["seed"].isin(rules["seeds"])] if len(df) else df
+    test = with_test_seeds(rules, df)
     if not folder.is_dir() or not len(df):
         runs = f"no results files in {_rel(folder)} yet: every test waits"
     else:
@@ -178,8 +179,7 @@ def verdict_tests2(df, ctx) -> Table:
 def arm_runs(rules: dict, data_dir=None, para: bool = True) -> list[tuple[str, pd.DataFrame]]:
     """(label, the test seeds' runs) per arm of the rules with runs, arms that select the same runs under one label
     ("centred = primary"); with `para`, then each PARA setting a test names ({arm, para}: "lora, PARA red0.75")."""
-    df = results_of(rules)
-    df = df[df["seed"].isin(rules["seeds"])] if len(df) else df
+    df = with_test_seeds(rules, results_of(rules))
     env = verdicts._Env(df, rules, selection_of(rules), data_dir)
     refs = list(rules["arms"])
     if para:

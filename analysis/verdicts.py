@@ -304,8 +304,7 @@ def evaluate(rules: dict, df: pd.DataFrame | None = None, selection: dict | None
              data_dir: str | None = None) -> list[Outcome]:
     """Every test of every claim in every group, decided. `df`: the rules' results (default: read from its
     `results` folder; none there: every test waits); `selection`: default, read from its `selection` file."""
-    df = results_of(rules) if df is None else df
-    df = df[df["seed"].isin(rules["seeds"])] if len(df) else df
+    df = with_test_seeds(rules, results_of(rules) if df is None else df)
     selection = selection_of(rules) if selection is None else selection
     env = _Env(df, rules, selection, data_dir)
     out = []
@@ -355,6 +354,11 @@ def results_of(rules: dict) -> pd.DataFrame:
 
     folder = resolve(rules["results"])
     return load_results([folder]) if folder.is_dir() else load_results([])
+
+
+def with_test_seeds(rules: dict, df: pd.DataFrame) -> pd.DataFrame:
+    """The runs of `df` with one of the rules' test seeds (the only runs a verdict reads)."""
+    return df[df["seed"].isin(rules["seeds"])] if len(df) else df
 
 
 def exploratory_of(rules: dict) -> pd.DataFrame:
