@@ -137,10 +137,16 @@ class Waiting(Exception):
 
 def fill(text: str, chosen: dict | None) -> str | None:
     """`text` with each `@key` replaced by the chosen value; None when a chosen value is null (the step's arm does
-    not exist, e.g. no engaged LR-LoRA); Waiting when a key is not chosen yet."""
-    if chosen is None or "@" not in text:
+    not exist, e.g. no engaged LR-LoRA); Waiting when a key is not chosen yet. `chosen` None: the grid has no
+    selection rules, so a placeholder in it can never be filled and is an error rather than a literal override."""
+    keys = PLACEHOLDER.findall(text)
+    if not keys:
         return text
-    for key in PLACEHOLDER.findall(text):
+    if chosen is None:
+        raise ReproduceError(f"{text!r} refers to a chosen value (@{keys[0]}), but this grid has no selection rules "
+                             f"to choose it (GRIDS in analysis/reproduce.py); write the value itself in "
+                             f"analysis/scales.yaml, or use a variant without @")
+    for key in keys:
         if key not in chosen:
             raise Waiting(key)
         if chosen[key] is None:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from analysis import selection
-from analysis.reproduce import Waiting, fill, reproduction_plan
+from analysis.reproduce import ReproduceError, Waiting, fill, reproduction_plan
 from analysis.selection import evaluate, load_rules
 
 RULES = load_rules()
@@ -158,7 +158,16 @@ def test_fill_waits_drops_and_fills():
     assert fill("adapter.pre_scale=@engaged_pre_scale", {"engaged_pre_scale": None}) is None
     with pytest.raises(Waiting):
         fill("backbone.pooling=@head", {})
-    assert fill("regime=cs_piqa", {}) == "regime=cs_piqa" and fill("x=@y", None) == "x=@y"  # round 1: no selection
+    assert fill("regime=cs_piqa", {}) == "regime=cs_piqa" and fill("regime=cs_piqa", None) == "regime=cs_piqa"
+    # a grid without selection rules (round 1, explore2) cannot fill a placeholder: an error, not a literal "@y"
+    with pytest.raises(ReproduceError, match=r"@y.*no selection rules"):
+        fill("x=@y", None)
+
+
+def test_the_exploratory_grid_names_its_values():
+    """explore2 has no selection rules, so every value in it is written out (a placeholder there is an error)."""
+    cells = reproduction_plan(grid="explore2")
+    assert cells and not any("@" in o for _, c in cells for o in c.overrides)
 
 
 def test_the_round2_grid_waits_for_its_choices_then_fills_them():
