@@ -28,11 +28,13 @@ def cpu_hours(runs) -> float:
 def cost2(df, ctx):
     """The second round's cost, from its results files: runs and CPU-hours by folder (pre-registered, exploratory),
     backbone and kind (training runs, PARA runs)."""
+    from analysis import rulesfile
     from analysis.load import para_derived
     from analysis.render import Table
-    from analysis.verdicts import RULES, exploratory_of, read_rules, resolve, results_of
+    from analysis.rulesfile import resolve
+    from analysis.verdicts import exploratory_of, read_rules, results_of
 
-    rules = read_rules(resolve(ctx.options.get("rules", RULES)))
+    rules = read_rules(resolve(ctx.options.get("rules", rulesfile.RULES)))
     body, total, n = [], 0.0, 0
     for origin, runs in (("pre-registered", results_of(rules)), ("exploratory", exploratory_of(rules))):
         if not len(runs):

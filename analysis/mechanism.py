@@ -255,9 +255,11 @@ def _draw_mechanism(df: pd.DataFrame, out: Path, name: str) -> list[Path]:
 
 def _round2_test_runs(ctx) -> pd.DataFrame:
     """The results in the rules file's folder with one of its test seeds."""
-    from analysis.verdicts import RULES, read_rules, resolve, results_of, with_test_seeds
+    from analysis import rulesfile
+    from analysis.rulesfile import resolve
+    from analysis.verdicts import read_rules, results_of, with_test_seeds
 
-    rules = read_rules(resolve(ctx.options.get("rules", RULES)))
+    rules = read_rules(resolve(ctx.options.get("rules", rulesfile.RULES)))
     return with_test_seeds(rules, results_of(rules))
 
 
@@ -291,10 +293,12 @@ def engaged2(df, ctx) -> Table:
     rules' results folder) on task_a, seeds 1 and 2, by σ's scale s (and ΔW's, post_scale) and the learning rate:
     its best validation score and what σ did (no test score: the round reads none before its test grid).
     Exploratory rows decide nothing; the table is where they are read."""
+    from analysis import rulesfile
+    from analysis.rulesfile import resolve
     from analysis.select import matching
-    from analysis.verdicts import RULES, exploratory_of, read_rules, resolve, results_of, selection_of
+    from analysis.verdicts import exploratory_of, read_rules, results_of, selection_of
 
-    rules = read_rules(resolve(ctx.options.get("rules", RULES)))
+    rules = read_rules(resolve(ctx.options.get("rules", rulesfile.RULES)))
     chosen = selection_of(rules)
     task = chosen.get("task_a")  # None until the pilot chose it: no rows
     frames = [(results_of(rules), "pre-registered"), (exploratory_of(rules), "exploratory")]

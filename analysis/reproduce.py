@@ -275,9 +275,9 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
     from lrlora.errors import UserError
 
     if GRIDS.get(grid) and root is None:  # the rules say where their runs live
-        from analysis.selection import load_rules, resolve
+        from analysis.rulesfile import read, resolve
 
-        root = str(resolve(load_rules(ROOT / GRIDS[grid])["results"]).parent)
+        root = str(resolve(read(GRIDS[grid])["results"]).parent)
     failed, skipped, waited, first, took = [], set(), 0.0, True, []
     while True:
         chosen, waiting = None, []

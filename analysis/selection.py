@@ -23,15 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from analysis import rulesfile
+from analysis.rulesfile import ROOT, RULES, resolve
 from analysis.targets import target
 from lrlora import cli
 from lrlora._atomic import atomic_json
 from lrlora.errors import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
-RULES = ROOT / "analysis/rules/round2.yaml"
 
 WAIT = object()  # a rule whose runs are not all in yet
 SELECTORS: dict[str, Callable] = {}
@@ -49,15 +47,8 @@ def selector(name: str):
 
 
 def load_rules(path: str | Path = RULES) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise SelectionError(f"rules file {path} not found; the committed one is {RULES.relative_to(ROOT)}")
-    return yaml.safe_load(path.read_text())
-
-
-def resolve(path: str, base: Path = ROOT) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else base / p
+    """The rules file as written (analysis.rulesfile.read); this module reads its `select:` and `results:`."""
+    return rulesfile.read(path)
 
 
 def chance_store(results_path: str | Path) -> Path:
@@ -289,7 +280,7 @@ def selection2(df, ctx):
     notes = ["Chosen (results/reproduction2/selection.json): "
              + (", ".join(f"{k} = {chosen[k]}" for k in KEYS if k in chosen) or "nothing yet") + ".",
              "Not chosen yet: " + (", ".join(k for k in KEYS if k not in chosen) or "none") + ".",
-             f"Rules: `select` of {Path(ctx.options.get('rules', RULES)).relative_to(ROOT)} (seeds "
+             f"Rules: `select` of {resolve(ctx.options.get('rules', RULES)).relative_to(ROOT)} (seeds "
              f"{rules['select']['lr']['seeds']} for selection; validation scores only)."]
     return Table("selection2", "Round 2: the pre-registered choices and their evidence", ["rule", "candidate",
                  "evidence"], body, notes)

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import verdicts
+from analysis import rulesfile, verdicts
 from analysis.plots import pyplot, save
 from analysis.render import Table
+from analysis.rulesfile import ROOT, resolve
 from analysis.select import get_column
 from analysis.targets import target
 from analysis.verdicts import (
@@ -28,7 +29,6 @@ from analysis.verdicts import (
     FAILS,
     HOLDS,
     OPEN,
-    ROOT,
     WAITING,
     Outcome,
     _ci,
@@ -37,7 +37,6 @@ from analysis.verdicts import (
     combine,
     evaluate,
     read_rules,
-    resolve,
     results_of,
     selection_of,
     with_test_seeds,
@@ -46,7 +45,7 @@ from analysis.verdicts import (
 
 def _rules_and_outcomes(ctx):
     """(rules, outcomes, notes) for the target's options; (None, [], the note saying why) with no rules file."""
-    path = resolve(ctx.options.get("rules", verdicts.RULES))
+    path = resolve(ctx.options.get("rules", rulesfile.RULES))
     if not path.is_file():
         return None, [], [f"No rules file at {_rel(path)}: the verdicts are applied once it is committed."]
     rules = read_rules(path)
@@ -202,7 +201,7 @@ def scores2(df, ctx) -> Table:
     runs, their mean test score and spread and their mean best validation score: the levels the verdicts'
     differences are taken between."""
     header = ["arm", "column", "r", "lr", "seeds", "test score (mean ± sd)", "min – max", "best val (mean)"]
-    path = resolve(ctx.options.get("rules", verdicts.RULES))
+    path = resolve(ctx.options.get("rules", rulesfile.RULES))
     if not path.is_file():
         return Table("scores2", "Round 2: test scores by arm", header, [], [f"No rules file at {_rel(path)}."])
     rules = read_rules(path)
@@ -339,7 +338,7 @@ def fig_curves2(df, ctx) -> list[Path]:
     `metrics.train.best_val_metric`, from the run's metrics log copied to `curves/<run_name>.jsonl` beside the
     results folder), the mean over the test seeds as a line and their range as a band: whether an arm had stopped
     improving when its steps ran out, or never left chance."""
-    path = resolve(ctx.options.get("rules", verdicts.RULES))
+    path = resolve(ctx.options.get("rules", rulesfile.RULES))
     lines = curve_lines(read_rules(path), ctx.options.get("data_dir")) if path.is_file() else []
     if not lines:
         return []

@@ -66,17 +66,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from analysis import rulesfile
+from analysis.rulesfile import RULES, RulesError, resolve
 from analysis.select import get_column, matching
 from analysis.stats import chance, holm, mean_std, paired_ci, paired_ttest, tost
-from lrlora.errors import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
-RULES = "analysis/rules/round2.yaml"
 
 TOP = {"results": True, "selection": False, "alpha": True, "seeds": True, "arms": True, "claims": True,
-       "select": False}  # key: required; `select` is analysis.selection's
+       "select": False, "path": False}  # key: required; `select` is analysis.selection's, `path` rulesfile.read's
 CLAIM_KEYS = ("claim", "statement", "combine", "tests")
 COMBINE = ("all", "each")
 DIFFERENCE = ("paired", "interaction", "within")  # one-sample t-test of a difference, Holm within a family
@@ -93,29 +90,13 @@ PARA = re.compile(r"(keep|red)(\d+(?:\.\d*)?|\.\d+)")
 HOLDS, FAILS, OPEN, WAITING, UNTESTABLE = "holds", "does not hold", "inconclusive", "waiting", "not testable"
 
 
-class RulesError(UserError, ValueError):
-    """A rules file that cannot be applied: a missing or unknown key, kind or arm, a value of the wrong type, or
-    results that make a test ambiguous (two runs of one seed in one arm)."""
-
-
 # ---------------------------------------------------------------------------------------------- the rules file
-def resolve(path) -> Path:
-    """A path a rules file names (or the rules file's own): absolute, or relative to the repository root."""
-    p = Path(path)
-    return p if p.is_absolute() else ROOT / p
-
-
 def read_rules(path=RULES) -> dict:
-    """The rules file, validated; RulesError naming the claim, the test and the key for anything wrong."""
-    path = resolve(path)
-    if not path.is_file():
-        raise RulesError(f"no rules file at {path}")
-    try:
-        rules = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RulesError(f"{path}: not YAML ({e})") from None
-    validate(rules, str(path))
-    return {**rules, "path": path}
+    """The rules file (analysis.rulesfile.read), validated; RulesError naming the claim, the test and the key for
+    anything wrong."""
+    rules = rulesfile.read(path)
+    validate(rules, str(rules["path"]))
+    return rules
 
 
 def validate(rules, where: str = "the rules file") -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from analysis import report, verdict_tables, verdicts
+from analysis import report, rulesfile, verdict_tables
 from analysis.registry import build
 from analysis.stats import chance
 from analysis.verdicts import RulesError, combine, evaluate, read_rules
@@ -350,6 +350,24 @@ def test_rules_are_validated_strictly(grid, tmp_path, change, needle):
     assert needle in str(e.value) and str(e.value).startswith(str(tmp_path / "rules.yaml"))
 
 
+def test_one_reader_for_the_rules_file_and_its_errors(tmp_path):
+    """analysis.selection and analysis.verdicts read the rules file through analysis.rulesfile: the same dict (the
+    verdicts validated), and one error for a file that is missing, not a mapping, or sets the reader's own key."""
+    from analysis import selection
+
+    committed = rulesfile.read()
+    assert selection.load_rules() == committed == read_rules()
+    assert committed["path"] == rulesfile.ROOT / rulesfile.RULES
+    with pytest.raises(RulesError, match="no rules file at .*; the committed one is analysis/rules/round2.yaml"):
+        selection.load_rules(tmp_path / "nowhere.yaml")
+    (tmp_path / "list.yaml").write_text("- claims\n")
+    with pytest.raises(RulesError, match="the rules must be a mapping"):
+        read_rules(tmp_path / "list.yaml")
+    (tmp_path / "path.yaml").write_text("path: somewhere\n")
+    with pytest.raises(RulesError, match="`path` is not a rule"):
+        rulesfile.read(tmp_path / "path.yaml")
+
+
 def test_no_results_folder_means_every_test_waits(grid, tmp_path):
     rules = {**rules_dict(grid), "results": str(tmp_path / "not_yet")}
     path = _write(tmp_path, rules)
@@ -415,7 +433,7 @@ def test_the_cost_table_sums_wall_time_times_threads_by_folder_backbone_and_kind
 
 
 def test_report_rebuilds_the_verdict_block_from_the_rules_folder(grid, tmp_path, monkeypatch):
-    monkeypatch.setattr(verdicts, "RULES", _write(tmp_path, rules_dict(grid)))
+    monkeypatch.setattr(rulesfile, "RULES", _write(tmp_path, rules_dict(grid)))
     doc = tmp_path / "REPRODUCTION2.md"
     prose = "# Round 2\n\nWords.\n\n"
     doc.write_text(prose + "<!-- analysis: verdicts2 -->\nstale\n<!-- /analysis -->\n"
