@@ -87,6 +87,7 @@ KEYS = {  # kind: (required keys, optional keys), besides label and kind
                ("where", "by", "groups")),
 }
 PARA = re.compile(r"(keep|red)(\d+(?:\.\d*)?|\.\d+)")
+BEST_VAL = "metrics.train.best_val"  # a run's best validation score (its metric: metrics.train.best_val_metric)
 HOLDS, FAILS, OPEN, WAITING, UNTESTABLE = "holds", "does not hold", "inconclusive", "waiting", "not testable"
 
 
@@ -658,12 +659,19 @@ def _trains(env: _Env, claim: str, test: dict) -> list[Outcome]:
             o.verdict, o.rule = f"waiting (0 of {o.min_n} seeds)", "no run with a validation score"
             out.append(o)
             continue
+        kinds = set(get_column(mine, "metrics.train.best_val_metric").dropna()) if test["select_on"] == BEST_VAL \
+            else set()
+        if any("loss" in str(k) for k in kinds):  # "the best validation score" is the highest: a loss is not one
+            raise RulesError(f"claim {claim!r}, test {test['label']!r}: select_on {BEST_VAL} is a loss in {group} "
+                             f"({', '.join(sorted(map(str, kinds)))}); a `trains` test picks the highest score")
         best = max(v[1] for v in chosen)
         value, val, excess = next(v for v in chosen if v[1] == best)  # sorted: a tie goes to the smaller value
         o = _summary(claim, test, group, excess, [0.0] * len(excess))
         o.at = f"{test['over'].rsplit('.', 1)[-1]} = {_show(value)}"
         means = {v: (float(np.mean(e)) if e else None) for v, _, e in per_value}
-        seen = ", ".join(f"{_show(v)}: val {s:.3g}" if s is not None else f"{_show(v)}: no val"
+        # an accuracy kept as a fraction, shown in points as every score here
+        shown = (lambda x: f"val {100 * x:.1f}") if kinds else (lambda x: f"val {x:.3g}")
+        seen = ", ".join(f"{_show(v)}: {shown(s)}" if s is not None else f"{_show(v)}: no val"
                          for v, s, _ in per_value)
         chose = f"{o.at} chosen by validation ({seen})"
         if o.n < o.min_n:

@@ -31,7 +31,8 @@ PARA90_D = np.array([-3.0, -2.5, -3.5, -2.8, -3.2, -3.0, -2.6, -3.4, -2.9, -3.1]
 SR = 4 + np.array([1.2, 0.8, 1.5, 1.1, 0.9, 1.3, 1.0, 1.4, 0.7, 1.1])  # stable rank of ΔW, r = 4
 
 
-def run(folder, adapter, seed, score, regime, r=4, lr=1e-3, val=0.6, sr=None, regime_cfg=None, **adapter_cfg):
+def run(folder, adapter, seed, score, regime, r=4, lr=1e-3, val=0.6, sr=None, regime_cfg=None, val_metric=None,
+        **adapter_cfg):
     """One results file (tests/test_claims.py's writer), with a learning rate, a best validation score and
     optionally a stable rank and a loadable regime config."""
     scratch = folder.parent / "scratch"
@@ -41,6 +42,8 @@ def run(folder, adapter, seed, score, regime, r=4, lr=1e-3, val=0.6, sr=None, re
     path.unlink()
     d["run_name"] += f"__lr{lr:g}"
     d["metrics"]["train"]["best_val"] = val
+    if val_metric:
+        d["metrics"]["train"]["best_val_metric"] = val_metric
     d["config"]["regime"] = {**(regime_cfg or d["config"]["regime"]), "train": {"lr": lr}}
     if sr is not None:
         d["stable_ranks"] = {"all": {"mean": sr}}
@@ -96,8 +99,10 @@ def grid(tmp_path_factory):
         cfg = {"name": regime, "task": "classification", "loader": "bb_task", "bb_task": "toy", "pairs": False,
                "eval_dir": str(data), "split_seed": 0, "val_fraction": 0.2}
         for s in SEEDS[:3]:
-            run(res, "lrlora", s, at_1e3 + s / 10, regime, lr=1e-3, val=0.70, regime_cfg=cfg, center=False)
-            run(res, "lrlora", s, at_1e2 + s / 10, regime, lr=1e-2, val=0.65, regime_cfg=cfg, center=False)
+            run(res, "lrlora", s, at_1e3 + s / 10, regime, lr=1e-3, val=0.70, regime_cfg=cfg, center=False,
+                val_metric="accuracy")
+            run(res, "lrlora", s, at_1e2 + s / 10, regime, lr=1e-2, val=0.65, regime_cfg=cfg, center=False,
+                val_metric="accuracy")
     run(res, "lrlora", 1, 90.0, "bb_t_few", lr=1e-3, val=0.7, regime_cfg={**cfg, "name": "bb_t_few"}, center=False)
     (root / "selection.json").write_text(json.dumps({"s": 10.0, "gone": None}))
     return root
@@ -294,8 +299,9 @@ def test_trains_chooses_the_learning_rate_by_validation(outcomes, grid):
     excess = 76.0 + np.array([0.1, 0.2, 0.3]) - 75.0  # lr 1e-3 has the better validation (its test is worse)
     assert by_val.at == "lr = 0.001" and by_val.n == 3 and by_val.mean == pytest.approx(excess.mean())
     assert by_val.verdict == "inconclusive"  # 1.2 < 7, and 13.2 at lr 1e-2 is not below 3
-    assert by_val.rule.startswith("lr = 0.001 chosen by validation (0.001: val 0.7, 0.01: val 0.65)")
+    assert by_val.rule.startswith("lr = 0.001 chosen by validation (0.001: val 70.0, 0.01: val 65.0)")  # in points
     holds = out["8", "trains", "bb_t_holds"]
+    assert holds.rule.startswith("lr = 0.001 chosen by validation (0.001: val 70.0, 0.01: val 65.0)")
     assert holds.verdict == "holds" and holds.mean == pytest.approx(85.2 - 75.0)
     assert out["8", "trains", "bb_t_fails"].verdict == "does not hold"
     assert out["8", "trains", "bb_t_few"].verdict == "waiting (1 of 3 seeds)"
@@ -366,6 +372,20 @@ def test_one_reader_for_the_rules_file_and_its_errors(tmp_path):
     (tmp_path / "path.yaml").write_text("path: somewhere\n")
     with pytest.raises(RulesError, match="`path` is not a rule"):
         rulesfile.read(tmp_path / "path.yaml")
+
+
+def test_trains_refuses_a_loss_as_its_validation_score(grid, tmp_path):
+    """`trains` keeps the rate with the highest validation score; runs whose best_val is a loss (lower is better)
+    would make it keep the worst, so that is an error naming the test, not a verdict."""
+    res = tmp_path / "results"
+    res.mkdir()
+    for path in (grid / "results").glob("*bb_t_holds*.json"):
+        d = json.loads(path.read_text())
+        d["metrics"]["train"]["best_val_metric"] = "loss"
+        (res / path.name).write_text(json.dumps(d))
+    rules = read_rules(_write(tmp_path, {**rules_dict(grid), "results": str(res)}))
+    with pytest.raises(RulesError, match=r"claim '8', test 'trains': select_on metrics.train.best_val is a loss"):
+        evaluate(rules)
 
 
 def test_no_results_folder_means_every_test_waits(grid, tmp_path):
