@@ -84,7 +84,7 @@ KEYS = {  # kind: (required keys, optional keys), besides label and kind
     "within": (("metric", "arm", "versus", "min_n", "margin"), ("where", "by", "groups", "family")),
     "equivalence": (("metric", "treatment", "control", "min_n", "margin"), ("where", "by", "groups")),
     "trains": (("metric", "arm", "over", "select_on", "min_n", "holds_above", "fails_below"),
-               ("where", "by", "groups")),
+               ("where", "by", "groups", "values")),
 }
 PARA = re.compile(r"(keep|red)(\d+(?:\.\d*)?|\.\d+)")
 BEST_VAL = "metrics.train.best_val"  # a run's best validation score (its metric: metrics.train.best_val_metric)
@@ -216,6 +216,11 @@ def _test(test: dict, at: str, arms: dict, err) -> None:
             err(f"{at}: {key} must be a number, not {test[key]!r}")
     if kind == "equivalence" and test["margin"] <= 0:
         err(f"{at}: an equivalence margin must be positive, not {test['margin']!r}")
+    values = test.get("values")
+    if values is not None and not (isinstance(values, list) and values
+                                   and all(_number(v) or isinstance(v, str) for v in values)):
+        err(f"{at}: values must be a non-empty list of the values of `over` the test was registered for, "
+            f"not {values!r}")
     if kind == "trains" and test["fails_below"] > test["holds_above"]:
         err(f"{at}: fails_below {test['fails_below']} is above holds_above {test['holds_above']}")
 
@@ -639,8 +644,11 @@ def _trains(env: _Env, claim: str, test: dict) -> list[Outcome]:
         over = get_column(mine, test["over"])
         o = _new(claim, test, group)
         per_value = []  # (value, mean select_on, excess by seed)
+        # `values`: the test's registered values of `over`; runs at any other value are not its runs, and it waits
+        # until each registered value has its seeds (without it: the values that have runs so far)
+        registered = test.get("values") or sorted({v for v in over if _show(v) != "—"})
         try:
-            for value in sorted({v for v in over if _show(v) != "—"}):
+            for value in registered:
                 at = mine[over.map(lambda x, value=value: _show(x) == _show(value))].sort_values("seed")
                 _per_seed(at, _metric(at, test["metric"]), f"claim {claim!r}, test {test['label']!r}, arm "
                                                            f"{test['arm']} in {group} at {_show(value)}")
@@ -654,6 +662,14 @@ def _trains(env: _Env, claim: str, test: dict) -> list[Outcome]:
             continue
         except ValueError as e:
             raise RulesError(f"claim {claim!r}, test {test['label']!r}: {e}") from None
+        short = [(v, len(e)) for v, _, e in per_value if len(e) < test["min_n"]] if test.get("values") else []
+        if short:
+            o.n = min(k for _, k in short)
+            o.verdict = f"waiting ({o.n} of {o.min_n} seeds)"
+            o.rule = ("every registered value needs its seeds before one is chosen: "
+                      + ", ".join(f"{_show(v)}: {k} of {o.min_n}" for v, k in short))
+            out.append(o)
+            continue
         chosen = [v for v in per_value if v[1] is not None]
         if not chosen:
             o.verdict, o.rule = f"waiting (0 of {o.min_n} seeds)", "no run with a validation score"

@@ -374,6 +374,24 @@ def test_one_reader_for_the_rules_file_and_its_errors(tmp_path):
         rulesfile.read(tmp_path / "path.yaml")
 
 
+def test_trains_waits_for_every_registered_value_and_reads_only_those(grid, tmp_path):
+    """With `values`, a `trains` test is the rates it was registered for: it waits while any of them lacks its
+    seeds (no verdict from the rates that ran first), and runs at an unregistered rate are not its runs."""
+    def trains(values):
+        rules = rules_dict(grid)
+        rules["claims"][13]["tests"][0]["values"] = values
+        return {o.group: o for o in evaluate(read_rules(_write(tmp_path, rules))) if o.claim == "8"}
+
+    later = trains([1.0e-3, 1.0e-2, 1.0e-1])  # 1e-1 registered, not run yet
+    assert {o.verdict for o in later.values()} == {"waiting (0 of 3 seeds)"}
+    assert later["bb_t_holds"].rule == "every registered value needs its seeds before one is chosen: 0.1: 0 of 3"
+    only = trains([1.0e-2])  # 1e-3 ran too, but is not registered: the choice is among 1e-2 alone
+    assert only["bb_t_chosen_by_val"].at == "lr = 0.01" and only["bb_t_chosen_by_val"].verdict == "holds"
+    assert only["bb_t_holds"].verdict == "does not hold"  # 70 at 1e-2, chance 75; its 85 at 1e-3 is not read
+    with pytest.raises(RulesError, match="values must be a non-empty list"):
+        trains([])
+
+
 def test_trains_refuses_a_loss_as_its_validation_score(grid, tmp_path):
     """`trains` keeps the rate with the highest validation score; runs whose best_val is a loss (lower is better)
     would make it keep the worst, so that is an error naming the test, not a verdict."""
