@@ -23,8 +23,12 @@ killed midway resumes from its checkpoint on the next call. No table is built: `
 A step with a `para:` list (`para: [keep_energy=0.9, reduction=0.75]`) trains nothing: for each of its cells
 whose results file exists, `python -m experiments.para` compresses that run at each setting whose results file
 (`<run>__para-keep0.90.json`, ...) is missing; a cell not trained yet is reported as waiting and picked up by a
-later call. These PARA jobs run after the training cells; `--shard I/N` deals them out like the cells (every N-th
-from the I-th), and a job whose run is still training in another shard when its turn comes waits for the next call.
+later call. These PARA jobs run after the training cells; `--shard I/N` deals them out by source run (every N-th
+source from the I-th, with all its settings), and a job whose run is still training in another shard when its turn
+comes waits for the next call. A run folder is not committed (runs/ holds checkpoints), so on a fresh machine a
+source's results file can be here while its adapter is not: the runner then re-trains the source into
+`<root>/runs/_restore/` and puts its run folder back only if the re-trained results equal the committed ones
+(`restore_source`); otherwise its PARA jobs fail with the fields that differ, and nothing is scored.
 """
 
 from __future__ import annotations
@@ -226,14 +230,66 @@ def para_settings(step: dict) -> list[tuple[float | None, float | None]]:
     return out
 
 
+RESTORE = "runs/_restore"  # under a grid's root, where a source run is re-trained (runs/ is never committed)
+# What a re-trained run must reproduce exactly to stand for the committed one: every score, the protocols' settings,
+# the ranks and mechanism of its adapter, the data and the parameter count. Timing, memory, when a protocol ran and
+# the commit differ from machine to machine.
+REPRODUCED = ("metrics", "protocols", "stable_ranks", "mechanism", "data_fingerprint", "params")
+
+
+def reproduced(results: dict) -> dict:
+    """The part of a results file that a re-trained run must reproduce (REPRODUCED)."""
+    view = {k: results.get(k) for k in REPRODUCED}
+    view["protocols"] = {name: (p or {}).get("settings") for name, p in (results.get("protocols") or {}).items()}
+    return view
+
+
+def restore_source(cfg, overrides: list[str]) -> bool:
+    """Put back the run folder of a PARA job's source whose results file is here but whose folder is not (a fresh
+    machine): re-train the run into <root>/runs/_restore/ (resumable there), compare the fields in REPRODUCED with
+    the committed results file, and move the run folder into <root>/runs/ only if they are equal, with the
+    re-trained results file inside it as `restored.json`. False when there was nothing to restore; raises
+    ReproduceError (the fields that differ) when the re-trained run does not reproduce the committed one, so no
+    PARA result is ever computed from an adapter other than the one that was scored."""
+    from experiments.train import run
+
+    results_dir = Path(cfg.paths.results_dir)
+    root = results_dir.parent
+    folder = root / "runs" / cfg.run_name
+    if (folder / "adapter").is_dir():
+        return False
+    if folder.exists():  # a folder without its adapter: not ours to replace
+        raise ReproduceError(f"{folder} exists without an adapter, so {cfg.run_name}'s PARA jobs cannot run: move "
+                             f"that folder away and the runner re-trains the run to restore it")
+    fresh = compose(overrides, str(root / RESTORE))
+    again_path = Path(fresh.paths.results_dir) / f"{cfg.run_name}.json"
+    print(f"[reproduction] {cfg.run_name}: its results file is here, its run folder is not; re-training it into "
+          f"{root / RESTORE} to put the folder back", flush=True)
+    run(fresh)
+    committed = reproduced(json.loads((results_dir / f"{cfg.run_name}.json").read_text()))
+    again = reproduced(json.loads(again_path.read_text()))
+    differ = [k for k in REPRODUCED if committed[k] != again[k]]
+    if differ:
+        raise ReproduceError(f"{cfg.run_name} re-trained does not reproduce its committed results ({', '.join(differ)} "
+                             f"differ; the re-trained run is in {root / RESTORE}): its PARA jobs are not run, since "
+                             f"their adapter would not be the one that was scored")
+    Path(fresh.paths.output_dir).rename(folder)  # one filesystem: the folder appears whole or not at all
+    again_path.rename(folder / "restored.json")
+    print(f"[reproduction] {cfg.run_name}: re-trained, {', '.join(REPRODUCED)} equal to the committed results; "
+          f"its run folder is back", flush=True)
+    return True
+
+
 def run_para_jobs(jobs: list, dry_run: bool, root: str | None) -> list[str]:
-    """Run (or, dry, print) the PARA jobs [(step, cfg, keep_energy, reduction, name)] whose source run exists and
-    whose results file does not; returns the names that failed."""
+    """Run (or, dry, print) the PARA jobs [(step, cfg, keep_energy, reduction, name, overrides)] whose source run
+    exists and whose results file does not, restoring a source's run folder first where it is gone (restore_source);
+    returns the names that failed."""
     from experiments.para import run_para
+    from lrlora._atomic import Busy
     from lrlora.errors import UserError
 
     failed = []
-    for step, cfg, ke, red, name in jobs:
+    for step, cfg, ke, red, name, overrides in jobs:
         results_dir = Path(cfg.paths.results_dir)
         if (results_dir / f"{name}.json").exists():
             continue
@@ -242,11 +298,18 @@ def run_para_jobs(jobs: list, dry_run: bool, root: str | None) -> list[str]:
             continue
         setting = f"para.keep_energy={ke}" if ke is not None else f"para.reduction={red}"
         if dry_run:
+            if not (results_dir.parent / "runs" / cfg.run_name / "adapter").is_dir():
+                print(f"# {cfg.run_name}'s run folder is gone: it is re-trained into {results_dir.parent / RESTORE} "
+                      f"and put back if it reproduces its results file")
             print(f"python -m experiments.para run={cfg.run_name} {setting}" + (f" paths.root={root}" if root else ""))
             continue
         t = time.perf_counter()
         try:
+            restore_source(cfg, overrides)
             run_para(cfg.run_name, ke, red, results_dir)
+        except Busy:  # another shard is restoring the same source: the next call takes it
+            print(f"  claim {step['claim']}: {name}: waiting for another process that holds {cfg.run_name}")
+            continue
         except UserError as e:
             print(f"error: {name}: {e}", file=sys.stderr)
             failed.append(name)
@@ -295,10 +358,10 @@ def run_reproduction(root: str | None, dry_run: bool, shard: tuple[int, int] = (
             for _, cell, _, _ in todo[i_shard::n_shard]:
                 print("python -m experiments.train " + " ".join(cell.overrides)
                       + (f" paths.root={root}" if root else ""))
-            run_para_jobs(para_todo[i_shard::n_shard], True, root)
+            run_para_jobs(deal_para(para_todo, shard), True, root)
             return 0
         if not mine:
-            failed += run_para_jobs(para_todo[i_shard::n_shard], False, root)  # sources trained above are used now
+            failed += run_para_jobs(deal_para(para_todo, shard), False, root)  # sources trained above are used now
             if waiting and waited < wait_s:
                 time.sleep(60)
                 waited += 60
@@ -350,7 +413,7 @@ def grid_todo(grid, claims, root, chosen, waiting):
         if step.get("para"):  # trains nothing: PARA of this cell's run at each setting
             for ke, red in para_settings(step):
                 name = para_run_name(cfg.run_name, ke, red)
-                para_jobs.setdefault(name, (step, cfg, ke, red, name))
+                para_jobs.setdefault(name, (step, cfg, ke, red, name, cell.overrides))
             continue
         if cfg.run_name in seen:  # a cell shared by two claims (LoRA r=4 seed 42 is in 1b, 2 and 3)
             continue
@@ -362,6 +425,14 @@ def grid_todo(grid, claims, root, chosen, waiting):
     para_todo = [job for job in para_jobs.values()
                  if not (Path(job[1].paths.results_dir) / f"{job[4]}.json").exists()]
     return n, todo, para_jobs, para_todo
+
+
+def deal_para(para_todo: list, shard: tuple[int, int]) -> list:
+    """Shard (i, n)'s PARA jobs: every n-th source run from the i-th, with all its settings, so that one process
+    restores a source's run folder (restore_source) and the others do not wait on it."""
+    sources = list(dict.fromkeys(job[1].run_name for job in para_todo))
+    mine = set(sources[shard[0]::shard[1]])
+    return [job for job in para_todo if job[1].run_name in mine]
 
 
 def report_todo(n, todo, para_jobs, para_todo, waiting, shard):
@@ -376,7 +447,7 @@ def report_todo(n, todo, para_jobs, para_todo, waiting, shard):
     i_shard, n_shard = shard
     if n_shard > 1:
         print(f"[reproduction] shard {i_shard + 1}/{n_shard}: {len(todo[i_shard::n_shard])} of them here"
-              + (f", and {len(para_todo[i_shard::n_shard])} PARA runs" if para_jobs else ""))
+              + (f", and {len(deal_para(para_todo, shard))} PARA runs" if para_jobs else ""))
     for step, _, cfg, why in todo[i_shard::n_shard]:
         print(f"  claim {step['claim']}: {cfg.run_name}: {why}")
 

@@ -160,16 +160,55 @@ def test_reproduction_para_steps_wait_for_their_runs_then_list_para(tmp_path, ca
     listed = [line for line in out.splitlines() if line.startswith("python -m experiments.para")]
     assert listed == [f"python -m experiments.para run={cfg.run_name} {s} paths.root={tmp_path}"
                       for s in ("para.keep_energy=0.9", "para.reduction=0.75", "para.reduction=0.9")]
+    assert f"# {cfg.run_name}'s run folder is gone: it is re-trained into" in out  # a fresh machine: no adapter
     (tmp_path / "results" / f"{cfg.run_name}__para-red0.75.json").write_text("{}")  # that setting is done
-    run_reproduction(str(tmp_path), dry_run=True, shard=(1, 2))
-    out = capsys.readouterr().out
-    assert "12 PARA runs in the grid, 11 to run (9 of them waiting for their run; 1 done)" in out
-    assert [line.split()[-2] for line in out.splitlines() if line.startswith("python -m experiments.para")] == \
-        ["para.reduction=0.9"]  # the second of the two left, in shard 2/2
+    shards = []
+    for i in (0, 1):  # shards deal out source runs, each with all its settings: one process restores a source
+        run_reproduction(str(tmp_path), dry_run=True, shard=(i, 2))
+        out = capsys.readouterr().out
+        assert "12 PARA runs in the grid, 11 to run (9 of them waiting for their run; 1 done)" in out
+        shards.append([line.split()[-2] for line in out.splitlines()
+                       if line.startswith("python -m experiments.para")])
+    assert shards == [["para.keep_energy=0.9", "para.reduction=0.9"], []]
     with pytest.raises(ReproduceError, match="para entry 'keep=0.9'"):
         para_settings({"claim": "7", "para": ["keep=0.9"]})
     with pytest.raises(ReproduceError, match="reduction must be in"):
         para_settings({"claim": "7", "para": ["reduction=1.5"]})
+
+
+def test_a_para_source_whose_run_folder_is_gone_is_retrained_and_put_back_only_if_it_reproduces(tmp_path, capsys):
+    """A fresh machine has a grid's results files but not its run folders (runs/ is not committed): PARA needs the
+    source's adapter, so the runner re-trains the source into runs/_restore/ and moves the folder into place only if
+    the re-trained scores, ranks and mechanism equal the committed ones; a run that does not reproduce is refused."""
+    import shutil
+
+    from analysis.reproduce import ReproduceError, compose, plan, restore_source
+    from experiments.train import run
+
+    cell = plan("table1", "smoke", [42], ["LoRA"])[0]
+    cfg = compose(cell.overrides, str(tmp_path))
+    run(cfg)
+    folder = tmp_path / "runs" / cfg.run_name
+    committed = json.loads((tmp_path / "results" / f"{cfg.run_name}.json").read_text())
+    assert restore_source(cfg, cell.overrides) is False  # its folder is here: nothing to do
+    shutil.rmtree(folder)
+    assert restore_source(cfg, cell.overrides) is True
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    again = json.loads((folder / "restored.json").read_text())
+    assert again["metrics"] == committed["metrics"] and again["stable_ranks"] == committed["stable_ranks"]
+    assert not any((tmp_path / "runs" / "_restore" / "runs").iterdir())  # moved, not copied
+    assert "its run folder is back" in capsys.readouterr().out
+
+    # a committed score the re-trained run does not give: refused, and no folder appears
+    committed["metrics"]["train"]["best_val"] += 0.01
+    (tmp_path / "results" / f"{cfg.run_name}.json").write_text(json.dumps(committed))
+    shutil.rmtree(folder)
+    with pytest.raises(ReproduceError, match=r"does not reproduce its committed results \(metrics differ"):
+        restore_source(cfg, cell.overrides)
+    assert not folder.exists()
+    (folder / "checkpoint").mkdir(parents=True)  # a folder without its adapter is not replaced
+    with pytest.raises(ReproduceError, match="exists without an adapter"):
+        restore_source(cfg, cell.overrides)
 
 
 def test_reproduction_shards_split_the_grid_without_overlap(tmp_path, capsys):
