@@ -203,12 +203,35 @@ def test_a_para_source_whose_run_folder_is_gone_is_retrained_and_put_back_only_i
     committed["metrics"]["train"]["best_val"] += 0.01
     (tmp_path / "results" / f"{cfg.run_name}.json").write_text(json.dumps(committed))
     shutil.rmtree(folder)
-    with pytest.raises(ReproduceError, match=r"does not reproduce its committed results \(metrics differ"):
+    with pytest.raises(ReproduceError, match=r"does not reproduce its committed results \(1 field\(s\) differ: "
+                                             r"metrics.train.best_val;"):
         restore_source(cfg, cell.overrides)
     assert not folder.exists()
     (folder / "checkpoint").mkdir(parents=True)  # a folder without its adapter is not replaced
     with pytest.raises(ReproduceError, match="exists without an adapter"):
         restore_source(cfg, cell.overrides)
+
+
+def test_a_re_trained_run_agrees_with_its_results_file_to_float_rounding_and_every_score_exactly():
+    """What restore_source compares: real numbers to float rounding (an SVD on another CPU differs at 1e-7), every
+    accuracy and count exactly, and one question in 8,000 is a difference."""
+    from analysis.reproduce import differences, reproduced
+
+    committed = {"metrics": {"glue": {"loss": 0.554235221862793, "choice_accuracy": 0.427, "n": 8000},
+                             "train": {"best_val": 0.49}},
+                 "stable_ranks": {"all": {"mean": 1.444368173678716}, "spectrum": [0.5594903, 4.1e-07, 1.1e-08]},
+                 "mechanism": {"energy_beyond_r": 1.51e-15}, "protocols": {"glue": {"settings": {"b": 8}, "at": "x"}}}
+    again = json.loads(json.dumps(committed))
+    again["metrics"]["glue"]["loss"] = 0.5542352268695832
+    again["stable_ranks"] = {"all": {"mean": 1.4443681902355618}, "spectrum": [0.5594907, 3.8e-07, 1.4e-08]}
+    again["mechanism"]["energy_beyond_r"] = 1.49e-15
+    again["protocols"]["glue"]["at"] = "y"  # when it ran is not the result
+    assert differences(reproduced(committed), reproduced(again)) == []
+    again["metrics"]["glue"]["choice_accuracy"] = 0.427 + 1 / 8000
+    again["stable_ranks"]["all"]["mean"] = 1.4444
+    again["protocols"]["glue"]["settings"]["b"] = 16
+    assert differences(reproduced(committed), reproduced(again)) == [
+        "metrics.glue.choice_accuracy", "protocols.glue.b", "stable_ranks.all.mean"]
 
 
 def test_reproduction_shards_split_the_grid_without_overlap(tmp_path, capsys):
