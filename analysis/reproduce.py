@@ -306,7 +306,7 @@ def run_para_jobs(jobs: list, dry_run: bool, root: str | None) -> list[str]:
     from lrlora._atomic import Busy
     from lrlora.errors import UserError
 
-    failed = []
+    failed, gone = [], set()
     for step, cfg, ke, red, name, overrides in jobs:
         results_dir = Path(cfg.paths.results_dir)
         if (results_dir / f"{name}.json").exists():
@@ -316,7 +316,8 @@ def run_para_jobs(jobs: list, dry_run: bool, root: str | None) -> list[str]:
             continue
         setting = f"para.keep_energy={ke}" if ke is not None else f"para.reduction={red}"
         if dry_run:
-            if not (results_dir.parent / "runs" / cfg.run_name / "adapter").is_dir():
+            if not (results_dir.parent / "runs" / cfg.run_name / "adapter").is_dir() and cfg.run_name not in gone:
+                gone.add(cfg.run_name)
                 print(f"# {cfg.run_name}'s run folder is gone: it is re-trained into {results_dir.parent / RESTORE} "
                       f"and put back if it reproduces its results file")
             print(f"python -m experiments.para run={cfg.run_name} {setting}" + (f" paths.root={root}" if root else ""))
