@@ -13,6 +13,7 @@ Options: `rules` (default analysis/rules/round2.yaml, read at call time so a tes
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -260,7 +261,7 @@ def fig_verdicts2(df, ctx) -> list[Path]:
     tests = {(str(c["claim"]), t["label"]): t for c in rules["claims"] for t in c["tests"]}
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = pyplot().subplots(nrows, ncols, figsize=(4.6 * ncols, 2.3 * nrows), squeeze=False)
+    fig, axes = pyplot().subplots(nrows, ncols, figsize=(4.6 * ncols, 2.5 * nrows), squeeze=False)
     for ax, (o, also) in zip(axes.flat, panels):
         test = tests[(o.claim, o.label)]
         jitter = np.linspace(-0.25, 0.25, len(o.values)) if len(o.values) > 1 else [0.0]
@@ -282,13 +283,14 @@ def fig_verdicts2(df, ctx) -> list[Path]:
         unit = UNITS.get(test["metric"].split(".", 1)[0], test["metric"])
         what = {"trains": f"excess over chance at {o.at}", "within": "value − its reference"}.get(o.kind,
                                                                                                  "difference")
-        ax.set(yticks=[0, 1], yticklabels=["mean, 95% CI", f"{o.n} seeds"], ylim=(-0.8, 1.6),
+        ax.set(yticks=[0, 1], yticklabels=["mean, 95% CI", f"{o.n} seed{'s' * (o.n != 1)}"], ylim=(-0.8, 1.6),
                xlabel=f"{what} ({unit})")
         claims = list(dict.fromkeys(x.claim for x in (o, *also)))
         labels = " = ".join(dict.fromkeys(x.label for x in (o, *also)))
         names = f"claims {', '.join(claims[:-1])} and {claims[-1]}" if len(claims) > 1 else f"claim {o.claim}"
         group = "" if o.group == "all" else f" ({o.group})"
-        ax.set_title(f"{names}: {labels}{group}\n{o.verdict}", fontsize=8, color=colour)
+        # wrapped to the panel's width: a title on one line ran into its neighbour's
+        ax.set_title(textwrap.fill(f"{names}: {labels}{group}", 70) + f"\n{o.verdict}", fontsize=8, color=colour)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
