@@ -27,8 +27,9 @@ later call. These PARA jobs run after the training cells; `--shard I/N` deals th
 source from the I-th, with all its settings), and a job whose run is still training in another shard when its turn
 comes waits for the next call. A run folder is not committed (runs/ holds checkpoints), so on a fresh machine a
 source's results file can be here while its adapter is not: the runner then re-trains the source into
-`<root>/runs/_restore/` and puts its run folder back only if the re-trained results equal the committed ones
-(`restore_source`); otherwise its PARA jobs fail with the fields that differ, and nothing is scored.
+`<root>/runs/_restore/` and puts its run folder back only if the re-trained results agree with the committed ones
+(`restore_source`: scores exactly, real numbers to float rounding); otherwise its PARA jobs fail with the fields
+that differ, and nothing is scored.
 """
 
 from __future__ import annotations
@@ -265,8 +266,8 @@ def differences(a, b, path: str = "") -> list[str]:
 def restore_source(cfg, overrides: list[str]) -> bool:
     """Put back the run folder of a PARA job's source whose results file is here but whose folder is not (a fresh
     machine): re-train the run into <root>/runs/_restore/ (resumable there), compare the fields in REPRODUCED with
-    the committed results file (`differences`), and move the run folder into <root>/runs/ only if they are equal, with the
-    re-trained results file inside it as `restored.json`. False when there was nothing to restore; raises
+    the committed results file (`differences`), and move the run folder into <root>/runs/ only if they agree, with
+    the re-trained results file inside it as `restored.json`. False when there was nothing to restore; raises
     ReproduceError (the fields that differ) when the re-trained run does not reproduce the committed one, so no
     PARA result is ever computed from an adapter other than the one that was scored."""
     from experiments.train import run
