@@ -4,7 +4,8 @@
 
 A run's cost is its wall time (`timing.wall_s`, which a resumed run carries over from its earlier launches) times
 its torch threads (`config.trainer.num_threads`); runs that failed or were stopped before writing a results file
-are not counted, so the sum is what the committed runs took, not what the machine spent.
+are not counted, nor re-trainings that restore a PARA source's run folder (analysis.reproduce.restore_source), so
+the sum is what the committed runs took, not what the machine spent.
 """
 
 from __future__ import annotations
@@ -52,4 +53,5 @@ def cost2(df, ctx):
                                                                    "CPU-hours"], body,
                  ["CPU-hours: each results file's wall time (`timing.wall_s`, which a resumed run carries over) times "
                   "its torch threads (one in this round), summed; a run's evaluations are included. Not counted: "
-                  "runs that failed or were stopped before writing a results file."])
+                  "runs that failed or were stopped before writing a results file, and the re-training of a PARA "
+                  "source whose run folder was gone (`restore_source`; its results file stays in that folder)."])
