@@ -211,18 +211,30 @@ def scores2(df, ctx) -> Table:
         lr = pd.to_numeric(runs["config.regime.train.lr"], errors="coerce")
         for (column, r, rate), group in runs.groupby([runs["column"], runs["r"], lr], sort=True):
             score = pd.to_numeric(group["score"], errors="coerce").dropna()
-            val = pd.to_numeric(group["metrics.train.best_val"], errors="coerce").dropna() * 100
             sd = f" ± {score.std(ddof=1):.1f}" if len(score) > 1 else ""
             body.append([label, column, str(int(r)), f"{rate:g}", str(group["seed"].nunique()),
                          f"{score.mean():.1f}{sd}" if len(score) else "—",
-                         f"{score.min():.1f} – {score.max():.1f}" if len(score) else "—",
-                         f"{val.mean():.1f}" if len(val) else "—"])
+                         f"{score.min():.1f} – {score.max():.1f}" if len(score) else "—", mean_best_val(group)])
     return Table("scores2", "Round 2: test scores by arm", header, body,
                  [f"Test seeds ({', '.join(map(str, rules['seeds']))}) in {_rel(rules['results'])}; arms as "
                   f"{_rel(rules['path'])} defines them, with the values selection.json has chosen; an arm whose value is "
                   "not chosen yet, or with no runs, has no row. Test score: the run's headline metric on its test "
-                  "set, in points; best val: the best of its validation evaluations, in points (the checkpoint the "
-                  "test score comes from; a PARA copy, which trains nothing, has none)."])
+                  "set, in points; best val: the best of its validation evaluations, in points, or the lowest "
+                  "validation loss where the runs select on one (SmolLM2's) (the checkpoint the test score comes "
+                  "from; a PARA copy, which trains nothing, has none)."])
+
+
+def mean_best_val(group: pd.DataFrame) -> str:
+    """The runs' mean best validation value as scores2 shows it: a score in points, a loss as a loss (runs that
+    select their checkpoint on the validation loss, SmolLM2's, have no validation score: ×100 would show a loss of
+    0.169 as 16.9 points)."""
+    val = pd.to_numeric(group["metrics.train.best_val"], errors="coerce").dropna()
+    if not len(val):
+        return "—"
+    metric = get_column(group, "metrics.train.best_val_metric").dropna()
+    if any("loss" in str(m) for m in metric):
+        return f"loss {val.mean():.3f}"
+    return f"{100 * val.mean():.1f}"
 
 
 def drawn(outcomes: list[Outcome]) -> list[tuple[Outcome, list[Outcome]]]:

@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from scipy import stats
@@ -546,6 +547,15 @@ def test_the_scores_table_gives_each_arms_levels_with_arms_on_the_same_runs_on_o
     para = next(v for k, v in rows.items() if k[0] == "lora, PARA red0.75")  # the PARA copies a test names
     assert para[:2] == ["10", f"{(BASE + PARA75_D).mean():.1f} ± {(BASE + PARA75_D).std(ddof=1):.1f}"]
     assert para[-1] == "—"  # it trained nothing: no validation score
+
+
+def test_the_scores_table_shows_a_validation_loss_as_a_loss():
+    """SmolLM2's runs select their checkpoint on the validation loss: scores2 shows it as one, not ×100 as points."""
+    loss = pd.DataFrame({"metrics.train.best_val": [0.169, 0.171], "metrics.train.best_val_metric": ["loss"] * 2})
+    score = pd.DataFrame({"metrics.train.best_val": [0.6, 0.62], "metrics.train.best_val_metric": ["accuracy"] * 2})
+    assert verdict_tables.mean_best_val(loss) == "loss 0.170"
+    assert verdict_tables.mean_best_val(score) == "61.0"
+    assert verdict_tables.mean_best_val(score.assign(**{"metrics.train.best_val": [None, None]})) == "—"
 
 
 def test_the_curves_come_from_each_runs_log_beside_the_results_folder(tmp_path):
