@@ -219,11 +219,12 @@ def test_a_re_trained_run_agrees_with_its_results_file_to_float_rounding_and_eve
 
     committed = {"metrics": {"glue": {"loss": 0.554235221862793, "choice_accuracy": 0.427, "n": 8000},
                              "train": {"best_val": 0.49}},
-                 "stable_ranks": {"all": {"mean": 1.444368173678716}, "spectrum": [0.5594903, 4.1e-07, 1.1e-08]},
+                 "stable_ranks": {"all": {"mean": 1.444368173678716}, "spectrum": [0.5594903, 8.5e-07, 1.1e-08]},
                  "mechanism": {"energy_beyond_r": 1.51e-15}, "protocols": {"glue": {"settings": {"b": 8}, "at": "x"}}}
     again = json.loads(json.dumps(committed))
     again["metrics"]["glue"]["loss"] = 0.5542352268695832
-    again["stable_ranks"] = {"all": {"mean": 1.4443681902355618}, "spectrum": [0.5594907, 3.8e-07, 1.4e-08]}
+    # a rank-4 ΔW's values beyond the fourth are float32 rounding: 8.5e-7 against 2.2e-6 on two CPUs
+    again["stable_ranks"] = {"all": {"mean": 1.4443681902355618}, "spectrum": [0.5594907, 2.15e-06, 1.4e-08]}
     again["mechanism"]["energy_beyond_r"] = 1.49e-15
     again["protocols"]["glue"]["at"] = "y"  # when it ran is not the result
     assert differences(reproduced(committed), reproduced(again)) == []
