@@ -234,14 +234,17 @@ def para_settings(step: dict) -> list[tuple[float | None, float | None]]:
 RESTORE = "runs/_restore"  # under a grid's root, where a source run is re-trained (runs/ is never committed)
 # What a re-trained run must reproduce to stand for the committed one: every score, the protocols' settings, the
 # ranks and mechanism of its adapter, the data and the parameter count. Timing, memory, when a protocol ran and the
-# commit differ from machine to machine. Counts, strings and accuracies must be equal; a real number may differ by
-# float rounding (REL, ABS): on another CPU the same training gives the same scores, and losses equal or one float32
-# rounding step apart (6e-8 in 0.6), while an SVD of ΔW differs by about 1e-7 of its top singular value, and the values at its
-# noise floor (a rank-4 ΔW's fifth σ_i/σ_1 and beyond) are rounding alone: they move by up to √n·ε ≈ 5e-6 for a
-# 384 x 1536 matrix (1.3e-6 seen), hence ABS. One question in 8,000 changes an accuracy by 3e-4 of itself, which
-# is compared exactly anyway.
+# commit differ from machine to machine. On another CPU the same seed trains the same adapter up to float rounding:
+# - counts, strings and the validation score that picked the checkpoint (best_val) must be equal;
+# - a real number may differ by rounding (REL, ABS): training losses came out equal or one float32 step apart (6e-8
+#   in 0.6), an SVD of ΔW differs by about 1e-7 of its top singular value, and a rank-4 ΔW's values beyond the
+#   fourth are rounding alone, moving by up to √n·ε ≈ 5e-6 for a 384 x 1536 matrix (4.3e-6 seen), hence ABS;
+# - a test accuracy may differ by SCORE_ABS: scoring the same adapter on another CPU can flip a question whose
+#   options tie to rounding (seen once in ten re-trained sources: 43.70 against 43.65, one question of 2,000, with
+#   the training loss equal to the last digit). restore_source says so when it happens.
 REPRODUCED = ("metrics", "protocols", "stable_ranks", "mechanism", "data_fingerprint", "params")
 REL, ABS = 1e-5, 1e-5
+SCORE_ABS = 1e-3  # at most 0.1 points: two questions of 2,000
 
 
 def reproduced(results: dict) -> dict:
@@ -252,16 +255,28 @@ def reproduced(results: dict) -> dict:
 
 
 def differences(a, b, path: str = "") -> list[str]:
-    """The paths where two results views differ beyond float rounding (REL, ABS); [] when they agree."""
+    """The paths where two results views differ beyond float rounding (REL, ABS; a test accuracy SCORE_ABS; see
+    REPRODUCED); [] when they agree."""
     import math
 
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b), key=str) for d in differences(a.get(k), b.get(k), f"{path}.{k}")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float) and not ("accuracy" in path or "best_val" in path):
-        return [] if math.isclose(a, b, rel_tol=REL, abs_tol=ABS) else [path.lstrip(".")]
+    if isinstance(a, float) and isinstance(b, float) and "best_val" not in path:
+        tol = SCORE_ABS if "accuracy" in path else ABS
+        return [] if math.isclose(a, b, rel_tol=REL, abs_tol=tol) else [path.lstrip(".")]
     return [] if a == b else [path.lstrip(".")]
+
+
+def score_changes(a: dict, b: dict, path: str = "") -> list[tuple[str, float, float]]:
+    """(path, a's, b's) for every accuracy that is not exactly equal in two results views (within SCORE_ABS when
+    they passed `differences`): what a restore reports."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [c for k in sorted(set(a) & set(b), key=str) for c in score_changes(a[k], b[k], f"{path}.{k}")]
+    if "accuracy" in path and isinstance(a, float) and isinstance(b, float) and a != b:
+        return [(path.lstrip("."), a, b)]
+    return []
 
 
 def restore_source(cfg, overrides: list[str]) -> bool:
@@ -295,8 +310,10 @@ def restore_source(cfg, overrides: list[str]) -> bool:
                              f"its PARA jobs are not run, since their adapter would not be the one that was scored")
     Path(fresh.paths.output_dir).rename(folder)  # one filesystem: the folder appears whole or not at all
     again_path.rename(folder / "restored.json")
+    flipped = [f"{k} {x} here, {y} in its results file" for k, x, y in score_changes(again, committed)]
     print(f"[reproduction] {cfg.run_name}: re-trained, {', '.join(REPRODUCED)} equal to the committed results "
-          f"(real numbers to float rounding); its run folder is back", flush=True)
+          f"(real numbers to float rounding{'; scored to rounding: ' + ', '.join(flipped) if flipped else ''}); "
+          f"its run folder is back", flush=True)
     return True
 
 
