@@ -236,9 +236,10 @@ RESTORE = "runs/_restore"  # under a grid's root, where a source run is re-train
 # ranks and mechanism of its adapter, the data and the parameter count. Timing, memory, when a protocol ran and the
 # commit differ from machine to machine. On another CPU the same seed trains the same adapter up to float rounding:
 # - counts, strings and the validation score that picked the checkpoint (best_val) must be equal;
-# - a real number may differ by rounding (REL, ABS): training losses came out equal or one float32 step apart (6e-8
-#   in 0.6), an SVD of ΔW differs by about 1e-7 of its top singular value, and a rank-4 ΔW's values beyond the
-#   fourth are rounding alone, moving by up to √n·ε ≈ 5e-6 for a 384 x 1536 matrix (4.3e-6 seen), hence ABS;
+# - a real number may differ by rounding (REL, ABS): the ten re-trained sources' training losses came out equal or
+#   one or two float32 steps apart (6e-8 in 0.6), an SVD of ΔW differs by about 1e-7 of its top singular value,
+#   and a rank-4 ΔW's values beyond the fourth are rounding alone, moving by a few √n·ε ≈ 5e-6 for a 384 x 1536
+#   matrix (6.0e-6 seen), hence ABS;
 # - a test accuracy may differ by SCORE_ABS: scoring the same adapter on another CPU can flip a question whose
 #   options tie to rounding (seen once in ten re-trained sources: 43.70 against 43.65, one question of 2,000, with
 #   the training loss equal to the last digit). restore_source says so when it happens.
