@@ -232,7 +232,7 @@ def mean_best_val(group: pd.DataFrame) -> str:
     if not len(val):
         return "—"
     metric = get_column(group, "metrics.train.best_val_metric").dropna()
-    if any("loss" in str(m) for m in metric):
+    if any(map(verdicts.is_loss, metric)):
         return f"loss {val.mean():.3f}"
     return f"{100 * val.mean():.1f}"
 
@@ -337,7 +337,7 @@ def curve_lines(rules: dict, data_dir=None) -> list[tuple]:
                         per_step.setdefault(int(row["step"]), []).append(float(row[f"val_{metric}"]))
             if per_step:
                 steps = sorted(per_step)
-                scale = 100.0 if "loss" not in metric else 1.0
+                scale = 1.0 if verdicts.is_loss(metric) else 100.0
                 lines.append((column, int(r), f"{label}, lr {rate:g}", steps,
                               [scale * float(np.mean(per_step[s])) for s in steps],
                               [scale * min(per_step[s]) for s in steps], [scale * max(per_step[s]) for s in steps],
@@ -369,7 +369,7 @@ def fig_curves2(df, ctx) -> list[Path]:
                 continue
             ax.plot(steps, mean, marker="o", ms=3, color=colours[label], label=f"{label} ({n} seeds)")
             ax.fill_between(steps, lo, hi, color=colours[label], alpha=0.15)
-            ax.set_ylabel(f"validation {metric}" + (" (points)" if "loss" not in metric else ""))
+            ax.set_ylabel(f"validation {metric}" + ("" if verdicts.is_loss(metric) else " (points)"))
         ax.set(title=f"{column}, r = {r}", xlabel="step")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=7)

@@ -243,6 +243,11 @@ def _filters(filters, at: str, err) -> set[str]:
     return keys
 
 
+def is_loss(metric) -> bool:
+    """A validation metric that is a loss (lower is better; not a score in points): SmolLM2's runs select on one."""
+    return "loss" in str(metric)
+
+
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -677,7 +682,7 @@ def _trains(env: _Env, claim: str, test: dict) -> list[Outcome]:
             continue
         kinds = set(get_column(mine, "metrics.train.best_val_metric").dropna()) if test["select_on"] == BEST_VAL \
             else set()
-        if any("loss" in str(k) for k in kinds):  # "the best validation score" is the highest: a loss is not one
+        if any(map(is_loss, kinds)):  # "the best validation score" is the highest: a loss is not one
             raise RulesError(f"claim {claim!r}, test {test['label']!r}: select_on {BEST_VAL} is a loss in {group} "
                              f"({', '.join(sorted(map(str, kinds)))}); a `trains` test picks the highest score")
         best = max(v[1] for v in chosen)
