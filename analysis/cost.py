@@ -4,7 +4,7 @@
 
 A run's cost is its wall time (`timing.wall_s`, which a resumed run carries over from its earlier launches) times
 its torch threads (`config.trainer.num_threads`); runs that failed or were stopped before writing a results file
-are not counted, nor re-trainings that restore a PARA source's run folder (analysis.reproduce.restore_source), so
+are not counted, nor re-trainings that restore a PARA source's run folder (analysis.restore.restore_source), so
 the sum is what the committed runs took, not what the machine spent.
 """
 

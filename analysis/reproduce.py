@@ -28,7 +28,7 @@ source from the I-th, with all its settings), and a job whose run is still train
 comes waits for the next call. A run folder is not committed (runs/ holds checkpoints), so on a fresh machine a
 source's results file can be here while its adapter is not: the runner then re-trains the source into
 `<root>/runs/_restore/` and puts its run folder back only if the re-trained results agree with the committed ones
-(`restore_source`: scores exactly, real numbers to float rounding); otherwise its PARA jobs fail with the fields
+(`analysis.restore`: scores exactly, real numbers to float rounding); otherwise its PARA jobs fail with the fields
 that differ, and nothing is scored.
 """
 
@@ -231,97 +231,11 @@ def para_settings(step: dict) -> list[tuple[float | None, float | None]]:
     return out
 
 
-RESTORE = "runs/_restore"  # under a grid's root, where a source run is re-trained (runs/ is never committed)
-# What a re-trained run must reproduce to stand for the committed one: every score, the protocols' settings, the
-# ranks and mechanism of its adapter, the data and the parameter count. Timing, memory, when a protocol ran and the
-# commit differ from machine to machine. On another CPU the same seed trains the same adapter up to float rounding:
-# - counts, strings and the validation score that picked the checkpoint (best_val) must be equal;
-# - a real number may differ by rounding (REL, ABS): the ten re-trained sources' training losses came out equal or
-#   one or two float32 steps apart (6e-8 in 0.6), an SVD of ΔW differs by about 1e-7 of its top singular value,
-#   and a rank-4 ΔW's values beyond the fourth are rounding alone, moving by a few √n·ε ≈ 5e-6 for a 384 x 1536
-#   matrix (6.0e-6 seen), hence ABS;
-# - a test accuracy may differ by SCORE_ABS: scoring the same adapter on another CPU can flip a question whose
-#   options tie to rounding (seen once in ten re-trained sources: 43.70 against 43.65, one question of 2,000, with
-#   the training loss equal to the last digit). restore_source says so when it happens.
-REPRODUCED = ("metrics", "protocols", "stable_ranks", "mechanism", "data_fingerprint", "params")
-REL, ABS = 1e-5, 1e-5
-SCORE_ABS = 1e-3  # at most 0.1 points: two questions of 2,000
-
-
-def reproduced(results: dict) -> dict:
-    """The part of a results file that a re-trained run must reproduce (REPRODUCED)."""
-    view = {k: results.get(k) for k in REPRODUCED}
-    view["protocols"] = {name: (p or {}).get("settings") for name, p in (results.get("protocols") or {}).items()}
-    return view
-
-
-def differences(a, b, path: str = "") -> list[str]:
-    """The paths where two results views differ beyond float rounding (REL, ABS; a test accuracy SCORE_ABS; see
-    REPRODUCED); [] when they agree."""
-    import math
-
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b), key=str) for d in differences(a.get(k), b.get(k), f"{path}.{k}")]
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float) and "best_val" not in path:
-        tol = SCORE_ABS if "accuracy" in path else ABS
-        return [] if math.isclose(a, b, rel_tol=REL, abs_tol=tol) else [path.lstrip(".")]
-    return [] if a == b else [path.lstrip(".")]
-
-
-def score_changes(a: dict, b: dict, path: str = "") -> list[tuple[str, float, float]]:
-    """(path, a's, b's) for every accuracy that is not exactly equal in two results views (within SCORE_ABS when
-    they passed `differences`): what a restore reports."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [c for k in sorted(set(a) & set(b), key=str) for c in score_changes(a[k], b[k], f"{path}.{k}")]
-    if "accuracy" in path and isinstance(a, float) and isinstance(b, float) and a != b:
-        return [(path.lstrip("."), a, b)]
-    return []
-
-
-def restore_source(cfg, overrides: list[str]) -> bool:
-    """Put back the run folder of a PARA job's source whose results file is here but whose folder is not (a fresh
-    machine): re-train the run into <root>/runs/_restore/ (resumable there), compare the fields in REPRODUCED with
-    the committed results file (`differences`), and move the run folder into <root>/runs/ only if they agree, with
-    the re-trained results file inside it as `restored.json`. False when there was nothing to restore; raises
-    ReproduceError (the fields that differ) when the re-trained run does not reproduce the committed one, so no
-    PARA result is ever computed from an adapter other than the one that was scored."""
-    from experiments.train import run
-
-    results_dir = Path(cfg.paths.results_dir)
-    root = results_dir.parent
-    folder = root / "runs" / cfg.run_name
-    if (folder / "adapter").is_dir():
-        return False
-    if folder.exists():  # a folder without its adapter: not ours to replace
-        raise ReproduceError(f"{folder} exists without an adapter, so {cfg.run_name}'s PARA jobs cannot run: move "
-                             f"that folder away and the runner re-trains the run to restore it")
-    fresh = compose(overrides, str(root / RESTORE))
-    again_path = Path(fresh.paths.results_dir) / f"{cfg.run_name}.json"
-    print(f"[reproduction] {cfg.run_name}: its results file is here, its run folder is not; re-training it into "
-          f"{root / RESTORE} to put the folder back", flush=True)
-    run(fresh)
-    committed = reproduced(json.loads((results_dir / f"{cfg.run_name}.json").read_text()))
-    again = reproduced(json.loads(again_path.read_text()))
-    differ = differences(committed, again)
-    if differ:
-        raise ReproduceError(f"{cfg.run_name} re-trained does not reproduce its committed results ({len(differ)} "
-                             f"field(s) differ: {', '.join(differ[:3])}; the re-trained run is in {root / RESTORE}): "
-                             f"its PARA jobs are not run, since their adapter would not be the one that was scored")
-    Path(fresh.paths.output_dir).rename(folder)  # one filesystem: the folder appears whole or not at all
-    again_path.rename(folder / "restored.json")
-    flipped = [f"{k} {x} here, {y} in its results file" for k, x, y in score_changes(again, committed)]
-    print(f"[reproduction] {cfg.run_name}: re-trained, {', '.join(REPRODUCED)} equal to the committed results "
-          f"(real numbers to float rounding{'; scored to rounding: ' + ', '.join(flipped) if flipped else ''}); "
-          f"its run folder is back", flush=True)
-    return True
-
-
 def run_para_jobs(jobs: list, dry_run: bool, root: str | None) -> list[str]:
     """Run (or, dry, print) the PARA jobs [(step, cfg, keep_energy, reduction, name, overrides)] whose source run
     exists and whose results file does not, restoring a source's run folder first where it is gone (restore_source);
     returns the names that failed."""
+    from analysis.restore import RESTORE, restore_source
     from experiments.para import run_para
     from lrlora._atomic import Busy
     from lrlora.errors import UserError

@@ -182,7 +182,8 @@ def test_a_para_source_whose_run_folder_is_gone_is_retrained_and_put_back_only_i
     the re-trained scores, ranks and mechanism equal the committed ones; a run that does not reproduce is refused."""
     import shutil
 
-    from analysis.reproduce import ReproduceError, compose, plan, restore_source
+    from analysis.reproduce import ReproduceError, compose, plan
+    from analysis.restore import restore_source
     from experiments.train import run
 
     cell = plan("table1", "smoke", [42], ["LoRA"])[0]
@@ -215,7 +216,7 @@ def test_a_para_source_whose_run_folder_is_gone_is_retrained_and_put_back_only_i
 def test_a_re_trained_run_agrees_with_its_results_file_to_float_rounding():
     """What restore_source compares: real numbers to float rounding (an SVD on another CPU differs at 1e-7), counts
     and the checkpoint's validation score exactly, a test accuracy to two questions in 2,000 (a near-tie can flip)."""
-    from analysis.reproduce import differences, reproduced, score_changes
+    from analysis.restore import differences, reproduced, score_changes
 
     committed = {"metrics": {"glue": {"loss": 0.554235221862793, "choice_accuracy": 0.427, "n": 8000},
                              "train": {"best_val": 0.49}},
