@@ -417,12 +417,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def compose(overrides: list[str], root: str | None):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """A grid cell's config, its results under `root` (the grid's folder) when given."""
+    from experiments.hydra_cli import compose_train
 
-    extra = [f"paths.root={root}"] if root else []
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("train", overrides=[*overrides, *extra])
+    return compose_train([*overrides, *([f"paths.root={root}"] if root else [])])
 
 
 def staleness(cfg, any_commit: bool = False, commit: str | None = None) -> str | None:

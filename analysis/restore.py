@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lrlora.errors import UserError
+
 RESTORE = "runs/_restore"  # under a grid's root, where a source run is re-trained (runs/ is never committed)
 # What a re-trained run must reproduce to stand for the committed one: every score, the protocols' settings, the
 # ranks and mechanism of its adapter, the data and the parameter count. Timing, memory, when a protocol ran and the
@@ -23,6 +25,11 @@ RESTORE = "runs/_restore"  # under a grid's root, where a source run is re-train
 REPRODUCED = ("metrics", "protocols", "stable_ranks", "mechanism", "data_fingerprint", "params")
 REL, ABS = 1e-5, 1e-5
 SCORE_ABS = 1e-3  # at most 0.1 points: two questions of 2,000
+
+
+class RestoreError(UserError, ValueError):
+    """A run folder that cannot be put back: a re-trained run that does not reproduce its results file, or a
+    folder in the way."""
 
 
 def reproduced(results: dict) -> dict:
@@ -62,9 +69,9 @@ def restore_source(cfg, overrides: list[str]) -> bool:
     machine): re-train the run into <root>/runs/_restore/ (resumable there), compare the fields in REPRODUCED with
     the committed results file (`differences`), and move the run folder into <root>/runs/ only if they agree, with
     the re-trained results file inside it as `restored.json`. False when there was nothing to restore; raises
-    ReproduceError (the fields that differ) when the re-trained run does not reproduce the committed one, so no
+    RestoreError (the fields that differ) when the re-trained run does not reproduce the committed one, so no
     PARA result is ever computed from an adapter other than the one that was scored."""
-    from analysis.reproduce import ReproduceError, compose
+    from experiments.hydra_cli import compose_train
     from experiments.train import run
 
     results_dir = Path(cfg.paths.results_dir)
@@ -73,9 +80,9 @@ def restore_source(cfg, overrides: list[str]) -> bool:
     if (folder / "adapter").is_dir():
         return False
     if folder.exists():  # a folder without its adapter: not ours to replace
-        raise ReproduceError(f"{folder} exists without an adapter, so {cfg.run_name}'s PARA jobs cannot run: move "
+        raise RestoreError(f"{folder} exists without an adapter, so {cfg.run_name}'s PARA jobs cannot run: move "
                              f"that folder away and the runner re-trains the run to restore it")
-    fresh = compose(overrides, str(root / RESTORE))
+    fresh = compose_train([*overrides, f"paths.root={root / RESTORE}"])
     again_path = Path(fresh.paths.results_dir) / f"{cfg.run_name}.json"
     print(f"[reproduction] {cfg.run_name}: its results file is here, its run folder is not; re-training it into "
           f"{root / RESTORE} to put the folder back", flush=True)
@@ -84,7 +91,7 @@ def restore_source(cfg, overrides: list[str]) -> bool:
     again = reproduced(json.loads(again_path.read_text()))
     differ = differences(committed, again)
     if differ:
-        raise ReproduceError(f"{cfg.run_name} re-trained does not reproduce its committed results ({len(differ)} "
+        raise RestoreError(f"{cfg.run_name} re-trained does not reproduce its committed results ({len(differ)} "
                              f"field(s) differ: {', '.join(differ[:3])}; the re-trained run is in {root / RESTORE}): "
                              f"its PARA jobs are not run, since their adapter would not be the one that was scored")
     Path(fresh.paths.output_dir).rename(folder)  # one filesystem: the folder appears whole or not at all

@@ -78,11 +78,9 @@ TOP = 8  # profiler rows kept per method
 
 
 def compose(cell: str, method: str, extra=()):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from experiments.hydra_cli import compose_train
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=[*METHODS[method], *CELLS[cell], *COMMON, *extra])
+    return compose_train([*METHODS[method], *CELLS[cell], *COMMON, *extra])
 
 
 class Case:

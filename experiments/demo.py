@@ -21,15 +21,6 @@ from pathlib import Path
 from lrlora import cli
 
 EXPERIMENTS = {"LoRA": "demo_bbc_lora", "LR-LoRA": "demo_bbc_lrlora"}
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def compose(experiment: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=[f"experiment={experiment}", *overrides])
 
 
 def main(argv=None) -> dict:
@@ -43,12 +34,13 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     fresh = ["trainer.force=true"] if args.fresh else []  # retrains these two configs; touches nothing else
 
+    from experiments.hydra_cli import compose_train
     from experiments.train import run
 
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     results = {}
     for method, experiment in EXPERIMENTS.items():
-        cfg = compose(experiment, [f"paths.root={out}", *fresh, *args.overrides])
+        cfg = compose_train([f"experiment={experiment}", f"paths.root={out}", *fresh, *args.overrides])
         results[method] = run(cfg)
     wall = time.perf_counter() - t0
 

@@ -18,6 +18,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lrlora import cli
 from lrlora.errors import UserError
@@ -25,6 +26,21 @@ from lrlora.errors import UserError
 # Overrides whose values are paths or run names: quoted for Hydra when its grammar would reject them (a run name
 # holding `=`), so that a name or path is usable on the command line exactly as the harness prints it.
 _PLAIN_VALUE_KEYS = re.compile(r"^(run|run_name|adapter_dir|out|base_model|paths\.[\w.]+)=(.*)$", re.S)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the harness's Hydra configs (train.yaml and its groups)
+
+
+def compose_train(overrides=()):
+    """conf/train.yaml composed with `overrides` from code: the grid runner, the demo, the benchmarks and a run
+    name's reference config all compose it here. Inside a Hydra entry point (`@hydra.main`, or a caller's compose
+    context) Hydra is already initialised, where a second initialisation is an error, so its search path is used."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("train", overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
 
 
 def run_hydra(task: Callable, config_dir, config_name: str, argv: list[str] | None = None):

@@ -18,13 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.identity import result_settings
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_SUFFIX = 60  # characters; longer differences are hashed
 _REFERENCE: dict[tuple, dict] = {}
 
@@ -44,17 +42,11 @@ def suffix_parts(cfg) -> list[str]:
 def _reference(coords: tuple) -> dict:
     """Result settings of the config composed from the coordinates alone (cached per coordinates)."""
     if coords not in _REFERENCE:
-        from hydra import compose, initialize_config_dir
-        from hydra.core.global_hydra import GlobalHydra
+        from experiments.hydra_cli import compose_train
 
         backbone, regime, adapter, r = coords
-        overrides = [f"backbone={backbone}", f"regime={regime}", f"adapter={adapter}",
-                     f"adapter.r={'null' if r is None else r}"]
-        if GlobalHydra.instance().is_initialized():  # inside @hydra.main or a caller's compose context
-            ref = compose("train", overrides=overrides)
-        else:
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                ref = compose("train", overrides=overrides)
+        ref = compose_train([f"backbone={backbone}", f"regime={regime}", f"adapter={adapter}",
+                             f"adapter.r={'null' if r is None else r}"])
         _REFERENCE[coords] = result_settings(ref)
     return _REFERENCE[coords]
 

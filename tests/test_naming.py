@@ -91,7 +91,7 @@ def test_a_setting_added_later_at_its_default_keeps_old_names_fingerprints_and_g
 
     from analysis.load import variant_of
     from analysis.reproduce import staleness
-    from experiments import guard, identity, naming
+    from experiments import guard, hydra_cli, identity, naming
 
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
@@ -103,7 +103,7 @@ def test_a_setting_added_later_at_its_default_keeps_old_names_fingerprints_and_g
         old_config = OmegaConf.to_container(old, resolve=True)
 
     def composed(extra=()):
-        monkeypatch.setattr(naming, "CONF_DIR", conf)
+        monkeypatch.setattr(hydra_cli, "CONF_DIR", conf)
         monkeypatch.setattr(naming, "_REFERENCE", {})
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             cfg = compose("train", overrides=[*overrides, *extra])

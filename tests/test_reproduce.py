@@ -182,8 +182,8 @@ def test_a_para_source_whose_run_folder_is_gone_is_retrained_and_put_back_only_i
     the re-trained scores, ranks and mechanism equal the committed ones; a run that does not reproduce is refused."""
     import shutil
 
-    from analysis.reproduce import ReproduceError, compose, plan
-    from analysis.restore import restore_source
+    from analysis.reproduce import compose, plan
+    from analysis.restore import RestoreError, restore_source
     from experiments.train import run
 
     cell = plan("table1", "smoke", [42], ["LoRA"])[0]
@@ -204,12 +204,12 @@ def test_a_para_source_whose_run_folder_is_gone_is_retrained_and_put_back_only_i
     committed["metrics"]["train"]["best_val"] += 0.01
     (tmp_path / "results" / f"{cfg.run_name}.json").write_text(json.dumps(committed))
     shutil.rmtree(folder)
-    with pytest.raises(ReproduceError, match=r"does not reproduce its committed results \(1 field\(s\) differ: "
+    with pytest.raises(RestoreError, match=r"does not reproduce its committed results \(1 field\(s\) differ: "
                                              r"metrics.train.best_val;"):
         restore_source(cfg, cell.overrides)
     assert not folder.exists()
     (folder / "checkpoint").mkdir(parents=True)  # a folder without its adapter is not replaced
-    with pytest.raises(ReproduceError, match="exists without an adapter"):
+    with pytest.raises(RestoreError, match="exists without an adapter"):
         restore_source(cfg, cell.overrides)
 
 
