@@ -32,9 +32,7 @@ from analysis.verdicts import (
     OPEN,
     WAITING,
     Outcome,
-    _ci,
     _p,
-    _pt,
     combine,
     evaluate,
     read_rules,
@@ -152,7 +150,7 @@ def _detectable(o: Outcome, alpha: float) -> str:
     from statsmodels.stats.power import TTestPower
 
     d = TTestPower().solve_power(nobs=o.n, alpha=alpha, power=0.8, alternative="two-sided")
-    return f"{d * o.sd:.{o.digits}f}"
+    return f"{d * o.sd * o.scale:.{o.digits}f}"
 
 
 @target("verdict_tests2", "table", "REPRODUCTION.md round 2: each test of its pre-registered rules",
@@ -165,11 +163,12 @@ def verdict_tests2(df, ctx) -> Table:
     if rules is None:
         return Table("verdict_tests2", "Verdicts: each test (pre-registered rules)", header, [], notes)
     alpha = float(rules.get("alpha", 0.05))
-    body = [[o.claim, o.label, o.group, str(o.n), _pt(o.mean, o.digits),
-             "—" if o.sd is None else f"{o.sd:.{o.digits}f}", _ci(o.lo, o.hi, o.digits), _p(o.p),
+    body = [[o.claim, o.label, o.group, str(o.n), o.pt(o.mean),
+             "—" if o.sd is None else f"{o.sd * o.scale:.{o.digits}f}", o.ci(o.lo, o.hi), _p(o.p),
              _p(o.p_holm), _detectable(o, alpha), o.rule, o.verdict] for o in outcomes]
     notes = notes + [RULE_NOTE, "Means are of the differences (trains: of the excess over "
-                                       "chance at the chosen value), in points for `score`; p of equivalence tests "
+                                       "chance at the chosen value), in points for `score` and for an accuracy (a "
+                                       "fraction of 1, ×100, its margin with it); p of equivalence tests "
                                        "is the TOST p. Detectable: the mean difference a two-sided one-sample t-test "
                                        "at this n and the observed sd finds with 80% power at the rules' alpha (before "
                                        "Holm): a null verdict is only as strong as this number is small."]
@@ -276,13 +275,15 @@ def fig_verdicts2(df, ctx) -> list[Path]:
     fig, axes = pyplot().subplots(nrows, ncols, figsize=(4.6 * ncols, 2.5 * nrows), squeeze=False)
     for ax, (o, also) in zip(axes.flat, panels):
         test = tests[(o.claim, o.label)]
+        k = o.scale  # drawn in the units the tables show (points for an accuracy kept as a fraction)
         jitter = np.linspace(-0.25, 0.25, len(o.values)) if len(o.values) > 1 else [0.0]
-        ax.scatter(o.values, np.add(1, jitter), s=14, color="grey", zorder=3)
+        ax.scatter(np.multiply(o.values, k), np.add(1, jitter), s=14, color="grey", zorder=3)
         colour = COLOURS.get(o.state, "black")
         if o.lo is not None:
-            ax.errorbar([o.mean], [0], xerr=[[o.mean - o.lo], [o.hi - o.mean]], fmt="o", color=colour, capsize=4)
+            ax.errorbar([k * o.mean], [0], xerr=[[k * (o.mean - o.lo)], [k * (o.hi - o.mean)]], fmt="o",
+                        color=colour, capsize=4)
         else:
-            ax.plot([o.mean], [0], "o", color=colour)
+            ax.plot([k * o.mean], [0], "o", color=colour)
         ax.axvline(0, color="black", lw=0.8)
         if o.kind == "equivalence":
             lines = [-test["margin"], test["margin"]]
@@ -291,8 +292,8 @@ def fig_verdicts2(df, ctx) -> list[Path]:
         else:
             lines = [test["margin"]] if test.get("margin") else []
         for x in lines:
-            ax.axvline(x, color="grey", lw=0.8, ls="--")
-        unit = UNITS.get(test["metric"].split(".", 1)[0], test["metric"])
+            ax.axvline(k * x, color="grey", lw=0.8, ls="--")
+        unit = "points" if k == 100 else UNITS.get(test["metric"].split(".", 1)[0], test["metric"])
         what = {"trains": f"excess over chance at {o.at}", "within": "value − its reference"}.get(o.kind,
                                                                                                  "difference")
         ax.set(yticks=[0, 1], yticklabels=["mean, 95% CI", f"{o.n} seed{'s' * (o.n != 1)}"], ylim=(-0.8, 1.6),

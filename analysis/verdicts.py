@@ -51,8 +51,10 @@ What the rules mean:
   hold if any one does not, else inconclusive; any test not testable makes it `not testable`, else any waiting makes it `waiting`.
 - No rules file: the table says so. No results folder (or an empty one): every test waits.
 
-Differences are in the metric's units: points (one decimal) for `score`, two decimals for any other metric;
-p-values have two significant digits.
+Differences are shown in points (one decimal) for `score` and for an accuracy kept as a fraction of 1 (`accuracy`,
+`acc`, ... of a protocol's metrics: ×100, the margins that the rules file writes in its units with them), in the
+metric's own units with two decimals for any other metric (a stable rank); p-values have two significant digits.
+Only the display changes: every rule compares the metric in the units the rules file uses.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ KEYS = {  # kind: (required keys, optional keys), besides label and kind
                ("where", "by", "groups", "values")),
 }
 PARA = re.compile(r"(keep|red)(\d+(?:\.\d*)?|\.\d+)")
+PROPORTIONS = ("accuracy", "strict_accuracy", "acc", "acc_norm")  # a protocol's accuracy: a fraction of 1
 BEST_VAL = "metrics.train.best_val"  # a run's best validation score (its metric: metrics.train.best_val_metric)
 HOLDS, FAILS, OPEN, WAITING, UNTESTABLE = "holds", "does not hold", "inconclusive", "waiting", "not testable"
 
@@ -262,6 +265,7 @@ class Outcome:
     group: str
     min_n: int
     digits: int = 1
+    scale: float = 1.0  # shown × scale: 100 for an accuracy kept as a fraction (points, as `score` is)
     family: str | None = None
     n: int = 0
     mean: float | None = None
@@ -281,15 +285,26 @@ class Outcome:
         """holds, does not hold, inconclusive, waiting or not testable (the verdict without its reason)."""
         return next((s for s in (WAITING, UNTESTABLE) if self.verdict.startswith(s)), self.verdict)
 
+    def pt(self, v) -> str:
+        """A difference (or a bound) as the tables show it: signed, in points for a score or an accuracy."""
+        return _pt(None if v is None else v * self.scale, self.digits)
+
+    def ci(self, lo, hi) -> str:
+        return _ci(*(None if x is None else x * self.scale for x in (lo, hi)), self.digits)
+
+    def num(self, x) -> str:
+        """A rule's threshold (a margin) in the units the differences are shown in."""
+        return f"{x * self.scale:g}"
+
     def evidence(self) -> str:
         head = self.label + (f" ({self.group})" if self.group != "all" else "")
         if self.state in (WAITING, UNTESTABLE) or self.mean is None:
             return f"{head}: {self.verdict}"
-        ci = f" {_ci(self.lo, self.hi, self.digits)}" if self.lo is not None else ""
+        ci = f" {self.ci(self.lo, self.hi)}" if self.lo is not None else ""
         p = (f", p_holm {_p(self.p_holm)}" if self.family else f", p {_p(self.p)}") if self.kind in DIFFERENCE \
             else f", TOST p {_p(self.p)}" if self.kind == "equivalence" else f" at {self.at}"
         what = "excess over chance " if self.kind == "trains" else ""
-        return f"{head}: {what}{_pt(self.mean, self.digits)}{ci}, n={self.n}{p}"
+        return f"{head}: {what}{self.pt(self.mean)}{ci}, n={self.n}{p}"
 
 
 def evaluate(rules: dict, df: pd.DataFrame | None = None, selection: dict | None = None,
@@ -516,8 +531,10 @@ def _metric(runs: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _new(claim: str, test: dict, group: str, **kw) -> Outcome:
+    proportion = test["metric"].rsplit(".", 1)[-1] in PROPORTIONS
     return Outcome(claim, test["label"], test["kind"], group, test["min_n"],
-                   digits=1 if test["metric"] == "score" else 2, family=test.get("family"), **kw)
+                   digits=1 if test["metric"] == "score" or proportion else 2, scale=100.0 if proportion else 1.0,
+                   family=test.get("family"), **kw)
 
 
 def _stopped(claim: str, test: dict, state: str) -> list[Outcome]:
@@ -601,13 +618,13 @@ def _difference(env: _Env, claim: str, test: dict) -> list[Outcome]:
 def _decide_difference(o: Outcome, alpha: float, margin: float) -> None:
     name, p = ("p_holm", o.p_holm) if o.family else ("p", o.p)
     if p is not None and p < alpha and o.mean > 0:
-        o.verdict, o.rule = HOLDS, f"{name} {_p(p)} < {alpha:g}, mean {_pt(o.mean, o.digits)} > 0"
+        o.verdict, o.rule = HOLDS, f"{name} {_p(p)} < {alpha:g}, mean {o.pt(o.mean)} > 0"
     elif o.hi is not None and o.hi < margin:
-        o.verdict, o.rule = FAILS, f"CI upper {_pt(o.hi, o.digits)} < margin {margin:g}"
+        o.verdict, o.rule = FAILS, f"CI upper {o.pt(o.hi)} < margin {o.num(margin)}"
     else:
         why = f"{name} {_p(p)} ≥ {alpha:g}" if p is not None and p >= alpha else \
-            f"mean {_pt(o.mean, o.digits)} ≤ 0" if p is not None else f"{name} undefined (n < 2 or equal differences)"
-        upper = f"CI upper {_pt(o.hi, o.digits)} ≥ margin {margin:g}" if o.hi is not None else "no CI (n < 2)"
+            f"mean {o.pt(o.mean)} ≤ 0" if p is not None else f"{name} undefined (n < 2 or equal differences)"
+        upper = f"CI upper {o.pt(o.hi)} ≥ margin {o.num(margin)}" if o.hi is not None else "no CI (n < 2)"
         o.verdict, o.rule = OPEN, f"{why}; {upper}"
 
 
@@ -621,18 +638,18 @@ def _equivalence(env: _Env, claim: str, test: dict) -> list[Outcome]:
         o = _summary(claim, test, group, a, b)
         o.p = tost(a, b, m)
         _, lo, hi, _ = paired_ci(a, b, level=1 - 2 * alpha)
-        level, d = f"{100 * (1 - 2 * alpha):g}%", o.digits
+        level, mm = f"{100 * (1 - 2 * alpha):g}%", o.num(m)
         if o.n < o.min_n:
             o.verdict, o.rule = f"waiting ({o.n} of {o.min_n} seeds)", f"n {o.n} < min_n {o.min_n}"
         elif lo is not None and -m < lo and hi < m:
-            o.verdict, o.rule = HOLDS, f"{level} CI {_ci(lo, hi, d)} inside ±{m:g}"
+            o.verdict, o.rule = HOLDS, f"{level} CI {o.ci(lo, hi)} inside ±{mm}"
         elif o.hi is not None and o.hi < -m:
-            o.verdict, o.rule = FAILS, f"95% CI {_ci(o.lo, o.hi, d)} below -{m:g}"
+            o.verdict, o.rule = FAILS, f"95% CI {o.ci(o.lo, o.hi)} below -{mm}"
         elif o.lo is not None and o.lo > m:
-            o.verdict, o.rule = FAILS, f"95% CI {_ci(o.lo, o.hi, d)} above +{m:g}"
+            o.verdict, o.rule = FAILS, f"95% CI {o.ci(o.lo, o.hi)} above +{mm}"
         else:
             o.verdict = OPEN
-            o.rule = (f"{level} CI {_ci(lo, hi, d)} not inside ±{m:g}; 95% CI {_ci(o.lo, o.hi, d)} not outside it"
+            o.rule = (f"{level} CI {o.ci(lo, hi)} not inside ±{mm}; 95% CI {o.ci(o.lo, o.hi)} not outside it"
                       if lo is not None else "no CI (n < 2)")
         out.append(o)
     return out
@@ -698,15 +715,15 @@ def _trains(env: _Env, claim: str, test: dict) -> list[Outcome]:
         if o.n < o.min_n:
             o.verdict, o.rule = f"waiting ({o.n} of {o.min_n} seeds)", f"{chose}; n {o.n} < min_n {o.min_n}"
         elif o.mean >= test["holds_above"]:
-            o.verdict, o.rule = HOLDS, f"{chose}; mean excess {_pt(o.mean, o.digits)} ≥ {test['holds_above']:g}"
+            o.verdict, o.rule = HOLDS, f"{chose}; mean excess {o.pt(o.mean)} ≥ {o.num(test['holds_above'])}"
         elif all(m is not None and m < test["fails_below"] for m in means.values()):
             o.verdict = FAILS
-            o.rule = (f"{chose}; mean excess < {test['fails_below']:g} at every value ("
-                      + ", ".join(f"{_show(v)}: {_pt(m, o.digits)}" for v, m in means.items()) + ")")
+            o.rule = (f"{chose}; mean excess < {o.num(test['fails_below'])} at every value ("
+                      + ", ".join(f"{_show(v)}: {o.pt(m)}" for v, m in means.items()) + ")")
         else:
             o.verdict = OPEN
-            o.rule = (f"{chose}; mean excess {_pt(o.mean, o.digits)} < {test['holds_above']:g}, and not below "
-                      f"{test['fails_below']:g} at every value")
+            o.rule = (f"{chose}; mean excess {o.pt(o.mean)} < {o.num(test['holds_above'])}, and not below "
+                      f"{o.num(test['fails_below'])} at every value")
         out.append(o)
     return out
 

@@ -211,6 +211,33 @@ def test_paired_holds_does_not_hold_and_inconclusive(outcomes):
     assert combine([o for o in parts if o.verdict == "holds"], "each") == "holds"
 
 
+def test_an_accuracy_kept_as_a_fraction_is_shown_in_points_and_decided_in_its_own_units(grid, tmp_path):
+    """A protocol's accuracy (metrics.glue.accuracy: score / 100 here) with its margin in the same fraction (0.02):
+    the verdict, the rule and every number shown are those of the same test on `score` with margin 2; with two
+    decimals of a fraction, SmolLM2's +0.6 points had read +0.01 [+0.00, +0.01]."""
+    rules = rules_dict(grid)
+    as_fraction = {"metric": "metrics.glue.accuracy", "margin": 0.02}
+    rules["claims"] = [{"claim": c, "statement": "s", "combine": "all", "tests": [paired(c, regime, **extra)]}
+                       for regime in ("bb_h", "bb_f", "bb_i") for c, extra in ((f"{regime} score", {}),
+                                                                               (f"{regime} fraction", as_fraction))]
+    rules["claims"].append({"claim": "eq", "statement": "s", "combine": "all", "tests": [
+        {"label": "eq", "kind": "equivalence", "metric": "metrics.glue.accuracy", "treatment": "ours",
+         "control": "lora", "where": {"regime": "bb_f", "r": 4}, "min_n": 10, "margin": 0.01}]})
+    out = {o.claim: o for o in evaluate(read_rules(_write(tmp_path, rules)))}
+    for regime in ("bb_h", "bb_f", "bb_i"):
+        score, fraction = out[f"{regime} score"], out[f"{regime} fraction"]
+        assert fraction.mean == pytest.approx(score.mean / 100)  # decided on the fraction itself
+        assert (fraction.verdict, fraction.rule) == (score.verdict, score.rule)
+        assert fraction.evidence().split(": ", 1)[1] == score.evidence().split(": ", 1)[1]
+        assert verdict_tables._detectable(fraction, 0.05) == verdict_tables._detectable(score, 0.05)
+    _, _, lo, hi, _ = t_summary(FAILS_D)
+    assert out["bb_f fraction"].rule == f"CI upper {hi:+.1f} < margin 2"
+    assert out["eq"].rule.endswith("inside ±1") and out["eq"].verdict == "holds"
+    table = build("verdict_tests2", out=tmp_path, write=False, rules=_write(tmp_path, rules))
+    row = next(r for r in table.rows if r[0] == "bb_f fraction")
+    assert row[4:7] == [f"{FAILS_D.mean():+.1f}", f"{FAILS_D.std(ddof=1):.1f}", f"[{lo:+.1f}, {hi:+.1f}]"]
+
+
 def test_holm_turns_a_borderline_test_inconclusive_and_leaves_out_the_waiting(outcomes):
     _, out = outcomes
     mean, sd, lo, hi, p = t_summary(BORDER_D)
