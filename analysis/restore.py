@@ -81,7 +81,7 @@ def restore_source(cfg, overrides: list[str]) -> bool:
         return False
     if folder.exists():  # a folder without its adapter: not ours to replace
         raise RestoreError(f"{folder} exists without an adapter, so {cfg.run_name}'s PARA jobs cannot run: move "
-                             f"that folder away and the runner re-trains the run to restore it")
+                           f"that folder away and the runner re-trains the run to restore it")
     fresh = compose_train([*overrides, f"paths.root={root / RESTORE}"])
     again_path = Path(fresh.paths.results_dir) / f"{cfg.run_name}.json"
     print(f"[reproduction] {cfg.run_name}: its results file is here, its run folder is not; re-training it into "
@@ -92,8 +92,8 @@ def restore_source(cfg, overrides: list[str]) -> bool:
     differ = differences(committed, again)
     if differ:
         raise RestoreError(f"{cfg.run_name} re-trained does not reproduce its committed results ({len(differ)} "
-                             f"field(s) differ: {', '.join(differ[:3])}; the re-trained run is in {root / RESTORE}): "
-                             f"its PARA jobs are not run, since their adapter would not be the one that was scored")
+                           f"field(s) differ: {', '.join(differ[:3])}; the re-trained run is in {root / RESTORE}): "
+                           f"its PARA jobs are not run, since their adapter would not be the one that was scored")
     Path(fresh.paths.output_dir).rename(folder)  # one filesystem: the folder appears whole or not at all
     again_path.rename(folder / "restored.json")
     flipped = [f"{k} {x} here, {y} in its results file" for k, x, y in score_changes(again, committed)]
