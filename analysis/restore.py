@@ -39,29 +39,38 @@ def reproduced(results: dict) -> dict:
     return view
 
 
-def differences(a, b, path: str = "") -> list[str]:
-    """The paths where two results views differ beyond float rounding (REL, ABS; a test accuracy SCORE_ABS; see
-    REPRODUCED); [] when they agree."""
+def _unequal(a, b, path: str = ""):
+    """(path, a's, b's) for every leaf where two results views are not exactly equal: one walk that `differences`
+    and `score_changes` both read."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            yield from _unequal(a.get(k), b.get(k), f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _unequal(x, y, f"{path}[{i}]")
+    elif a != b:
+        yield path.lstrip("."), a, b
+
+
+def _rounding(path: str, a, b) -> bool:
+    """Whether an inequality is float rounding (REL, ABS; a test accuracy SCORE_ABS; see REPRODUCED)."""
     import math
 
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b), key=str) for d in differences(a.get(k), b.get(k), f"{path}.{k}")]
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float) and "best_val" not in path:
-        tol = SCORE_ABS if "accuracy" in path else ABS
-        return [] if math.isclose(a, b, rel_tol=REL, abs_tol=tol) else [path.lstrip(".")]
-    return [] if a == b else [path.lstrip(".")]
+    if not (isinstance(a, float) and isinstance(b, float)) or "best_val" in path:
+        return False
+    return math.isclose(a, b, rel_tol=REL, abs_tol=SCORE_ABS if "accuracy" in path else ABS)
 
 
-def score_changes(a: dict, b: dict, path: str = "") -> list[tuple[str, float, float]]:
+def differences(a, b) -> list[str]:
+    """The paths where two results views differ beyond float rounding; [] when they agree."""
+    return [path for path, x, y in _unequal(a, b) if not _rounding(path, x, y)]
+
+
+def score_changes(a: dict, b: dict) -> list[tuple[str, float, float]]:
     """(path, a's, b's) for every accuracy that is not exactly equal in two results views (within SCORE_ABS when
     they passed `differences`): what a restore reports."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [c for k in sorted(set(a) & set(b), key=str) for c in score_changes(a[k], b[k], f"{path}.{k}")]
-    if "accuracy" in path and isinstance(a, float) and isinstance(b, float) and a != b:
-        return [(path.lstrip("."), a, b)]
-    return []
+    return [(path, x, y) for path, x, y in _unequal(a, b)
+            if "accuracy" in path and isinstance(x, float) and isinstance(y, float)]
 
 
 def restore_source(cfg, overrides: list[str]) -> bool:
